@@ -1,0 +1,295 @@
+"""`bp-ray <stage>`: one command per pipeline stage, sharing one convention.
+
+Every stage command takes `--preset NAME` or `--config FILE`, repeatable `--set section.key=value`, `--out DIR`
+(the stage's output folder; defaults to <output_dir>/<stage>), and its inputs as folders written by earlier stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bp_ray.config import ConfigError, PipelineConfig, available_presets, load_config
+from bp_ray.layout import STAGES, RunLayout
+
+logger = logging.getLogger("bp_ray")
+
+# Stages later issues implement; until then their commands say so instead of pretending to work.
+PENDING = {
+    "data generate": "prompt-pair generation on Ray Data (issue 3)",
+    "rewards label": "multi-seed rendering and reward labels (issue 4)",
+    "train sft": "SFT on Ray Train + DeepSpeed (issue 5)",
+    "train rm": "reward-model training on Ray Train + DeepSpeed (issue 5)",
+    "train ppo": "PPO with an adaptive KL penalty (issue 6)",
+    "serve": "the beautifier on Ray Serve (issue 7)",
+    "client": "the command-line client of the beautifier endpoint (issue 7)",
+    "eval": "the evaluation harness and report (issue 8)",
+}
+
+PIPELINE_STAGES = ("data", "rewards", "sft", "rm", "ppo", "eval")
+
+
+class NotImplementedYet(Exception):
+    """A stage command whose implementation has not landed."""
+
+
+# --- shared options -------------------------------------------------------------------------------------------
+
+def _config_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    source = parent.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=None, help=f"named preset ({', '.join(available_presets())}); "
+                                                        "default tiny")
+    source.add_argument("--config", default=None, metavar="FILE", help="a YAML config file instead of a preset")
+    parent.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set ppo.kl_target=6 (repeatable)")
+    return parent
+
+
+def _stage_options(*inputs: str) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False, parents=[_config_options()])
+    parent.add_argument("--out", default=None, metavar="DIR", help="output folder of this stage")
+    for name in inputs:
+        parent.add_argument(f"--{name}", default=None, metavar="DIR", help=f"input: the {name} stage's folder")
+    return parent
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.preset or "tiny", args.overrides, config_file=args.config)
+
+
+# --- commands -------------------------------------------------------------------------------------------------
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    print(json.dumps(cfg.to_dict(), indent=2) if args.format == "json" else cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_config_presets(args: argparse.Namespace) -> int:
+    for name in available_presets():
+        print(name)
+    return 0
+
+
+def cmd_models_build_tiny(args: argparse.Namespace) -> int:
+    from bp_ray.models.tiny_zoo import build_tiny_zoo, default_zoo_dir
+
+    cfg = config_from_args(args)
+    root = Path(args.out) if args.out else default_zoo_dir(cfg.models) / "tiny"
+    summary = build_tiny_zoo(root, cfg.models.tiny, force=args.force)
+    verb = f"built in {summary.seconds:.1f} s" if summary.built else "up to date (cached)"
+    print(f"tiny zoo {verb}: {summary.path} ({summary.bytes / 1e6:.1f} MB)")
+    for role, count in summary.parameters.items():
+        print(f"  {role:<10} {count:>10,} parameters")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from bp_ray.models.loading import TINY_PREFIX
+    from bp_ray.models.tiny_zoo import default_zoo_dir
+
+    cfg = config_from_args(args)
+    zoo = default_zoo_dir(cfg.models) / "tiny"
+    for role in ("policy", "rewriter", "rm_backbone", "captioner", "diffusion", "pickscore", "aesthetic",
+                 "clip_relevance"):
+        spec = getattr(cfg.models, role)
+        where = f"  -> {zoo / spec[len(TINY_PREFIX):]}" if spec.startswith(TINY_PREFIX) else ""
+        print(f"{role:<15} {spec}{where}")
+    return 0
+
+
+def cmd_models_convert_aesthetic(args: argparse.Namespace) -> int:
+    from bp_ray.models.aesthetic import convert_laion_head
+
+    out = convert_laion_head(args.pth, args.out, clip_model=args.clip_model,
+                             clip_pretrained=args.clip_pretrained)
+    print(f"wrote aesthetic scorer folder {out} (head in safetensors; CLIP {args.clip_model}/"
+          f"{args.clip_pretrained} loaded by open_clip at use)")
+    return 0
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else RunLayout(Path(cfg.output_dir)).stage_dir("corpus")
+    summary = write_corpus_for(cfg, out)
+    print(_corpus_line(summary))
+    return 0
+
+
+def write_corpus_for(cfg: PipelineConfig, out: Path):
+    from bp_ray.data.corpus import CorpusSpec, write_corpus
+
+    spec = CorpusSpec(num_rows=cfg.data.corpus_rows, seed=cfg.data.corpus_seed,
+                      image_size=cfg.models.tiny.image_size)
+    return write_corpus(out, spec)
+
+
+def _corpus_line(summary) -> str:
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.kind_counts.items()))
+    return (f"corpus: {summary.num_rows} rows ({kinds}), {summary.num_images} images in {summary.num_parts} "
+            f"part(s), {summary.bytes_on_disk / 1e6:.1f} MB at {summary.out_dir}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """The main job: every stage that exists, in order, on one run directory."""
+    from tqdm import tqdm
+
+    from bp_ray.models.tiny_zoo import default_zoo_dir, ensure_tiny_zoo
+
+    cfg = config_from_args(args)
+    if args.out:
+        cfg.output_dir = args.out
+    layout = RunLayout(Path(cfg.output_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.config_file.write_text(cfg.to_yaml())
+    start = time.perf_counter()
+    steps = ["models", "corpus"]
+    bar = tqdm(steps, desc="pipeline", unit="stage", disable=None)
+    for step in bar:
+        bar.set_postfix_str(step)
+        if step == "models":
+            uses_tiny = any(str(v).startswith("tiny:") for v in cfg.models.__dict__.values())
+            zoo = ensure_tiny_zoo(cfg.models) if uses_tiny else None
+        else:
+            corpus = write_corpus_for(cfg, layout.stage_dir("corpus"))
+            layout.mark_done("corpus", {"rows": corpus.num_rows, "config_hash": cfg.hash("data")})
+    bar.close()
+    print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
+    if zoo is not None:
+        manifest = json.loads((zoo / "zoo.json").read_text())
+        params = sum(manifest["parameters"].values())
+        print(f"models: tiny zoo at {zoo} ({manifest['bytes'] / 1e6:.1f} MB, {params:,} parameters, "
+              f"roles {', '.join(manifest['parameters'])})")
+    else:
+        print(f"models: from the hub / local paths (zoo cache {default_zoo_dir(cfg.models)} not needed)")
+    print(_corpus_line(corpus))
+    for stage in PIPELINE_STAGES:
+        print(f"{stage}: not implemented yet")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    layout = RunLayout(Path(args.run_dir))
+    if not layout.root.is_dir():
+        raise FileNotFoundError(f"no run directory at {layout.root}")
+    for stage in STAGES:
+        info = layout.stage_status(stage)
+        size = f"{info['bytes'] / 1e6:8.1f} MB" if "bytes" in info else ""
+        print(f"{stage:<8} {info['state']:<8} {size}")
+    return 0
+
+
+def pending(name: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        config_from_args(args)  # still validate what the user passed
+        raise NotImplementedYet(f"bp-ray {name}: not implemented yet: {PENDING[name]}")
+    return command
+
+
+# --- parser ---------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bp-ray", description="BeautifulPrompt on Ray: generate data, label "
+                                     "rewards, train SFT / reward model / PPO, evaluate and serve a prompt "
+                                     "beautifier.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="prompt data: embedded corpus, prompt-pair generation")
+    data_sub = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = data_sub.add_parser("corpus", parents=[_stage_options()], help="write the embedded DiffusionDB-shaped "
+                            "corpus (metadata.parquet + image zips)")
+    p.set_defaults(func=cmd_data_corpus)
+    p = data_sub.add_parser("generate", parents=[_stage_options("corpus")], help="low->high prompt pairs")
+    p.set_defaults(func=pending("data generate"))
+
+    rewards = sub.add_parser("rewards", help="render prompts with N seeds and score the images")
+    rewards_sub = rewards.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = rewards_sub.add_parser("label", parents=[_stage_options("pairs")], help="reward labels for pairs")
+    p.set_defaults(func=pending("rewards label"))
+
+    train = sub.add_parser("train", help="train the SFT policy, the reward model or PPO")
+    train_sub = train.add_subparsers(dest="action", metavar="STAGE", required=True)
+    for name, inputs in (("sft", ("pairs",)), ("rm", ("labels",)), ("ppo", ("pairs", "sft", "rm"))):
+        p = train_sub.add_parser(name, parents=[_stage_options(*inputs)], help=PENDING[f"train {name}"])
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        p.set_defaults(func=pending(f"train {name}"))
+
+    p = sub.add_parser("eval", parents=[_stage_options("sft", "ppo")], help=PENDING["eval"])
+    p.add_argument("--prompts", default=None, metavar="FILE")
+    p.add_argument("--systems", default=None, help="comma-separated: original,tags,sft,ppo,llm")
+    p.set_defaults(func=pending("eval"))
+
+    p = sub.add_parser("serve", parents=[_config_options()], help=PENDING["serve"])
+    p.add_argument("--model", default=None, metavar="DIR")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=pending("serve"))
+
+    p = sub.add_parser("client", parents=[_config_options()], help=PENDING["client"])
+    p.add_argument("prompt")
+    p.add_argument("--url", default=None)
+    p.set_defaults(func=pending("client"))
+
+    p = sub.add_parser("pipeline", parents=[_stage_options()], help="the main job: every stage in order "
+                       "on one run directory (--out)")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("status", help="summarise a run directory")
+    p.add_argument("run_dir", metavar="DIR")
+    p.set_defaults(func=cmd_status)
+
+    models = sub.add_parser("models", help="the model zoo")
+    models_sub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = models_sub.add_parser("build-tiny", parents=[_config_options()],
+                              help="build the random-init tiny zoo (cached; rebuilt when its config changes)")
+    p.add_argument("--out", default=None, metavar="DIR", help="zoo folder (default: the cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date zoo exists")
+    p.set_defaults(func=cmd_models_build_tiny)
+    p = models_sub.add_parser("list", parents=[_config_options()], help="the model of every role")
+    p.set_defaults(func=cmd_models_list)
+    p = models_sub.add_parser("convert-aesthetic", help="LAION aesthetic .pth -> safetensors scorer folder")
+    p.add_argument("--pth", required=True, metavar="FILE")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--clip-model", default="ViT-L-14")
+    p.add_argument("--clip-pretrained", default="openai")
+    p.set_defaults(func=cmd_models_convert_aesthetic)
+
+    config = sub.add_parser("config", help="show the resolved configuration")
+    config_sub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = config_sub.add_parser("show", parents=[_config_options()], help="print the resolved config")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    p.set_defaults(func=cmd_config_show)
+    p = config_sub.add_parser("presets", help="list the presets")
+    p.set_defaults(func=cmd_config_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"bp-ray: config error: {exc}", file=sys.stderr)
+        return 2
+    except NotImplementedYet as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    except FileNotFoundError as exc:
+        print(f"bp-ray: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,563 @@
+"""Typed configuration: dataclass defaults <- configs/<preset>.yaml <- "section.key=value" overrides.
+
+Dataclass defaults hold the method (the paper's hyperparameters); presets set the scale (model ids, batch
+sizes, workers, GPUs). Every field may carry `choices` or bounds in its metadata; `validate()` checks them
+all and `ConfigError` names the offending key and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot be used; the message names the key and the valid choices."""
+
+
+def opt(default: Any, *, choices: Sequence[Any] | None = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None) -> Any:
+    """A scalar field with optional allowed values or bounds, checked by `validate`."""
+    meta = {"choices": tuple(choices) if choices else None, "ge": ge, "gt": gt, "le": le}
+    return field(default=default, metadata=meta)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# --- models and cluster resources -------------------------------------------------------------------------
+
+@dataclass
+class TinyZooConfig:
+    """Sizes of the random-init tiny models that `bp-ray models build-tiny` builds (real architectures)."""
+
+    seed: int = 0
+    """Seed of every tiny model's weights and of the corpus its tokenizers are trained on."""
+    tokenizer_corpus_rows: int = opt(3000, ge=100)
+    """Prompts of the embedded corpus the tiny tokenizers are trained on."""
+    lm_vocab_size: int = opt(1024, ge=300)
+    lm_hidden_size: int = opt(64, ge=8)
+    lm_layers: int = opt(2, ge=1)
+    lm_heads: int = opt(4, ge=1)
+    clip_vocab_size: int = opt(1024, ge=300)
+    clip_hidden_size: int = opt(32, ge=8)
+    clip_layers: int = opt(2, ge=1)
+    clip_projection_dim: int = opt(32, ge=8)
+    image_size: int = opt(32, ge=16)
+    """Pixel size of tiny images: SD output, BLIP / CLIP / open_clip input."""
+    sd_latent_channels: int = opt(4, ge=1)
+    sd_block_channels: list[int] = field(default_factory=lambda: [32, 64])
+    captioner_vocab_size: int = opt(1024, ge=300)
+
+
+@dataclass
+class ModelsConfig:
+    """Model for every role: a Hugging Face id, a local directory, or `tiny:<name>` from the tiny zoo."""
+
+    policy: str = "tiny:bloom"
+    """Causal LM that SFT starts from (paper: bigscience/bloom-1b1)."""
+    rewriter: str = "tiny:bloom"
+    """Local causal LM that summarises / expands prompts in the data stage (when data.llm_backend=local)."""
+    rm_backbone: str = "tiny:bloom"
+    """Causal LM backbone of the reward models."""
+    captioner: str = "tiny:blip"
+    """BLIP captioning model (paper pipeline: captions of DiffusionDB images become low-quality prompts)."""
+    diffusion: str = "tiny:sd"
+    """Stable Diffusion pipeline (diffusers format)."""
+    pickscore: str = "tiny:pickscore"
+    """CLIP model scoring image-text preference (paper: yuvalkirstain/PickScore_v1)."""
+    pickscore_processor: str = ""
+    """Processor for the PickScore model; empty means the model's own folder."""
+    aesthetic: str = "tiny:aesthetic"
+    """Aesthetic predictor folder (open_clip image tower + LAION MLP head), see `bp-ray models convert-aesthetic`."""
+    clip_relevance: str = "tiny:clip"
+    """CLIP model for image-prompt relevance."""
+    zoo_dir: str = ""
+    """Where the tiny zoo is cached; empty means $BP_RAY_CACHE/zoo or ~/.cache/bp-ray/zoo."""
+    dtype: str = opt("float32", choices=DTYPES)
+    """Weights dtype for inference roles."""
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    tiny: TinyZooConfig = field(default_factory=TinyZooConfig)
+
+
+@dataclass
+class ClusterConfig:
+    """Where stages run and write; resources for each stage live in the stage's own section."""
+
+    address: str = ""
+    """Ray address: empty starts a local Ray (or joins RAY_ADDRESS when set), `auto` joins a running cluster."""
+    num_cpus: int = opt(0, ge=0)
+    """CPUs for a local Ray; 0 lets Ray count them."""
+    storage_path: str = ""
+    """Shared storage for Ray Train checkpoints (s3://, gs://, NFS); empty means <run dir>/<stage>/ray."""
+
+
+@dataclass
+class ActorPoolConfig:
+    """An autoscaling Ray Data actor pool holding one model per actor."""
+
+    min_actors: int = opt(1, ge=1)
+    max_actors: int = opt(1, ge=1)
+    num_cpus: float = opt(1.0, ge=0)
+    num_gpus: float = opt(0.0, ge=0)
+    batch_size: int = opt(16, ge=1)
+
+
+@dataclass
+class RenderConfig:
+    """Stable Diffusion settings for one rendering of a prompt."""
+
+    height: int = opt(512, ge=8)
+    width: int = opt(512, ge=8)
+    num_inference_steps: int = opt(20, ge=1)
+    guidance_scale: float = opt(7.5, ge=0)
+    scheduler: str = opt("euler_ancestral", choices=("ddim", "euler_ancestral", "euler", "dpm_solver", "pndm"))
+
+
+# --- stages -----------------------------------------------------------------------------------------------
+
+PAPER_INSTRUCTION = (
+    "Instruction: Give a simple description of the image to generate a drawing prompt.\nInput: {raw}\nOutput:"
+)
+
+
+@dataclass
+class DataConfig:
+    """Prompt-pair generation and reward labelling (Ray Data); paper Section 3."""
+
+    source: str = "corpus"
+    """`corpus` (the embedded generated DiffusionDB-shaped corpus), a DiffusionDB folder, or a prompt file."""
+    corpus_rows: int = opt(2000, ge=10)
+    corpus_seed: int = 0
+    limit: int = opt(0, ge=0)
+    """Read at most this many source rows; 0 means all."""
+    low_max_words: int = opt(10, ge=1)
+    """Heuristic split: a prompt of at most this many words and no tags is low quality."""
+    high_min_words: int = opt(15, ge=1)
+    high_min_tags: int = opt(3, ge=0)
+    """A high-quality prompt has at least this many style / artist / quality tags."""
+    max_prompt_chars: int = opt(1000, ge=10)
+    use_captions: bool = True
+    """Pair source (i): BLIP caption of a high-quality prompt's image becomes its low prompt."""
+    use_summaries: bool = True
+    """Pair source (ii): an LLM summarises a high prompt into a low one."""
+    use_expansions: bool = True
+    """Pair source (iii): an LLM expands a low prompt into a high one."""
+    llm_backend: str = opt("local", choices=("local", "openai"))
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_model: str = "bp-ray-beautifier"
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    openai_concurrency: int = opt(4, ge=1)
+    openai_timeout_s: float = opt(60.0, gt=0)
+    openai_max_retries: int = opt(5, ge=0)
+    summarise_template: str = (
+        "Summarise this image prompt into a short plain description without style words.\n"
+        "Prompt: {prompt}\nSummary:"
+    )
+    expand_template: str = (
+        "Rewrite this short image description into a detailed Stable Diffusion prompt with subject, "
+        "setting, style, artist and quality tags.\nDescription: {prompt}\nPrompt:"
+    )
+    max_new_tokens: int = opt(64, ge=1)
+    nsfw_threshold: float = opt(0.5, ge=0, le=1)
+    """Drop rows whose DiffusionDB prompt_nsfw or image_nsfw score exceeds this."""
+    aesthetic_threshold: float = -1e9
+    """Drop pairs whose source image scores below this; the tiny zoo's scores are arbitrary, so off there."""
+    num_seeds: int = opt(8, ge=1)
+    """Images rendered per prompt for reward labels; scores are averaged over seeds (paper Section 3.2)."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    captioner_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    rewriter_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    renderer_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    scorer_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+
+
+@dataclass
+class RewardsConfig:
+    """Image scorers and how their scores combine into one reward."""
+
+    alpha: float = opt(0.7, ge=0, le=1)
+    """reward = alpha * PickScore + (1 - alpha) * aesthetic (paper Section 3.3)."""
+    pickscore_text: str = opt("prompt", choices=("prompt", "intent"))
+    """Text PickScore compares with the image: the rendered prompt, or the pair's low prompt (user intent)."""
+    fused: bool = False
+    """Render and score in one actor instead of separate pools."""
+    keep_images: bool = False
+    image_format: str = opt("webp", choices=("webp", "png"))
+    cache_dir: str = ""
+    """Reward cache location; empty means <run dir>/rewards/cache."""
+
+
+@dataclass
+class TrainResources:
+    """Ray Train scaling for one training stage."""
+
+    num_workers: int = opt(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = opt(1.0, ge=0)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What bp-ray writes into the DeepSpeed config it generates."""
+
+    zero_stage: int = opt(2, choices=(0, 1, 2, 3))
+    precision: str = opt("bf16", choices=PRECISIONS)
+    offload_optimizer: bool = False
+    gradient_accumulation_steps: int = opt(1, ge=1)
+    gradient_clipping: float = opt(1.0, ge=0)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of the policy: instruction + low prompt -> high prompt (paper Section 4.1)."""
+
+    instruction: str = PAPER_INSTRUCTION
+    lr: float = opt(2e-5, gt=0)
+    batch_size: int = opt(16, ge=1)
+    """Global batch size (split across workers and gradient accumulation)."""
+    epochs: float = opt(4.0, gt=0)
+    max_length: int = opt(384, ge=8)
+    weight_decay: float = opt(0.0, ge=0)
+    lr_scheduler: str = opt("cosine", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.03, ge=0, le=1)
+    eval_fraction: float = opt(0.05, ge=0, le=0.5)
+    packing: bool = False
+    checkpoint_every: int = opt(100, ge=1)
+    seed: int = 42
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    resources: TrainResources = field(default_factory=TrainResources)
+
+
+@dataclass
+class RMConfig:
+    """Reward models: MSE regression onto seed-averaged PickScore and aesthetic labels (paper Section 4.2)."""
+
+    lr: float = opt(1e-5, gt=0)
+    batch_size: int = opt(16, ge=1)
+    epochs: float = opt(1.0, gt=0)
+    max_length: int = opt(384, ge=8)
+    heads: str = opt("two_models", choices=("two_models", "shared_backbone"))
+    """One backbone per score (paper) or two scalar heads on one backbone."""
+    pickscore_input: str = opt("low+high", choices=("high", "low+high"))
+    """Paper: the PickScore RM reads the raw prompt and the generated prompt."""
+    aesthetic_input: str = opt("high", choices=("high", "low+high"))
+    """Paper: the aesthetic RM reads the generated prompt only."""
+    eval_fraction: float = opt(0.1, ge=0, le=0.5)
+    checkpoint_every: int = opt(100, ge=1)
+    seed: int = 42
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    resources: TrainResources = field(default_factory=TrainResources)
+
+
+@dataclass
+class PPOConfig:
+    """PPO against the reward with an adaptive KL penalty to the frozen SFT reference (paper Section 4.3)."""
+
+    lr: float = opt(5e-6, gt=0)
+    init_kl_coef: float = opt(0.05, ge=0)
+    """Initial weight of the per-token KL penalty against the SFT policy."""
+    kl_target: float | None = opt(6.0, gt=0)
+    """Adaptive KL target (Ziegler et al. 2019); null keeps the coefficient fixed."""
+    kl_horizon: int = opt(10000, ge=1)
+    ppo_epochs: int = opt(4, ge=1)
+    gamma: float = opt(1.0, ge=0, le=1)
+    lam: float = opt(0.95, ge=0, le=1)
+    clip_range: float = opt(0.2, gt=0)
+    clip_range_value: float = opt(0.2, gt=0)
+    vf_coef: float = opt(0.5, ge=0)
+    entropy_coef: float = opt(0.0, ge=0)
+    max_new_tokens: int = opt(256, ge=1)
+    temperature: float = opt(1.0, gt=0)
+    top_p: float = opt(1.0, gt=0, le=1)
+    rollout_batch_size: int = opt(128, ge=1)
+    minibatch_size: int = opt(16, ge=1)
+    total_steps: int = opt(2000, ge=1)
+    """Rollout-and-update iterations."""
+    reward_source: str = opt("rm", choices=("rm", "online"))
+    """The trained reward models, or render + score online with the reward actors."""
+    reward_baseline: str = opt("reference", choices=("reference", "none"))
+    """Paper: reward is the delta against the reward of the reference (SFT) prompt."""
+    value_model: str = opt("separate", choices=("separate", "shared"))
+    checkpoint_every: int = opt(100, ge=1)
+    seed: int = 42
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    resources: TrainResources = field(default_factory=TrainResources)
+
+
+@dataclass
+class ServeConfig:
+    """The beautifier endpoint on Ray Serve."""
+
+    model: str = ""
+    """Checkpoint to serve; empty means the pipeline's PPO output, else models.policy."""
+    host: str = "127.0.0.1"
+    port: int = opt(8000, ge=1, le=65535)
+    max_batch_size: int = opt(8, ge=1)
+    batch_wait_timeout_s: float = opt(0.05, ge=0)
+    min_replicas: int = opt(1, ge=0)
+    max_replicas: int = opt(2, ge=1)
+    target_ongoing_requests: float = opt(4.0, gt=0)
+    max_ongoing_requests: int = opt(16, ge=1)
+    max_queued_requests: int = opt(32, ge=-1)
+    request_timeout_s: float = opt(30.0, gt=0)
+    max_prompt_chars: int = opt(1000, ge=1)
+    max_new_tokens: int = opt(256, ge=1)
+    num_gpus_per_replica: float = opt(0.0, ge=0)
+    enable_render: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: rewrite, render and score held-out user prompts (paper Section 5)."""
+
+    prompts: str = ""
+    """JSON Lines / CSV / TSV file of user prompts; empty means the embedded evaluation set."""
+    num_prompts: int = opt(0, ge=0)
+    """Evaluate at most this many prompts; 0 means all."""
+    systems: list[str] = field(default_factory=lambda: ["original", "tags", "sft", "ppo"])
+    num_seeds: int = opt(4, ge=1)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    """Paper: Stable Diffusion 1.5, 512x512, 20 steps, Euler ancestral; metrics against the raw prompt."""
+    max_new_tokens: int = opt(256, ge=1)
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one bp-ray run needs."""
+
+    preset: str = "tiny"
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=110)
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the whole config, or of the named sections only."""
+        data = self.to_dict()
+        if sections:
+            data = {name: data[name] for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+def available_presets() -> list[str]:
+    """Names of the YAML presets shipped in bp_ray/configs/."""
+    folder = resources.files("bp_ray") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(preset: str) -> str:
+    if preset not in available_presets():
+        raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available_presets())}")
+    return (resources.files("bp_ray") / "configs" / f"{preset}.yaml").read_text()
+
+
+def load_config(preset: str | None = "tiny", overrides: Sequence[str] = (),
+                config_file: str | Path | None = None) -> PipelineConfig:
+    """Dataclass defaults <- configs/<preset>.yaml (or `config_file`) <- "section.key=value" overrides.
+
+    Unknown keys, wrong types and impossible values raise ConfigError naming the key.
+    """
+    cfg = PipelineConfig()
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layer = _parse_yaml(path.read_text(), str(path))
+    else:
+        layer = _parse_yaml(preset_text(preset or "tiny"), f"preset {preset}")
+        layer.setdefault("preset", preset)
+    _apply_mapping(cfg, layer, prefix="")
+    for item in overrides:
+        key, value = _split_override(item)
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_mapping(node: Any, mapping: Mapping[str, Any], prefix: str) -> None:
+    for key, value in mapping.items():
+        _set_path(node, str(key).split("."), value, prefix)
+
+
+def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
+    """Set `section.key` on a config tree, converting `value` to the field's declared type."""
+    _set_path(cfg, dotted_key.split("."), value, prefix="")
+
+
+def _set_path(node: Any, path: list[str], value: Any, prefix: str) -> None:
+    name, rest = path[0], path[1:]
+    key = f"{prefix}{name}"
+    field_map = {f.name: f for f in fields(node)}
+    if name not in field_map:
+        raise ConfigError(_unknown_key_message(key, name, list(field_map)))
+    current = getattr(node, name)
+    if is_dataclass(current):
+        if rest:
+            _set_path(current, rest, value, prefix=f"{key}.")
+        elif isinstance(value, Mapping):
+            _apply_mapping(current, value, prefix=f"{key}.")
+        else:
+            raise ConfigError(f"{key} is a section, not a value; set its keys, e.g. "
+                              f"{key}.{fields(current)[0].name}=...")
+        return
+    if rest:
+        raise ConfigError(f"{key} is a value, not a section: cannot set {key}.{'.'.join(rest)}")
+    setattr(node, name, _convert(key, value, _field_type(type(node), field_map[name])))
+
+
+def _unknown_key_message(shown: str, name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {shown!r}{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if is_null and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(key, value, inner[0])
+    if origin is list:
+        items = value
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(items, list):
+            raise ConfigError(f"{key} expects a list (YAML list or comma-separated), got {value!r}")
+        return [_convert(f"{key}[{i}]", v, args[0]) for i, v in enumerate(items)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field's choices and bounds, then cross-field rules; raise ConfigError on the first problem."""
+    for f in fields(cfg):
+        key = f"{prefix}{f.name}"
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            validate(value, prefix=f"{key}.")
+            continue
+        meta = f.metadata
+        if value is None:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: "
+                              f"{', '.join(str(c) for c in meta['choices'])}")
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise ConfigError(f"{key}={value!r} must be >= {meta['ge']}")
+        if meta.get("gt") is not None and value <= meta["gt"]:
+            raise ConfigError(f"{key}={value!r} must be > {meta['gt']}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise ConfigError(f"{key}={value!r} must be <= {meta['le']}")
+    if isinstance(cfg, PipelineConfig):
+        _validate_cross_fields(cfg)
+
+
+def _validate_cross_fields(cfg: PipelineConfig) -> None:
+    pools = {name: getattr(cfg.data, name) for name in ("captioner_pool", "rewriter_pool",
+                                                         "renderer_pool", "scorer_pool")}
+    for name, pool in pools.items():
+        if pool.min_actors > pool.max_actors:
+            raise ConfigError(f"data.{name}.min_actors={pool.min_actors} exceeds "
+                              f"data.{name}.max_actors={pool.max_actors}")
+    if cfg.data.low_max_words >= cfg.data.high_min_words:
+        raise ConfigError(f"data.low_max_words={cfg.data.low_max_words} must be below "
+                          f"data.high_min_words={cfg.data.high_min_words}")
+    if cfg.serve.min_replicas > cfg.serve.max_replicas:
+        raise ConfigError(f"serve.min_replicas={cfg.serve.min_replicas} exceeds "
+                          f"serve.max_replicas={cfg.serve.max_replicas}")
+    if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
+        raise ConfigError(f"ppo.minibatch_size={cfg.ppo.minibatch_size} exceeds "
+                          f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size}")
+    for render_key, render in (("data.render", cfg.data.render), ("eval.render", cfg.eval.render)):
+        if render.height % 8 or render.width % 8:
+            raise ConfigError(f"{render_key}.height and .width must be multiples of 8 "
+                              f"(got {render.height}x{render.width})")
+    if "{raw}" not in cfg.sft.instruction:
+        raise ConfigError("sft.instruction must contain the placeholder {raw} (where the user prompt goes)")
+    for key in ("summarise_template", "expand_template"):
+        if "{prompt}" not in getattr(cfg.data, key):
+            raise ConfigError(f"data.{key} must contain the placeholder {{prompt}}")
+    unknown = sorted(set(cfg.eval.systems) - set(EVAL_SYSTEMS))
+    if unknown:
+        raise ConfigError(f"eval.systems has unknown system(s) {', '.join(unknown)}; "
+                          f"choose from: {', '.join(EVAL_SYSTEMS)}")
+
+
+EVAL_SYSTEMS = ("original", "tags", "sft", "ppo", "llm")

@@ -1,0 +1,73 @@
+"""The run directory: one subfolder per stage, defined here and nowhere else.
+
+    RUN_DIR/
+      config.yaml          resolved config of the last command that wrote here
+      corpus/              embedded DiffusionDB-shaped corpus: metadata.parquet, images/part-*.zip, corpus.json
+      data/                prompt pairs: part-*.parquet + manifest.json           (bp-ray data generate)
+      rewards/             reward labels: part-*.parquet + manifest.json, cache/   (bp-ray rewards label)
+      sft/                 model/ (save_pretrained), checkpoints/, metrics.csv     (bp-ray train sft)
+      rm/                  model/ (save_pretrained), checkpoints/, metrics.csv     (bp-ray train rm)
+      ppo/                 model/ (save_pretrained), checkpoints/, metrics.csv     (bp-ray train ppo)
+      eval/                results.json, results.csv, report.html, images/        (bp-ray eval)
+
+Each stage reads only earlier stages' folders and writes `manifest.json` (config, counts, timings) and, when it
+finished, `_SUCCESS.json`; so each stage reruns alone and `bp-ray status` can summarise a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("corpus", "data", "rewards", "sft", "rm", "ppo", "eval")
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS.json"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory."""
+
+    root: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
+        return self.root / stage
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    def manifest(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MANIFEST
+
+    def success_marker(self, stage: str) -> Path:
+        return self.stage_dir(stage) / SUCCESS
+
+    def model_dir(self, stage: str) -> Path:
+        """Final Hugging Face export of a training stage, for the next stage and for Serve."""
+        return self.stage_dir(stage) / "model"
+
+    def checkpoints_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def is_done(self, stage: str) -> bool:
+        return self.success_marker(stage).exists()
+
+    def mark_done(self, stage: str, info: dict[str, Any]) -> None:
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        self.success_marker(stage).write_text(json.dumps(info, indent=2, default=str))
+
+    def stage_status(self, stage: str) -> dict[str, Any]:
+        """done / partial / missing, with the manifest's contents when there is one."""
+        folder = self.stage_dir(stage)
+        if not folder.exists():
+            return {"stage": stage, "state": "missing"}
+        manifest = self.manifest(stage)
+        info: dict[str, Any] = json.loads(manifest.read_text()) if manifest.exists() else {}
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return {"stage": stage, "state": "done" if self.is_done(stage) else "partial", "bytes": size,
+                "manifest": info}

@@ -1,0 +1,1 @@
+"""Model zoo: one loader per role, tiny builders, tokenizers."""

@@ -1,0 +1,118 @@
+"""One loader per model role. Each takes a Hugging Face id, a local directory or `tiny:<name>`, and goes
+through the library's own `from_pretrained` path (never `trust_remote_code`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from bp_ray.config import ModelsConfig
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm_solver": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    # Half precision on CPU is slow and partly unsupported: inference roles stay fp32 there.
+    if device == "cpu":
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_model(spec: str, models_cfg: ModelsConfig | None = None) -> str:
+    """`tiny:<role>` -> that role's folder in the tiny zoo (built on first use); anything else unchanged."""
+    if not spec.startswith(TINY_PREFIX):
+        return spec
+    from bp_ray.models.tiny_zoo import ZOO_ROLES, ensure_tiny_zoo
+
+    role = spec[len(TINY_PREFIX):]
+    if role not in ZOO_ROLES:
+        raise ValueError(f"unknown tiny model {spec!r}; the tiny zoo has: "
+                         f"{', '.join(TINY_PREFIX + r for r in ZOO_ROLES)}")
+    return str(ensure_tiny_zoo(models_cfg or ModelsConfig()) / role)
+
+
+def load_causal_lm(spec: str, models_cfg: ModelsConfig | None = None, device: str = "auto",
+                   dtype: str = "float32") -> tuple[Any, Any]:
+    """Policy / reference / rewriter / RM backbone: (AutoModelForCausalLM, tokenizer with left padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec, models_cfg)
+    device = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device).eval()
+    return model, tokenizer
+
+
+def load_captioner(spec: str, models_cfg: ModelsConfig | None = None, device: str = "auto") -> tuple[Any, Any]:
+    """BLIP captioner: (BlipForConditionalGeneration, BlipProcessor)."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    path = resolve_model(spec, models_cfg)
+    model = BlipForConditionalGeneration.from_pretrained(path).to(resolve_device(device)).eval()
+    return model, BlipProcessor.from_pretrained(path)
+
+
+def load_diffusion(spec: str, models_cfg: ModelsConfig | None = None, device: str = "auto",
+                   dtype: str = "float32", scheduler: str | None = None) -> Any:
+    """Stable Diffusion pipeline (diffusers), with the scheduler swapped by name when given."""
+    import diffusers
+
+    path = resolve_model(spec, models_cfg)
+    device = resolve_device(device)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        path, dtype=resolve_dtype(dtype, device), safety_checker=None, requires_safety_checker=False)
+    if scheduler is not None:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_clip_scorer(spec: str, models_cfg: ModelsConfig | None = None, processor_spec: str = "",
+                     device: str = "auto", use_logit_scale: bool = True) -> Any:
+    """PickScore (use_logit_scale=True) or CLIP relevance scorer from a CLIP model and its processor."""
+    from transformers import AutoProcessor, CLIPModel
+
+    from bp_ray.models.clip_scorers import ClipScorer
+
+    path = resolve_model(spec, models_cfg)
+    processor_path = resolve_model(processor_spec, models_cfg) if processor_spec else path
+    model = CLIPModel.from_pretrained(path)
+    return ClipScorer(model, AutoProcessor.from_pretrained(processor_path), resolve_device(device),
+                      use_logit_scale=use_logit_scale)
+
+
+def load_pickscore(models_cfg: ModelsConfig, device: str = "auto") -> Any:
+    return load_clip_scorer(models_cfg.pickscore, models_cfg, models_cfg.pickscore_processor, device)
+
+
+def load_clip_relevance(models_cfg: ModelsConfig, device: str = "auto") -> Any:
+    return load_clip_scorer(models_cfg.clip_relevance, models_cfg, "", device, use_logit_scale=False)
+
+
+def load_aesthetic(models_cfg: ModelsConfig, device: str = "auto") -> Any:
+    """Aesthetic scorer folder (open_clip tower + LAION head), a LAION head file, or its URL."""
+    from bp_ray.models.aesthetic import load_aesthetic_scorer
+
+    return load_aesthetic_scorer(resolve_model(models_cfg.aesthetic, models_cfg), resolve_device(device))

@@ -1,0 +1,66 @@
+"""Tokenizers trained locally on prompt text, in the formats the real checkpoints use.
+
+Nothing can be downloaded here, so every tiny model gets a small tokenizer of its real family:
+byte-level BPE for BLOOM, CLIP's BPE with `</w>` word ends, and BERT WordPiece for BLIP's text decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import BertTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
+
+BLOOM_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+CLIP_MAX_LENGTH = 77
+"""Token window of CLIP text encoders (SD and the scorers truncate here)."""
+
+# CLIP's own pre-tokenizer pattern (openai/CLIP simple_tokenizer), so words split as in the real one.
+_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def train_bloom_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int = 2048
+                          ) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with BLOOM's special tokens (<unk>=0, <s>=1, </s>=2, <pad>=3), left padding."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BLOOM_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    # Left padding: batched generation appends new tokens on the right of every row.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", padding_side="left", model_max_length=model_max_length)
+
+
+def train_clip_tokenizer(texts: Sequence[str], vocab_size: int) -> CLIPTokenizer:
+    """CLIP-style BPE (lower-cased, byte-level alphabet, `</w>` word ends), 77-token window."""
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(pattern=Regex(_CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CLIP_SPECIALS),
+                                  end_of_word_suffix="</w>", show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # Passing vocab/merges directly: CLIPTokenizer(vocab_file=...) can silently build a 2-token vocab.
+    return CLIPTokenizer(vocab=model["vocab"], merges=merges, pad_token="<|endoftext|>",
+                         model_max_length=CLIP_MAX_LENGTH)
+
+
+def train_bert_tokenizer(texts: Sequence[str], vocab_size: int) -> BertTokenizer:
+    """Lower-cased WordPiece with BLIP's decoder start token [DEC]."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS),
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return BertTokenizer(vocab=tok.get_vocab(), bos_token="[DEC]", model_max_length=512)
