@@ -145,6 +145,20 @@ class AestheticScorer:
         return self.head(self.embed(images)).cpu().numpy().astype(np.float32)
 
 
+def load_aesthetic_head(path: str | Path) -> tuple[AestheticHead, AestheticSpec]:
+    """The head and its spec from a scorer folder, or from a bare head file (then CLIP ViT-L/14 is assumed)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"aesthetic scorer not found: {path}")
+    if path.is_dir():
+        spec = AestheticSpec(**json.loads((path / CONFIG_NAME).read_text()))
+        return head_from_state_dict(load_file(str(path / HEAD_NAME))), spec
+    state = load_file(str(path)) if path.suffix == ".safetensors" else load_laion_state_dict(path)
+    spec = AestheticSpec(clip_model="ViT-L-14", clip_pretrained="openai",
+                         embed_dim=state["layers.0.weight"].shape[1], head_source=path.name)
+    return head_from_state_dict(state), spec
+
+
 def load_aesthetic_scorer(path: str | Path, device: str = "cpu", cache_dir: Path | None = None
                           ) -> AestheticScorer:
     """Load a scorer folder, a bare LAION head file (.pth / .safetensors, CLIP ViT-L/14 assumed) or its URL."""
@@ -154,19 +168,8 @@ def load_aesthetic_scorer(path: str | Path, device: str = "cpu", cache_dir: Path
     if text.startswith(("http://", "https://")):
         expected = LAION_HEAD_SHA256 if text == LAION_HEAD_URL else None
         path = fetch_laion_head(text, cache_dir or Path.home() / ".cache" / "bp-ray" / "aesthetic", expected)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"aesthetic scorer not found: {path}")
-    if path.is_file():
-        state = load_file(str(path)) if path.suffix == ".safetensors" else load_laion_state_dict(path)
-        spec = AestheticSpec(clip_model="ViT-L-14", clip_pretrained="openai",
-                             embed_dim=state["layers.0.weight"].shape[1], head_source=path.name)
-        folder = None
-    else:
-        spec = AestheticSpec(**json.loads((path / CONFIG_NAME).read_text()))
-        state = load_file(str(path / HEAD_NAME))
-        folder = path
-    head = head_from_state_dict(state)
+    head, spec = load_aesthetic_head(path)
+    folder = Path(path) if Path(path).is_dir() else None
     if folder is not None and (folder / CLIP_CONFIG_DIR).is_dir():
         open_clip.add_model_config(folder / CLIP_CONFIG_DIR)
     clip_model, _, preprocess = open_clip.create_model_and_transforms(

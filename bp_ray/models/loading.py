@@ -23,6 +23,13 @@ SCHEDULERS = {
 }
 
 
+def quiet_hf_progress() -> None:
+    """Per-shard "Loading weights" / "Writing model shards" bars drown the stage's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,6 +61,7 @@ def load_causal_lm(spec: str, models_cfg: ModelsConfig | None = None, device: st
     """Policy / reference / rewriter / RM backbone: (AutoModelForCausalLM, tokenizer with left padding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_hf_progress()
     path = resolve_model(spec, models_cfg)
     device = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")

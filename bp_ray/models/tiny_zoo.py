@@ -22,6 +22,7 @@ import torch
 
 from bp_ray.config import ModelsConfig, TinyZooConfig
 from bp_ray.models.aesthetic import AestheticHead, AestheticSpec, save_aesthetic_folder
+from bp_ray.models.loading import quiet_hf_progress
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def build_tiny_zoo(root: Path, tiny: TinyZooConfig, force: bool = False) -> ZooS
         if not force and _is_current(root, tiny):
             recorded = json.loads((root / MANIFEST).read_text())
             return ZooSummary(str(root), False, 0.0, recorded["bytes"], recorded["parameters"])
+        quiet_hf_progress()
         start = time.perf_counter()
         staging = root.parent / f".{root.name}.building"
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,41 @@
+# bp-ray: the two commands a newcomer needs are `make run` and `make test`.
+# Everything installs into .venv; torch/torchvision come first from local disk so pip never pulls another torch.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/tiny
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test test-unit lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+# The main job: the whole pipeline on the tiny preset with a local Ray.
+run: install
+	$(BIN)/bp-ray pipeline --preset tiny --out $(RUN)
+
+# The test suite. pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/foundation.py
+
+clean:
+	rm -rf $(RUN) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Data stages: prompt sources, the synthetic DiffusionDB-shaped corpus, and the Ray Data pipeline."""
