@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 
 from bp_ray.data import columns as C
 from bp_ray.data import prompt_text
@@ -294,6 +295,7 @@ def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int) -> list[
     """images/part-XXXXXX.zip with each row's PNG and part-XXXXXX.json ({name: {p, se, c, st, sa}})."""
     images_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    progress = tqdm(total=len(rows), desc="corpus images", unit="img", disable=None)
     for part_id, part in rows.groupby(C.PART_ID, sort=True):
         name = f"part-{int(part_id):06d}"
         index = {}
@@ -311,6 +313,8 @@ def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int) -> list[
                                      "sa": C.SAMPLER_NAMES[int(sampler)]}
             archive.writestr(_zip_entry(f"{name}.json"), json.dumps(index, indent=1))
         written.append(zip_path)
+        progress.update(len(part))
+    progress.close()
     return written
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from bp_ray.config import ModelsConfig, TinyZooConfig
 from bp_ray.models.aesthetic import AestheticHead, AestheticSpec, save_aesthetic_folder
@@ -105,7 +106,8 @@ def build_tiny_zoo(root: Path, tiny: TinyZooConfig, force: bool = False) -> ZooS
             "pickscore": build_tiny_clip, "clip": build_tiny_clip, "aesthetic": build_tiny_aesthetic,
         }
         parameters = {}
-        for offset, (role, builder) in enumerate(builders.items()):
+        roles = tqdm(builders.items(), desc="tiny zoo", unit="model", disable=None)  # disable=None: tty only
+        for offset, (role, builder) in enumerate(roles):
             torch.manual_seed(tiny.seed * 1000 + offset)  # distinct, reproducible weights per role
             parameters[role] = builder(staging / role, tiny, texts)
         seconds = time.perf_counter() - start
