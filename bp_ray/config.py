@@ -143,12 +143,25 @@ class DataConfig:
     corpus_seed: int = 0
     limit: int = opt(0, ge=0)
     """Read at most this many source rows; 0 means all."""
-    low_max_words: int = opt(10, ge=1)
-    """Heuristic split: a prompt of at most this many words and no tags is low quality."""
-    high_min_words: int = opt(15, ge=1)
-    high_min_tags: int = opt(3, ge=0)
-    """A high-quality prompt has at least this many style / artist / quality tags."""
+    # 1. normalisation
     max_prompt_chars: int = opt(1000, ge=10)
+    """Longer rows are dropped as `too_long`."""
+    weights_syntax: str = opt("strip", choices=("strip", "keep"))
+    """A1111 emphasis like `(word:1.2)`, `((word))`, `[word]`: strip to plain words (diffusers ignores it) or
+    keep in a canonical spelling."""
+    # 2. heuristic split (counts are of words, vocabulary tags, and comma-separated segments)
+    low_max_words: int = opt(12, ge=1)
+    low_max_tags: int = opt(0, ge=0)
+    low_max_segments: int = opt(2, ge=1)
+    """A low-quality prompt: at most this many words, tags and segments, and no weights / negative syntax."""
+    high_min_words: int = opt(8, ge=1)
+    high_min_tags: int = opt(2, ge=1)
+    high_min_segments: int = opt(4, ge=2)
+    """A high-quality prompt: at least high_min_words words, and high_min_tags tags or high_min_segments
+    segments; other prompts are neither and stay unused."""
+    syntax_tag_bonus: int = opt(1, ge=0)
+    """Weights or negative syntax counts as this many extra tags (only prompt engineers write it)."""
+    # 3. pair sources
     use_captions: bool = True
     """Pair source (i): BLIP caption of a high-quality prompt's image becomes its low prompt."""
     use_summaries: bool = True
@@ -156,12 +169,18 @@ class DataConfig:
     use_expansions: bool = True
     """Pair source (iii): an LLM expands a low prompt into a high one."""
     llm_backend: str = opt("local", choices=("local", "openai"))
+    """`local`: models.rewriter in an actor pool; `openai`: any OpenAI-compatible endpoint."""
     openai_base_url: str = "http://127.0.0.1:8000/v1"
-    openai_model: str = "bp-ray-beautifier"
+    openai_model: str = "gpt-4o-mini"
+    openai_api: str = opt("chat", choices=("chat", "completions"))
     openai_api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (never the key itself)."""
     openai_concurrency: int = opt(4, ge=1)
+    """Requests in flight per rewriter actor."""
     openai_timeout_s: float = opt(60.0, gt=0)
     openai_max_retries: int = opt(5, ge=0)
+    openai_backoff_s: float = opt(1.0, ge=0)
+    """First retry delay; doubles per attempt (a Retry-After header wins)."""
     summarise_template: str = (
         "Summarise this image prompt into a short plain description without style words.\n"
         "Prompt: {prompt}\nSummary:"
@@ -171,15 +190,26 @@ class DataConfig:
         "setting, style, artist and quality tags.\nDescription: {prompt}\nPrompt:"
     )
     max_new_tokens: int = opt(64, ge=1)
+    caption_max_new_tokens: int = opt(30, ge=1)
+    # 4. cleaning
     nsfw_threshold: float = opt(0.5, ge=0, le=1)
     """Drop rows whose DiffusionDB prompt_nsfw or image_nsfw score exceeds this."""
-    aesthetic_threshold: float = -1e9
-    """Drop pairs whose source image scores below this; the tiny zoo's scores are arbitrary, so off there."""
+    keyword_filter: bool = True
+    """Drop rows and pairs with a term from the shipped NSFW / political keyword lists."""
+    pair_low_words: list[int] = field(default_factory=lambda: [1, 40])
+    pair_high_words: list[int] = field(default_factory=lambda: [3, 200])
+    """[min, max] words of a pair's low and high prompt; pairs outside are dropped as `length`."""
+    aesthetic_threshold: float | None = None
+    """Drop pairs whose high prompt's image scores below this; null turns the filter off."""
+    shard_rows: int = opt(5000, ge=1)
+    """Pairs per output Parquet file."""
+    # 5. rendering for reward labels
     num_seeds: int = opt(8, ge=1)
     """Images rendered per prompt for reward labels; scores are averaged over seeds (paper Section 3.2)."""
     render: RenderConfig = field(default_factory=RenderConfig)
     captioner_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     rewriter_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    aesthetic_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     renderer_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     scorer_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
 
@@ -530,15 +560,24 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 
 def _validate_cross_fields(cfg: PipelineConfig) -> None:
-    pools = {name: getattr(cfg.data, name) for name in ("captioner_pool", "rewriter_pool",
+    pools = {name: getattr(cfg.data, name) for name in ("captioner_pool", "rewriter_pool", "aesthetic_pool",
                                                          "renderer_pool", "scorer_pool")}
     for name, pool in pools.items():
         if pool.min_actors > pool.max_actors:
             raise ConfigError(f"data.{name}.min_actors={pool.min_actors} exceeds "
                               f"data.{name}.max_actors={pool.max_actors}")
-    if cfg.data.low_max_words >= cfg.data.high_min_words:
-        raise ConfigError(f"data.low_max_words={cfg.data.low_max_words} must be below "
-                          f"data.high_min_words={cfg.data.high_min_words}")
+    data = cfg.data
+    # The split must never call one prompt both low and high.
+    if data.low_max_tags >= data.high_min_tags:
+        raise ConfigError(f"data.low_max_tags={data.low_max_tags} must be below data.high_min_tags="
+                          f"{data.high_min_tags}")
+    if data.low_max_segments >= data.high_min_segments:
+        raise ConfigError(f"data.low_max_segments={data.low_max_segments} must be below "
+                          f"data.high_min_segments={data.high_min_segments}")
+    for key in ("pair_low_words", "pair_high_words"):
+        bounds = getattr(data, key)
+        if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1]:
+            raise ConfigError(f"data.{key}={bounds} must be [min, max] with 0 <= min <= max")
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas={cfg.serve.min_replicas} exceeds "
                           f"serve.max_replicas={cfg.serve.max_replicas}")
