@@ -22,7 +22,6 @@ logger = logging.getLogger("bp_ray")
 
 # Stages later issues implement; until then their commands say so instead of pretending to work.
 PENDING = {
-    "data generate": "prompt-pair generation on Ray Data (issue 3)",
     "rewards label": "multi-seed rendering and reward labels (issue 4)",
     "train sft": "SFT on Ray Train + DeepSpeed (issue 5)",
     "train rm": "reward-model training on Ray Train + DeepSpeed (issue 5)",
@@ -32,7 +31,7 @@ PENDING = {
     "eval": "the evaluation harness and report (issue 8)",
 }
 
-PIPELINE_STAGES = ("data", "rewards", "sft", "rm", "ppo", "eval")
+PENDING_STAGES = ("rewards", "sft", "rm", "ppo", "eval")
 
 
 class NotImplementedYet(Exception):
@@ -137,6 +136,25 @@ def _corpus_line(summary) -> str:
             f"part(s), {summary.bytes_on_disk / 1e6:.1f} MB at {summary.out_dir}")
 
 
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from bp_ray.data.pipeline import run_data_generation
+
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else RunLayout(Path(cfg.output_dir)).stage_dir("data")
+    manifest = run_data_generation(cfg, out, corpus_dir=Path(args.corpus) if args.corpus else None,
+                                   fresh=args.fresh)
+    print(data_summary(manifest, out))
+    return 0
+
+
+def data_summary(manifest: dict, out: Path) -> str:
+    per_source = ", ".join(f"{name} {info['out']}/{info['candidates']}" for name, info in manifest["pairs"].items())
+    quality = manifest["quality"]
+    return (f"data: {manifest['pairs_out']} pairs ({per_source} kept/candidates) from {manifest['rows_in']} rows "
+            f"(low {quality['low']}, high {quality['high']}, neither {quality['neither']}; dropped "
+            f"{sum(manifest['rows_dropped'].values())}) in {manifest['wall_time_s']} s -> {out}")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """The main job: every stage that exists, in order, on one run directory."""
     from tqdm import tqdm
@@ -150,16 +168,20 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
-    steps = ["models", "corpus"]
+    steps = ["models", "corpus", "data"]
     bar = tqdm(steps, desc="pipeline", unit="stage", disable=None)
     for step in bar:
         bar.set_postfix_str(step)
         if step == "models":
             uses_tiny = any(str(v).startswith("tiny:") for v in cfg.models.__dict__.values())
             zoo = ensure_tiny_zoo(cfg.models) if uses_tiny else None
-        else:
+        elif step == "corpus":
             corpus = write_corpus_for(cfg, layout.stage_dir("corpus"))
             layout.mark_done("corpus", {"rows": corpus.num_rows, "config_hash": cfg.hash("data")})
+        else:
+            from bp_ray.data.pipeline import run_data_generation
+
+            data_manifest = run_data_generation(cfg, layout.stage_dir("data"), layout.stage_dir("corpus"))
     bar.close()
     print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
     if zoo is not None:
@@ -170,7 +192,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     else:
         print(f"models: from the hub / local paths (zoo cache {default_zoo_dir(cfg.models)} not needed)")
     print(_corpus_line(corpus))
-    for stage in PIPELINE_STAGES:
+    print(data_summary(data_manifest, layout.stage_dir("data")))
+    for stage in PENDING_STAGES:
         print(f"{stage}: not implemented yet")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -208,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("corpus", parents=[_stage_options()], help="write the embedded DiffusionDB-shaped "
                             "corpus (metadata.parquet + image zips)")
     p.set_defaults(func=cmd_data_corpus)
-    p = data_sub.add_parser("generate", parents=[_stage_options("corpus")], help="low->high prompt pairs")
-    p.set_defaults(func=pending("data generate"))
+    p = data_sub.add_parser("generate", parents=[_stage_options("corpus")],
+                            help="low->high prompt pairs on Ray Data (resumes where a killed run stopped)")
+    p.add_argument("--fresh", action="store_true", help="discard committed work and start over")
+    p.set_defaults(func=cmd_data_generate)
 
     rewards = sub.add_parser("rewards", help="render prompts with N seeds and score the images")
     rewards_sub = rewards.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -33,3 +33,22 @@ ROW_ID = "row_id"
 IMAGE_REF = "image_ref"
 
 PROMPT_TABLE_COLUMNS = (PROMPT, SOURCE, ROW_ID, PROMPT_NSFW, IMAGE_NSFW, IMAGE_REF)
+
+# Working columns of the pair-generation pipeline (one row per usable low / high input prompt).
+ROW_ORDER = "row_order"
+"""Position in the source table: makes "keep the first" deterministic however batches were formed."""
+QUALITY = "quality"
+CAPTION = "caption"
+SUMMARY = "summary"
+EXPANSION = "expansion"
+GEN_ERROR = "gen_error"
+AESTHETIC = "aesthetic"
+
+# Pair table: what `bp-ray data generate` writes (data/part-*.parquet).
+PAIR_ID = "pair_id"
+PAIR_SOURCE = "pair_source"
+"""caption | summary | expansion: which of the paper's three sources made the pair."""
+LOW = "low"
+HIGH = "high"
+DROP_REASON = "drop_reason"
+PAIR_COLUMNS = (PAIR_ID, PAIR_SOURCE, LOW, HIGH, ROW_ID, SOURCE, IMAGE_REF, AESTHETIC, ROW_ORDER)

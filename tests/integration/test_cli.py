@@ -54,7 +54,7 @@ def test_config_errors_exit_2_with_a_message_not_a_traceback(capsys, argv, messa
 
 
 @pytest.mark.parametrize("argv", [
-    ["data", "generate"], ["rewards", "label"], ["train", "sft"], ["train", "rm"], ["train", "ppo"],
+    ["rewards", "label"], ["train", "sft"], ["train", "rm"], ["train", "ppo"],
     ["eval"], ["serve"], ["client", "a cat"],
 ])
 def test_pending_stages_say_so_and_fail(capsys, argv):
@@ -65,7 +65,7 @@ def test_pending_stages_say_so_and_fail(capsys, argv):
 
 
 def test_stage_commands_share_the_option_convention(capsys):
-    for argv in (["data", "generate", "--corpus", "x"], ["rewards", "label", "--pairs", "x"],
+    for argv in (["rewards", "label", "--pairs", "x"],
                  ["train", "sft", "--pairs", "x"], ["train", "rm", "--labels", "x"],
                  ["train", "ppo", "--pairs", "x", "--sft", "y", "--rm", "z", "--resume"],
                  ["eval", "--sft", "x", "--ppo", "y"]):
@@ -86,12 +86,13 @@ def test_pipeline_builds_models_writes_corpus_and_status_reports_it(capsys, tmp_
                            "--set", f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "--set", "data.corpus_rows=60")
     assert code == 0
     assert "models: tiny zoo at" in out and "corpus: 60 rows" in out
+    assert "data: " in out and "pairs" in out
     assert "sft: not implemented yet" in out  # nothing pretends to have run
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus_rows"] == 60
     code, out, _ = run_cli(capsys, "status", str(run))
     assert code == 0
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()}
-    assert lines["corpus"] == "done" and lines["sft"] == "missing"
+    assert lines["corpus"] == "done" and lines["data"] == "done" and lines["sft"] == "missing"
 
 
 def test_status_of_a_missing_run_is_a_clear_error(capsys, tmp_path):

@@ -1,0 +1,95 @@
+"""Low -> high pair candidates from processed rows, and the pair-level cleaning rules. Pure pandas."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+from bp_ray.config import DataConfig
+from bp_ray.data import columns as C
+from bp_ray.data.prompt_rules import content_flag, dedup_key, within_bounds
+from bp_ray.data.vocab import Vocab
+
+SOURCES = ("caption", "summary", "expansion")
+PAIR_DROP_REASONS = ("generation_failed", "nsfw_keyword", "political_keyword", "length", "same_low_high",
+                     "aesthetic", "duplicate")
+
+
+def pair_id(row_id: str, source: str) -> str:
+    """Deterministic id of the pair one source makes from one input row."""
+    return hashlib.sha1(f"{row_id}\x1f{source}".encode()).hexdigest()[:16]
+
+
+def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Every pair the enabled sources propose for these rows (PAIR_COLUMNS + gen_error), before cleaning.
+
+    caption: (BLIP caption, original high prompt); summary: (LLM summary, high); expansion: (low, LLM expansion).
+    """
+    is_high, is_low = rows[C.QUALITY] == "high", rows[C.QUALITY] == "low"
+    parts = []
+    if cfg.use_captions:
+        parts.append(_candidates(rows[is_high & (rows[C.IMAGE_REF] != "")], "caption", C.CAPTION, C.PROMPT))
+    if cfg.use_summaries:
+        parts.append(_candidates(rows[is_high], "summary", C.SUMMARY, C.PROMPT))
+    if cfg.use_expansions:
+        parts.append(_candidates(rows[is_low], "expansion", C.PROMPT, C.EXPANSION))
+    if not parts:
+        return pd.DataFrame(columns=[*C.PAIR_COLUMNS, C.GEN_ERROR])
+    return pd.concat(parts, ignore_index=True)
+
+
+def _candidates(rows: pd.DataFrame, source: str, low_column: str, high_column: str) -> pd.DataFrame:
+    aesthetic = rows[C.AESTHETIC] if C.AESTHETIC in rows else pd.Series(np.nan, index=rows.index)
+    # A caption never comes from the LLM, so an LLM error on the same row must not drop it.
+    gen_error = "" if source == "caption" else rows.get(C.GEN_ERROR, pd.Series("", index=rows.index))
+    return pd.DataFrame({
+        C.PAIR_ID: [pair_id(r, source) for r in rows[C.ROW_ID]],
+        C.PAIR_SOURCE: source,
+        C.LOW: rows[low_column].astype(str).to_numpy(),
+        C.HIGH: rows[high_column].astype(str).to_numpy(),
+        C.ROW_ID: rows[C.ROW_ID].to_numpy(),
+        C.SOURCE: rows[C.SOURCE].to_numpy(),
+        C.IMAGE_REF: rows[C.IMAGE_REF].to_numpy() if source != "expansion" else "",
+        C.AESTHETIC: aesthetic.to_numpy(dtype=np.float32) if source != "expansion" else np.nan,
+        C.ROW_ORDER: rows[C.ROW_ORDER].to_numpy(),
+        C.GEN_ERROR: gen_error if isinstance(gen_error, str) else gen_error.to_numpy(),
+    })
+
+
+def pair_drop_reason(low: str, high: str, aesthetic: float, gen_error: str, cfg: DataConfig,
+                     vocab: Vocab) -> str:
+    """"" for a clean pair, else the first rule it breaks (in PAIR_DROP_REASONS order)."""
+    if gen_error or not low.strip() or not high.strip():
+        return "generation_failed"
+    if cfg.keyword_filter:
+        # Only generated text can bring new terms in; the input rows were filtered already.
+        flag = content_flag(low, vocab) or content_flag(high, vocab)
+        if flag:
+            return flag
+    if not within_bounds(low, cfg.pair_low_words) or not within_bounds(high, cfg.pair_high_words):
+        return "length"
+    if dedup_key(low) == dedup_key(high):
+        return "same_low_high"
+    if cfg.aesthetic_threshold is not None and not np.isnan(aesthetic) and aesthetic < cfg.aesthetic_threshold:
+        return "aesthetic"
+    return ""
+
+
+def clean_candidates(candidates: pd.DataFrame, cfg: DataConfig, vocab: Vocab) -> pd.DataFrame:
+    """Candidates with a `drop_reason` column ("" = kept); duplicates are found later, across all batches."""
+    reasons = [pair_drop_reason(low, high, float(aes), str(err), cfg, vocab) for low, high, aes, err in zip(
+        candidates[C.LOW], candidates[C.HIGH], candidates[C.AESTHETIC], candidates[C.GEN_ERROR], strict=True)]
+    return candidates.assign(**{C.DROP_REASON: reasons})
+
+
+def mark_duplicates(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Mark kept pairs whose (low, high) near-duplicates an earlier kept pair (source-row order, then source)."""
+    order = pairs[C.PAIR_SOURCE].map({s: i for i, s in enumerate(SOURCES)})
+    pairs = pairs.assign(_order=order).sort_values([C.ROW_ORDER, "_order"], kind="stable").drop(columns="_order")
+    kept = pairs[C.DROP_REASON] == ""
+    keys = pairs.loc[kept, C.LOW].map(dedup_key) + pairs.loc[kept, C.HIGH].map(dedup_key)
+    duplicate_index = keys.index[keys.duplicated(keep="first")]
+    pairs.loc[duplicate_index, C.DROP_REASON] = "duplicate"
+    return pairs.reset_index(drop=True)

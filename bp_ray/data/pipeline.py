@@ -1,0 +1,219 @@
+"""`bp-ray data generate`: prompts -> normalise -> split -> three pair sources -> clean -> Parquet + manifest.
+
+Row-level work (normalising, the split, NSFW / keyword / duplicate filters) is pure pandas on the driver; the
+model stages stream through Ray Data actor pools that autoscale between min and max actors:
+
+    rows -> Captioner (BLIP) -> PromptRewriter (LLM) -> ImageAesthetic (optional) -> write_batch (commit)
+
+Every batch commits one work file, so an interrupted run resumes where it stopped and a retried batch after an
+actor failure rewrites the same file. Consolidation then removes duplicates across batches and writes the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bp_ray.config import DataConfig, PipelineConfig
+from bp_ray.data import columns as C
+from bp_ray.data import work_store
+from bp_ray.data.pairs import SOURCES, build_candidates, clean_candidates, mark_duplicates
+from bp_ray.data.prompt_io import ReadReport, read_prompts
+from bp_ray.data.prompt_rules import SplitRules, annotate_prompts, content_flag, dedup_key, nsfw_score_flag
+from bp_ray.data.vocab import load_vocab, tag_terms
+from bp_ray.layout import MANIFEST, SUCCESS
+
+logger = logging.getLogger(__name__)
+
+WORK_DIR = "work"
+WORK_KEY = "work_key.json"
+
+
+# --- 1-2. rows: normalise, filter, split (pure) ---------------------------------------------------------------
+
+def prepare_rows(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Source table -> rows the model stages must process, and the row-level counts.
+
+    Counts add up: rows_in = sum(dropped) + low + high + neither, and rows_to_process = low + high - unused.
+    """
+    vocab = load_vocab()
+    notes = annotate_prompts(table[C.PROMPT].tolist(), SplitRules.from_config(cfg), tag_terms(vocab),
+                             cfg.weights_syntax, cfg.max_prompt_chars)
+    rows = table.reset_index(drop=True).assign(**{C.PROMPT: notes["prompt"].to_numpy(),
+                                                   C.QUALITY: notes["quality"].to_numpy(),
+                                                   C.ROW_ORDER: np.arange(len(table))})
+    reason = notes["drop_reason"].astype(object).where(notes["drop_reason"].notna(), "").to_numpy()
+    nsfw = np.array([nsfw_score_flag(p, i, cfg.nsfw_threshold)
+                     for p, i in zip(rows[C.PROMPT_NSFW], rows[C.IMAGE_NSFW], strict=True)], dtype=bool)
+    reason = np.where((reason == "") & nsfw, "nsfw_score", reason)
+    if cfg.keyword_filter:
+        flags = np.array([content_flag(p, vocab) or "" if r == "" else ""
+                          for p, r in zip(rows[C.PROMPT], reason, strict=True)], dtype=object)
+        reason = np.where((reason == "") & (flags != ""), flags, reason)
+    keys = pd.Series([dedup_key(p) if r == "" else None for p, r in zip(rows[C.PROMPT], reason, strict=True)])
+    duplicate = keys.notna() & keys.duplicated(keep="first")
+    reason = np.where(duplicate.to_numpy(), "duplicate", reason)
+
+    usable = reason == ""
+    quality = rows[C.QUALITY].where(usable)
+    has_image = rows[C.IMAGE_REF] != ""
+    low_used = (quality == "low") & cfg.use_expansions
+    high_used = (quality == "high") & (cfg.use_summaries | (cfg.use_captions & has_image))
+    counts = {
+        "rows_in": len(rows),
+        "rows_dropped": dict(Counter(r for r in reason if r)),
+        "quality": {q: int((quality == q).sum()) for q in ("low", "high", "neither")},
+        "unused": {"low": int(((quality == "low") & ~low_used).sum()),
+                   "high": int(((quality == "high") & ~high_used).sum())},
+    }
+    selected = rows[(low_used | high_used).to_numpy()]
+    counts["rows_to_process"] = len(selected)
+    columns = [C.ROW_ID, C.ROW_ORDER, C.SOURCE, C.PROMPT, C.QUALITY, C.IMAGE_REF]
+    return selected.loc[:, columns].reset_index(drop=True), counts
+
+
+def read_source(cfg: PipelineConfig, corpus_dir: Path) -> tuple[pd.DataFrame, ReadReport, str]:
+    """The configured prompt source as a prompt table; `corpus` is generated on first use (idempotent)."""
+    data = cfg.data
+    if data.source == "corpus":
+        from bp_ray.data.corpus import CorpusSpec, write_corpus
+
+        write_corpus(corpus_dir, CorpusSpec(num_rows=data.corpus_rows, seed=data.corpus_seed,
+                                            image_size=cfg.models.tiny.image_size))
+        path = corpus_dir
+    else:
+        path = Path(data.source)
+    table, report = read_prompts(path, limit=data.limit or None)
+    return table, report, str(path)
+
+
+# --- 3-4. the Ray Data graph ------------------------------------------------------------------------------------
+
+def write_batch(batch: pd.DataFrame, work_dir: str, data_cfg: DataConfig) -> pd.DataFrame:
+    """Last stage of the graph: candidates of this batch, cleaned, committed as one work file."""
+    candidates = clean_candidates(build_candidates(batch, data_cfg), data_cfg, load_vocab())
+    work_store.commit_batch(Path(work_dir), candidates, batch[C.ROW_ID].tolist())
+    return pd.DataFrame({"rows": [len(batch)], "candidates": [len(candidates)],
+                         "kept": [int((candidates[C.DROP_REASON] == "").sum())]})
+
+
+def _pool(pool) -> dict[str, Any]:
+    import ray
+
+    return {"compute": ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "batch_size": pool.batch_size}
+
+
+def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) -> int:
+    """Stream `rows` through the actor pools and commit every batch; returns batches committed."""
+    import ray
+
+    from bp_ray.data.captions import Captioner
+    from bp_ray.data.image_filter import ImageAesthetic
+    from bp_ray.data.rewrite import PromptRewriter
+
+    data, models = cfg.data, cfg.models
+    # Blocks of one batch each: the unit of parallelism, of retry and of resume.
+    block_rows = max(1, min(data.captioner_pool.batch_size, data.rewriter_pool.batch_size))
+    blocks = [rows.iloc[i:i + block_rows] for i in range(0, len(rows), block_rows)]
+    ds = ray.data.from_pandas(blocks)
+    needs_captions = data.use_captions and bool(((rows[C.QUALITY] == "high") & (rows[C.IMAGE_REF] != "")).any())
+    if needs_captions:
+        ds = ds.map_batches(Captioner, fn_constructor_kwargs={"models_cfg": models,
+                                                              "max_new_tokens": data.caption_max_new_tokens},
+                            **_pool(data.captioner_pool))
+    if data.use_summaries or data.use_expansions:
+        ds = ds.map_batches(PromptRewriter, fn_constructor_kwargs={"data_cfg": data, "models_cfg": models},
+                            **_pool(data.rewriter_pool))
+    if data.aesthetic_threshold is not None and (rows[C.IMAGE_REF] != "").any():
+        ds = ds.map_batches(ImageAesthetic, fn_constructor_kwargs={"models_cfg": models},
+                            **_pool(data.aesthetic_pool))
+    # Writing a batch is light I/O: a small CPU share keeps it from waiting behind the model actors.
+    ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=None, num_cpus=0.25,
+                        fn_kwargs={"work_dir": str(work_dir), "data_cfg": data})
+    return sum(len(batch["rows"]) for batch in ds.iter_batches(batch_format="numpy"))
+
+
+# --- 5. consolidate ---------------------------------------------------------------------------------------------
+
+def pair_counts(pairs: pd.DataFrame) -> dict[str, Any]:
+    """Per source: candidates = out + sum(dropped by reason)."""
+    counts = {}
+    for source in SOURCES:
+        mine = pairs[pairs[C.PAIR_SOURCE] == source]
+        kept = mine[C.DROP_REASON] == ""
+        counts[source] = {"candidates": len(mine), "out": int(kept.sum()),
+                          "dropped": dict(Counter(mine.loc[~kept, C.DROP_REASON]))}
+    return counts
+
+
+def work_key(cfg: PipelineConfig, source_path: str) -> dict[str, Any]:
+    """What committed work depends on: changing any of it invalidates the work folder."""
+    data = {k: v for k, v in asdict(cfg.data).items() if not k.endswith("_pool") and k not in ("render",
+                                                                                              "num_seeds")}
+    models = {role: getattr(cfg.models, role) for role in ("rewriter", "captioner", "aesthetic")}
+    return {"data": data, "models": models, "tiny": asdict(cfg.models.tiny), "source": source_path}
+
+
+def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | None = None,
+                        fresh: bool = False) -> dict[str, Any]:
+    """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    work_dir = out_dir / WORK_DIR
+    (out_dir / SUCCESS).unlink(missing_ok=True)
+    table, report, source_path = read_source(cfg, Path(corpus_dir) if corpus_dir else out_dir.parent / "corpus")
+    rows, row_counts = prepare_rows(table, cfg.data)
+
+    key = work_key(cfg, source_path)
+    key_file = work_dir / WORK_KEY
+    if fresh or (key_file.exists() and json.loads(key_file.read_text()) != key):
+        logger.info("config or source changed since the committed work: starting over")
+        shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=2, default=str))
+    work_store.clear_partial_writes(work_dir)
+    done = work_store.committed_row_ids(work_dir)
+    pending = rows[~rows[C.ROW_ID].isin(done)]
+    logger.info("%d rows to process (%d already committed)", len(pending), len(rows) - len(pending))
+
+    if len(pending):
+        from bp_ray.models.loading import resolve_model
+        from bp_ray.ray_runtime import init_ray
+
+        for role in ("rewriter", "captioner", "aesthetic"):  # build the tiny zoo once, before actors race for it
+            resolve_model(getattr(cfg.models, role), cfg.models)
+        init_ray(cfg.cluster)
+        run_model_stages(pending, cfg, work_dir)
+
+    pairs = mark_duplicates(work_store.read_committed(work_dir))
+    pairs = pairs[pairs[C.ROW_ID].isin(set(rows[C.ROW_ID]))]  # work of rows no longer in the source is ignored
+    kept = pairs[pairs[C.DROP_REASON] == ""]
+    shards = work_store.write_shards(kept, out_dir, cfg.data.shard_rows)
+    manifest = {
+        "stage": "data",
+        "source": source_path,
+        "rows_read": report.rows_read,
+        "rows_skipped_by_reader": report.rows_skipped,
+        **row_counts,
+        "rows_resumed": len(rows) - len(pending),
+        "pairs": pair_counts(pairs),
+        "pairs_out": len(kept),
+        "shards": [p.name for p in shards],
+        "config_hash": cfg.hash("data"),
+        "models": {role: getattr(cfg.models, role) for role in ("captioner", "rewriter", "aesthetic")},
+        "llm_backend": cfg.data.llm_backend,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
+    return manifest

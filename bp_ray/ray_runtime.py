@@ -1,0 +1,28 @@
+"""Joining or starting Ray the same way in every stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from bp_ray.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+# Each worker runs one model on few cores: more threads per worker only oversubscribe them.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def init_ray(cluster: ClusterConfig) -> None:
+    """Join cluster.address (or RAY_ADDRESS, set by `ray job submit`), else start a local Ray on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS") or None
+    env_vars = dict(WORKER_ENV)
+    if os.environ.get("BP_RAY_CACHE"):
+        env_vars["BP_RAY_CACHE"] = os.environ["BP_RAY_CACHE"]
+    kwargs = {} if address else {"num_cpus": cluster.num_cpus or None, "include_dashboard": False}
+    ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, **kwargs)
+    logger.info("ray: %s", "joined " + address if address else "started a local instance")

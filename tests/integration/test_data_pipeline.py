@@ -1,0 +1,188 @@
+"""`bp-ray data generate` on a local Ray with the tiny zoo: sources, cleaning, counts, resume, actor failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bp_ray.config import load_config
+from bp_ray.data import columns as C
+from bp_ray.data import work_store
+from bp_ray.data.pairs import build_candidates
+from bp_ray.data.pipeline import prepare_rows, read_source, run_data_generation
+
+pytestmark = pytest.mark.integration
+
+SMALL = ["data.corpus_rows=160", "data.max_new_tokens=12", "data.caption_max_new_tokens=8",
+         "data.captioner_pool.batch_size=8", "data.rewriter_pool.batch_size=8", "data.rewriter_pool.max_actors=2"]
+
+
+def small_config(tiny_models_cfg, *overrides: str):
+    cfg = load_config("tiny", [*SMALL, f"models.zoo_dir={tiny_models_cfg.zoo_dir}", *overrides])
+    return cfg
+
+
+def read_pairs(out: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))], ignore_index=True)
+
+
+def expected_candidate_ids(cfg, corpus_dir: Path) -> set[str]:
+    """Every pair id the sources must propose, from the rows alone (independent of what the models write)."""
+    table, _, _ = read_source(cfg, corpus_dir)
+    rows, _ = prepare_rows(table, cfg.data)
+    frame = rows.assign(**{C.CAPTION: "", C.SUMMARY: "", C.EXPANSION: "", C.GEN_ERROR: ""})
+    return set(build_candidates(frame, cfg.data)[C.PAIR_ID])
+
+
+def assert_counts_add_up(manifest: dict) -> None:
+    quality = manifest["quality"]
+    assert manifest["rows_in"] == manifest["rows_read"]
+    assert manifest["rows_in"] == sum(manifest["rows_dropped"].values()) + sum(quality.values())
+    assert manifest["rows_to_process"] == quality["low"] + quality["high"] - sum(manifest["unused"].values())
+    for info in manifest["pairs"].values():
+        assert info["candidates"] == info["out"] + sum(info["dropped"].values())
+    assert manifest["pairs_out"] == sum(info["out"] for info in manifest["pairs"].values())
+
+
+def assert_exactly_once(out: Path, expected_ids: set[str]) -> None:
+    committed = work_store.read_committed(out / "work")
+    assert committed[C.PAIR_ID].is_unique, "a candidate was committed twice"
+    assert set(committed[C.PAIR_ID]) == expected_ids, "a candidate is missing"
+    pairs = read_pairs(out)
+    assert pairs[C.PAIR_ID].is_unique
+    kept = committed[committed[C.DROP_REASON] == ""]
+    assert set(pairs[C.PAIR_ID]) <= set(kept[C.PAIR_ID])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, tiny_models_cfg, tmp_path_factory):
+    """One full run on the embedded corpus (with its malformed, NSFW and duplicate rows)."""
+    root = tmp_path_factory.mktemp("run")
+    cfg = small_config(tiny_models_cfg)
+    manifest = run_data_generation(cfg, root / "data")
+    return cfg, root, manifest
+
+
+def test_every_source_produces_pairs_on_the_tiny_models(tiny_run):
+    _, root, manifest = tiny_run
+    pairs = read_pairs(root / "data")
+    assert set(pairs[C.PAIR_SOURCE]) == {"caption", "summary", "expansion"}
+    for source, info in manifest["pairs"].items():
+        assert info["candidates"] > 0, source
+    captions = pairs[pairs[C.PAIR_SOURCE] == "caption"]
+    assert (captions[C.IMAGE_REF] != "").all()  # captions come from the high prompt's image
+    expansions = pairs[pairs[C.PAIR_SOURCE] == "expansion"]
+    assert (expansions[C.IMAGE_REF] == "").all()
+    assert set(json.loads((root / "data" / "manifest.json").read_text())) >= {
+        "rows_in", "rows_dropped", "pairs", "config_hash", "models", "wall_time_s"}
+
+
+def test_manifest_counts_add_up_and_malformed_rows_are_counted(tiny_run):
+    cfg, root, manifest = tiny_run
+    assert_counts_add_up(manifest)
+    dropped = manifest["rows_dropped"]
+    # the embedded corpus carries empty, junk / control-character, NSFW and duplicate rows: each is counted
+    assert dropped.get("empty", 0) > 0 and dropped.get("non_text", 0) + dropped.get("too_long", 0) > 0
+    assert dropped.get("nsfw_score", 0) + dropped.get("nsfw_keyword", 0) > 0
+    assert dropped.get("duplicate", 0) > 0
+    assert manifest["quality"]["low"] > 0 and manifest["quality"]["high"] > 0
+    assert_exactly_once(root / "data", expected_candidate_ids(cfg, root / "corpus"))
+
+
+def test_output_pairs_are_clean(tiny_run):
+    _, root, _ = tiny_run
+    pairs = read_pairs(root / "data")
+    assert (pairs[C.LOW].str.strip() != "").all() and (pairs[C.HIGH].str.strip() != "").all()
+    assert (pairs[C.LOW].str.lower() != pairs[C.HIGH].str.lower()).all()
+    assert not pairs[C.HIGH].str.contains(r"\bnude\b|\bgore\b", case=False).any()
+
+
+def test_a_rerun_reuses_every_committed_batch(tiny_run):
+    cfg, root, first = tiny_run
+    before = {p.name: p.stat().st_mtime_ns for p in work_store.committed_files(root / "data" / "work")}
+    again = run_data_generation(cfg, root / "data")
+    assert again["rows_resumed"] == first["rows_to_process"]
+    assert {p.name: p.stat().st_mtime_ns for p in work_store.committed_files(root / "data" / "work")} == before
+    assert again["pairs"] == first["pairs"]
+
+
+def test_a_changed_config_starts_the_work_over(ray_session, tiny_models_cfg, tmp_path):
+    cfg = small_config(tiny_models_cfg, "data.corpus_rows=40", "data.use_captions=false")
+    first = run_data_generation(cfg, tmp_path / "data")
+    assert first["pairs"]["caption"]["candidates"] == 0
+    cfg = small_config(tiny_models_cfg, "data.corpus_rows=40")
+    second = run_data_generation(cfg, tmp_path / "data")
+    assert second["rows_resumed"] == 0 and second["pairs"]["caption"]["candidates"] > 0
+
+
+def test_killed_driver_resumes_with_every_pair_exactly_once(tiny_models_cfg, tmp_path):
+    """Start the CLI in its own process group, SIGKILL it once some batches are committed, then rerun."""
+    overrides = [*SMALL, "data.corpus_rows=240", "data.max_new_tokens=24", "data.rewriter_pool.batch_size=4",
+                 "data.captioner_pool.batch_size=4", f"models.zoo_dir={tiny_models_cfg.zoo_dir}"]
+    out = tmp_path / "data"
+    argv = [str(Path(sys.executable).parent / "bp-ray"), "data", "generate", "--out", str(out)]
+    for item in overrides:
+        argv += ["--set", item]
+    # its own local Ray, never the test session's
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(work_store.committed_files(out / "work")) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        committed_at_kill = len(work_store.committed_files(out / "work"))
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, all ours
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (out / "_SUCCESS.json").exists()
+
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows_resumed"] >= committed_at_kill  # committed work was not redone
+    assert_counts_add_up(manifest)
+    cfg = load_config("tiny", overrides)
+    assert_exactly_once(out, expected_candidate_ids(cfg, tmp_path / "corpus"))
+
+
+def test_a_killed_actor_is_replaced_and_nothing_is_lost(ray_session, tiny_models_cfg, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = small_config(tiny_models_cfg, "data.corpus_rows=240", "data.max_new_tokens=24",
+                       "data.rewriter_pool.batch_size=4", "data.captioner_pool.batch_size=4")
+    out = tmp_path / "data"
+    killed: list[int] = []
+
+    def kill_one_rewriter() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if work_store.committed_files(out / "work"):
+                for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+                    if "PromptRewriter" in actor.class_name and actor.pid:
+                        os.kill(actor.pid, signal.SIGKILL)  # a worker process of this test's own Ray
+                        killed.append(actor.pid)
+                        return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_rewriter, daemon=True)
+    killer.start()
+    manifest = run_data_generation(cfg, out)
+    killer.join(timeout=5)
+    assert killed, "no rewriter actor was killed while the job ran"
+    assert_counts_add_up(manifest)
+    assert_exactly_once(out, expected_candidate_ids(cfg, tmp_path / "corpus"))
