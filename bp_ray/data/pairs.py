@@ -27,6 +27,9 @@ def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
 
     caption: (BLIP caption, original high prompt); summary: (LLM summary, high); expansion: (low, LLM expansion).
     """
+    # A stage the graph skipped (no images to caption, say) added no column: nothing was generated there.
+    missing = {column: "" for column in (C.CAPTION, C.SUMMARY, C.EXPANSION, C.GEN_ERROR) if column not in rows}
+    rows = rows.assign(**missing)
     is_high, is_low = rows[C.QUALITY] == "high", rows[C.QUALITY] == "low"
     parts = []
     if cfg.use_captions:

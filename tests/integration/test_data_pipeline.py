@@ -17,7 +17,7 @@ import pytest
 from bp_ray.config import load_config
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
-from bp_ray.data.pairs import build_candidates
+from bp_ray.data.pairs import PAIR_DROP_REASONS, build_candidates
 from bp_ray.data.pipeline import prepare_rows, read_source, run_data_generation
 
 pytestmark = pytest.mark.integration
@@ -72,18 +72,43 @@ def tiny_run(ray_session, tiny_models_cfg, tmp_path_factory):
     return cfg, root, manifest
 
 
-def test_every_source_produces_pairs_on_the_tiny_models(tiny_run):
+def test_every_source_runs_on_the_tiny_models(tiny_run):
+    """BLIP captions make pairs; the random-init tiny LM writes junk, which cleaning drops and counts."""
     _, root, manifest = tiny_run
     pairs = read_pairs(root / "data")
-    assert set(pairs[C.PAIR_SOURCE]) == {"caption", "summary", "expansion"}
-    for source, info in manifest["pairs"].items():
-        assert info["candidates"] > 0, source
     captions = pairs[pairs[C.PAIR_SOURCE] == "caption"]
-    assert (captions[C.IMAGE_REF] != "").all()  # captions come from the high prompt's image
-    expansions = pairs[pairs[C.PAIR_SOURCE] == "expansion"]
-    assert (expansions[C.IMAGE_REF] == "").all()
+    assert len(captions) > 0 and (captions[C.IMAGE_REF] != "").all()  # from the high prompt's image
+    committed = work_store.read_committed(root / "data" / "work")
+    for source, generated in (("summary", C.LOW), ("expansion", C.HIGH)):
+        mine = committed[committed[C.PAIR_SOURCE] == source]
+        assert manifest["pairs"][source]["candidates"] == len(mine) > 0
+        assert (mine[C.GEN_ERROR] == "").all()  # the local LM answered every row...
+        assert set(mine[C.DROP_REASON]) <= {"", *PAIR_DROP_REASONS}  # ...and every answer was judged
+        assert mine[generated].map(len).sum() > 0
     assert set(json.loads((root / "data" / "manifest.json").read_text())) >= {
         "rows_in", "rows_dropped", "pairs", "config_hash", "models", "wall_time_s"}
+
+
+def test_openai_backend_makes_summary_and_expansion_pairs(ray_session, tiny_models_cfg, tmp_path):
+    """The official client in the rewriter actors against a real local OpenAI-compatible HTTP server."""
+    from tests.openai_stub_server import EXPANSION_SUFFIX, SUMMARY_WORDS, OpenAIStubServer
+
+    with OpenAIStubServer(rate_limit_first=2) as server:
+        cfg = small_config(tiny_models_cfg, "data.corpus_rows=60", "data.use_captions=false",
+                           "data.llm_backend=openai", f"data.openai_base_url={server.base_url}",
+                           "data.openai_backoff_s=0.01")
+        manifest = run_data_generation(cfg, tmp_path / "data")
+        requests = server.total_requests
+    assert requests == manifest["rows_to_process"] + 2  # one per row, plus the two rate-limited retries
+    pairs = read_pairs(tmp_path / "data")
+    summaries = pairs[pairs[C.PAIR_SOURCE] == "summary"]
+    expansions = pairs[pairs[C.PAIR_SOURCE] == "expansion"]
+    assert len(summaries) > 0 and len(expansions) > 0
+    for low, high in zip(summaries[C.LOW], summaries[C.HIGH], strict=True):
+        assert low == " ".join(high.split()[:SUMMARY_WORDS])
+    for low, high in zip(expansions[C.LOW], expansions[C.HIGH], strict=True):
+        assert high == low + EXPANSION_SUFFIX
+    assert_counts_add_up(manifest)
 
 
 def test_manifest_counts_add_up_and_malformed_rows_are_counted(tiny_run):
@@ -161,7 +186,7 @@ def test_killed_driver_resumes_with_every_pair_exactly_once(tiny_models_cfg, tmp
 
 
 def test_a_killed_actor_is_replaced_and_nothing_is_lost(ray_session, tiny_models_cfg, tmp_path):
-    from ray.util.state import list_actors
+    import psutil
 
     cfg = small_config(tiny_models_cfg, "data.corpus_rows=240", "data.max_new_tokens=24",
                        "data.rewriter_pool.batch_size=4", "data.captioner_pool.batch_size=4")
@@ -172,10 +197,15 @@ def test_a_killed_actor_is_replaced_and_nothing_is_lost(ray_session, tiny_models
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             if work_store.committed_files(out / "work"):
-                for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-                    if "PromptRewriter" in actor.class_name and actor.pid:
-                        os.kill(actor.pid, signal.SIGKILL)  # a worker process of this test's own Ray
-                        killed.append(actor.pid)
+                # Ray titles actor workers "ray::<actor class>"; only this test's own Ray is searched.
+                for process in psutil.Process().children(recursive=True):
+                    try:
+                        title = " ".join(process.cmdline())
+                    except psutil.Error:
+                        continue
+                    if "PromptRewriter" in title:
+                        process.kill()
+                        killed.append(process.pid)
                         return
             time.sleep(0.05)
 
@@ -186,3 +216,32 @@ def test_a_killed_actor_is_replaced_and_nothing_is_lost(ray_session, tiny_models
     assert killed, "no rewriter actor was killed while the job ran"
     assert_counts_add_up(manifest)
     assert_exactly_once(out, expected_candidate_ids(cfg, tmp_path / "corpus"))
+
+
+def test_real_prompts_put_long_tagged_prompts_on_the_high_side(ray_session, tiny_models_cfg, tmp_path):
+    from bp_ray.data.prompt_io import read_prompts
+    from bp_ray.data.prompt_rules import normalize_prompt, word_count
+    from tests.conftest import shared_path
+    from tests.openai_stub_server import OpenAIStubServer
+
+    path = shared_path("data", "prompts", "sd_discord_prompts_sample20k.jsonl")
+    with OpenAIStubServer() as server:
+        cfg = small_config(tiny_models_cfg, f"data.source={path}", "data.limit=150", "data.llm_backend=openai",
+                           f"data.openai_base_url={server.base_url}", "data.keyword_filter=false")
+        manifest = run_data_generation(cfg, tmp_path / "data")
+    assert manifest["rows_in"] == 150 and manifest["pairs"]["caption"]["candidates"] == 0  # no images here
+    assert_counts_add_up(manifest)
+
+    table, _ = read_prompts(path, limit=150)
+    normalized = table[C.PROMPT].map(normalize_prompt)
+    long_tagged = set(normalized[(normalized.str.count(",") >= 4) & (normalized.map(word_count) >= 12)])
+    short_plain = set(normalized[(~normalized.str.contains(",")) & (normalized.map(word_count) <= 6)])
+    assert len(long_tagged) >= 20 and len(short_plain) >= 5
+    committed = work_store.read_committed(tmp_path / "data" / "work")
+    high_side = set(committed.loc[committed[C.PAIR_SOURCE] == "summary", C.HIGH])
+    low_side = set(committed.loc[committed[C.PAIR_SOURCE] == "expansion", C.LOW])
+    dropped_rows = sum(manifest["rows_dropped"].values())
+    # every long tagged prompt is on the high side, unless it was dropped as NSFW / duplicate
+    assert len(long_tagged - high_side) <= dropped_rows
+    assert not short_plain & high_side
+    assert short_plain & low_side

@@ -39,6 +39,13 @@ def test_each_enabled_source_proposes_its_pairs():
     assert len(set(candidates[C.PAIR_ID])) == len(candidates)
 
 
+def test_a_skipped_stage_means_nothing_was_generated_there():
+    rows = processed_rows().drop(columns=[C.CAPTION]).assign(**{C.IMAGE_REF: ""})  # no images: no captioner
+    candidates = build_candidates(rows, DataConfig())
+    assert "caption" not in set(candidates[C.PAIR_SOURCE])
+    assert len(candidates) == 3  # two summaries and one expansion still proposed
+
+
 def test_disabled_sources_propose_nothing():
     cfg = DataConfig(use_captions=False, use_expansions=False)
     assert set(build_candidates(processed_rows(), cfg)[C.PAIR_SOURCE]) == {"summary"}
