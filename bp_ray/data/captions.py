@@ -9,7 +9,7 @@ from PIL import Image
 from bp_ray.config import ModelsConfig
 from bp_ray.data import columns as C
 from bp_ray.data.prompt_io import load_image
-from bp_ray.data.rewrite import first_line
+from bp_ray.data.prompt_rules import first_line
 
 
 @torch.no_grad()

@@ -21,6 +21,8 @@ from typing import Any
 
 import openai
 
+from bp_ray.data.prompt_rules import first_line
+
 logger = logging.getLogger(__name__)
 
 API_KINDS = ("chat", "completions")
@@ -90,14 +92,6 @@ class RewriteResult:
     error: str | None
     """Short reason starting with its kind, e.g. "rate_limited: gave up after 5 retries"; None on success."""
     attempts: int
-
-
-def first_line(output: str | None) -> str:
-    """First non-empty line of a model output, stripped ("" if none): LLMs add chatter after the answer."""
-    for line in (output or "").splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def retry_after_s(headers: Any) -> float | None:

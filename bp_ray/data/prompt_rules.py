@@ -379,3 +379,11 @@ def dedup_key(text: str) -> str:
     plain = _PUNCTUATION.sub(" ", normalize_prompt(text, "strip").lower())
     # surrogatepass: a str may hold lone surrogates (broken UTF-16 upstream), and this must not raise.
     return hashlib.sha1(" ".join(plain.split()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def first_line(output: str | None) -> str:
+    """First non-empty line of a model output, stripped ("" if none): LLMs add chatter after the answer."""
+    for line in (output or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""

@@ -11,14 +11,7 @@ import torch
 
 from bp_ray.config import DataConfig, ModelsConfig
 from bp_ray.data import columns as C
-
-
-def first_line(text: str) -> str:
-    """The first non-empty line of a generation, stripped: models append chatter after the answer."""
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+from bp_ray.data.prompt_rules import first_line
 
 
 def build_instructions(template: str, prompts: list[str]) -> list[str]:
@@ -31,6 +24,10 @@ def generate_local(model, tokenizer, instructions: list[str], max_new_tokens: in
     """Greedy continuation of each instruction (deterministic per row), first line only."""
     if not instructions:
         return []
+    if getattr(tokenizer, "chat_template", None):
+        # Instruct models answer reliably only inside their own chat format.
+        instructions = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True) for text in instructions]
     encoded = tokenizer(instructions, return_tensors="pt", padding=True, truncation=True,
                         max_length=min(tokenizer.model_max_length, 512)).to(model.device)
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
