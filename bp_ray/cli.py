@@ -22,7 +22,6 @@ logger = logging.getLogger("bp_ray")
 
 # Stages later issues implement; until then their commands say so instead of pretending to work.
 PENDING = {
-    "rewards label": "multi-seed rendering and reward labels (issue 4)",
     "train sft": "SFT on Ray Train + DeepSpeed (issue 5)",
     "train rm": "reward-model training on Ray Train + DeepSpeed (issue 5)",
     "train ppo": "PPO with an adaptive KL penalty (issue 6)",
@@ -31,7 +30,7 @@ PENDING = {
     "eval": "the evaluation harness and report (issue 8)",
 }
 
-PENDING_STAGES = ("rewards", "sft", "rm", "ppo", "eval")
+PENDING_STAGES = ("sft", "rm", "ppo", "eval")
 
 
 class NotImplementedYet(Exception):
@@ -155,6 +154,23 @@ def data_summary(manifest: dict, out: Path) -> str:
             f"{sum(manifest['rows_dropped'].values())}) in {manifest['wall_time_s']} s -> {out}")
 
 
+def cmd_rewards_label(args: argparse.Namespace) -> int:
+    from bp_ray.rewards.pipeline import run_reward_labels
+
+    cfg = config_from_args(args)
+    layout = RunLayout(Path(cfg.output_dir))
+    out = Path(args.out) if args.out else layout.stage_dir("rewards")
+    pairs = Path(args.pairs) if args.pairs else (out.parent / "data" if args.out else layout.stage_dir("data"))
+    print(rewards_summary(run_reward_labels(cfg, pairs, out), out))
+    return 0
+
+
+def rewards_summary(manifest: dict, out: Path) -> str:
+    return (f"rewards: {manifest['rows']} prompts of {manifest['pairs']} pairs x {manifest['num_seeds']} seeds "
+            f"({manifest['prompts_rendered']} rendered, {manifest['prompts_from_cache']} from the cache) in "
+            f"{manifest['wall_time_s']} s -> {out}")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """The main job: every stage that exists, in order, on one run directory."""
     from tqdm import tqdm
@@ -168,7 +184,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
-    steps = ["models", "corpus", "data"]
+    steps = ["models", "corpus", "data", "rewards"]
     bar = tqdm(steps, desc="pipeline", unit="stage", disable=None)
     for step in bar:
         bar.set_postfix_str(step)
@@ -178,10 +194,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         elif step == "corpus":
             corpus = write_corpus_for(cfg, layout.stage_dir("corpus"))
             layout.mark_done("corpus", {"rows": corpus.num_rows, "config_hash": cfg.hash("data")})
-        else:
+        elif step == "data":
             from bp_ray.data.pipeline import run_data_generation
 
             data_manifest = run_data_generation(cfg, layout.stage_dir("data"), layout.stage_dir("corpus"))
+        else:
+            from bp_ray.rewards.pipeline import run_reward_labels
+
+            rewards_manifest = run_reward_labels(cfg, layout.stage_dir("data"), layout.stage_dir("rewards"))
     bar.close()
     print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
     if zoo is not None:
@@ -193,6 +213,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"models: from the hub / local paths (zoo cache {default_zoo_dir(cfg.models)} not needed)")
     print(_corpus_line(corpus))
     print(data_summary(data_manifest, layout.stage_dir("data")))
+    print(rewards_summary(rewards_manifest, layout.stage_dir("rewards")))
     for stage in PENDING_STAGES:
         print(f"{stage}: not implemented yet")
     print(f"done in {time.perf_counter() - start:.1f} s")
@@ -238,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rewards = sub.add_parser("rewards", help="render prompts with N seeds and score the images")
     rewards_sub = rewards.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = rewards_sub.add_parser("label", parents=[_stage_options("pairs")], help="reward labels for pairs")
-    p.set_defaults(func=pending("rewards label"))
+    p = rewards_sub.add_parser("label", parents=[_stage_options("pairs")],
+                               help="render every pair prompt with N seeds and score it (cached)")
+    p.set_defaults(func=cmd_rewards_label)
 
     train = sub.add_parser("train", help="train the SFT policy, the reward model or PPO")
     train_sub = train.add_subparsers(dest="action", metavar="STAGE", required=True)

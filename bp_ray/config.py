@@ -222,12 +222,20 @@ class RewardsConfig:
     """reward = alpha * PickScore + (1 - alpha) * aesthetic (paper Section 3.3)."""
     pickscore_text: str = opt("prompt", choices=("prompt", "intent"))
     """Text PickScore compares with the image: the rendered prompt, or the pair's low prompt (user intent)."""
+    seed_base: int = opt(0, ge=0)
+    """Prompts are rendered with seeds seed_base, seed_base + 1, ... (data.num_seeds of them), so every label
+    can be reproduced image by image."""
     fused: bool = False
-    """Render and score in one actor instead of separate pools."""
+    """Render and score in one actor instead of separate pools (data.renderer_pool / data.scorer_pool)."""
     keep_images: bool = False
+    """Also save every rendered image under rewards/images/ (for reports)."""
     image_format: str = opt("webp", choices=("webp", "png"))
-    cache_dir: str = ""
-    """Reward cache location; empty means <run dir>/rewards/cache."""
+    cache_path: str = ""
+    """SQLite reward cache; empty means <rewards stage dir>/cache.sqlite."""
+    service_max_batch: int = opt(16, ge=1)
+    """Reward actor: most prompts rendered in one batch, gathered from concurrent callers."""
+    service_batch_wait_s: float = opt(0.02, ge=0)
+    """Reward actor: how long the first request of a batch waits for others to join it."""
 
 
 @dataclass

@@ -54,8 +54,7 @@ def test_config_errors_exit_2_with_a_message_not_a_traceback(capsys, argv, messa
 
 
 @pytest.mark.parametrize("argv", [
-    ["rewards", "label"], ["train", "sft"], ["train", "rm"], ["train", "ppo"],
-    ["eval"], ["serve"], ["client", "a cat"],
+    ["train", "sft"], ["train", "rm"], ["train", "ppo"], ["eval"], ["serve"], ["client", "a cat"],
 ])
 def test_pending_stages_say_so_and_fail(capsys, argv):
     code, out, err = run_cli(capsys, *argv)
@@ -65,7 +64,7 @@ def test_pending_stages_say_so_and_fail(capsys, argv):
 
 
 def test_stage_commands_share_the_option_convention(capsys):
-    for argv in (["rewards", "label", "--pairs", "x"],
+    for argv in (
                  ["train", "sft", "--pairs", "x"], ["train", "rm", "--labels", "x"],
                  ["train", "ppo", "--pairs", "x", "--sft", "y", "--rm", "z", "--resume"],
                  ["eval", "--sft", "x", "--ppo", "y"]):
@@ -92,7 +91,8 @@ def test_pipeline_builds_models_writes_corpus_and_status_reports_it(capsys, tmp_
     code, out, _ = run_cli(capsys, "status", str(run))
     assert code == 0
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()}
-    assert lines["corpus"] == "done" and lines["data"] == "done" and lines["sft"] == "missing"
+    assert lines["corpus"] == "done" and lines["data"] == "done" and lines["rewards"] == "done"
+    assert lines["sft"] == "missing"
 
 
 def test_status_of_a_missing_run_is_a_clear_error(capsys, tmp_path):

@@ -1,0 +1,1 @@
+"""Rendering, image scoring and rewards."""

@@ -1,0 +1,216 @@
+"""`bp-ray rewards label`: every low and high prompt of every pair, rendered with N seeds and scored.
+
+    pairs -> (prompt, intent) rows -> Renderer pool -> Scorer pool -> per-seed scores, means, stds -> Parquet
+
+or one fused pool (rewards.fused). The intent of a prompt is its pair's low prompt: CLIP relevance is measured
+against it, and PickScore too when rewards.pickscore_text=intent. Identical (prompt, intent) rows are rendered
+once; the SQLite cache makes a rerun (or PPO and evaluation later) skip every image it has already scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bp_ray.config import PipelineConfig
+from bp_ray.data import columns as C
+from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward, seed_stats
+
+logger = logging.getLogger(__name__)
+
+PROMPT_ID = "prompt_id"
+ROLE = "role"
+INTENT = "intent"
+PIXELS = "pixels"
+NEEDS_SCORING = "needs_scoring"
+
+
+def prompt_id(prompt: str, intent: str) -> str:
+    return hashlib.sha1(f"{prompt}\x1f{intent}".encode()).hexdigest()[:16]
+
+
+def label_rows(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Pairs -> one row per (pair, role): role low has prompt = intent = low; role high has prompt = high."""
+    low = pd.DataFrame({C.PAIR_ID: pairs[C.PAIR_ID], ROLE: "low", C.PROMPT: pairs[C.LOW], INTENT: pairs[C.LOW]})
+    high = pd.DataFrame({C.PAIR_ID: pairs[C.PAIR_ID], ROLE: "high", C.PROMPT: pairs[C.HIGH], INTENT: pairs[C.LOW]})
+    rows = pd.concat([low, high], ignore_index=True)
+    return rows.assign(**{PROMPT_ID: [prompt_id(p, i) for p, i in zip(rows[C.PROMPT], rows[INTENT], strict=True)]})
+
+
+def read_pairs(pairs_dir: Path) -> pd.DataFrame:
+    files = sorted(Path(pairs_dir).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no pair files (part-*.parquet) in {pairs_dir}: run `bp-ray data generate` first")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+# --- Ray Data UDFs (thin: the work is in RewardLabeler) --------------------------------------------------------
+
+def _save_images(pixels: np.ndarray, ids: np.ndarray, seeds: list[int], image_dir: str, fmt: str) -> None:
+    from PIL import Image
+
+    Path(image_dir).mkdir(parents=True, exist_ok=True)
+    for per_prompt, pid in zip(pixels, ids, strict=True):
+        for image, seed in zip(per_prompt, seeds, strict=True):
+            Image.fromarray(image).save(Path(image_dir) / f"{pid}-s{seed}.{fmt}", quality=90)
+
+
+class Renderer:
+    """Renders the rows not fully in the cache; passes the others through with blank pixels."""
+
+    def __init__(self, cfg: PipelineConfig, cache_path: str, image_dir: str | None):
+        from bp_ray.rewards.labeler import RewardLabeler
+
+        self.labeler = RewardLabeler(cfg, cache_path, render=True, score=False)
+        self.image_dir, self.image_format = image_dir, cfg.rewards.image_format
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts, intents = list(batch[C.PROMPT]), list(batch[INTENT])
+        _, complete = self.labeler.cached(prompts, intents)
+        todo = np.flatnonzero(~complete)
+        r = self.labeler.render_cfg
+        pixels = np.zeros((len(prompts), len(self.labeler.seeds), r.height, r.width, 3), dtype=np.uint8)
+        if len(todo):
+            pixels[todo] = self.labeler.render([prompts[i] for i in todo])
+            if self.image_dir:
+                _save_images(pixels[todo], batch[PROMPT_ID][todo], self.labeler.seeds, self.image_dir,
+                             self.image_format)
+        batch[PIXELS] = pixels
+        batch[NEEDS_SCORING] = ~complete
+        return batch
+
+
+class Scorer:
+    """Scores rendered rows (and caches them); reads the others from the cache."""
+
+    def __init__(self, cfg: PipelineConfig, cache_path: str):
+        from bp_ray.rewards.labeler import RewardLabeler
+
+        self.labeler = RewardLabeler(cfg, cache_path, render=False, score=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts, intents = list(batch[C.PROMPT]), list(batch[INTENT])
+        scores, _ = self.labeler.cached(prompts, intents)
+        todo = np.flatnonzero(batch[NEEDS_SCORING])
+        if len(todo):
+            scores[todo] = self.labeler.score(batch[PIXELS][todo], [prompts[i] for i in todo],
+                                              [intents[i] for i in todo])
+        return _score_columns(batch, scores, batch[NEEDS_SCORING])
+
+
+class FusedLabeler:
+    """Render and score in one actor (one GPU holds SD and the scorers)."""
+
+    def __init__(self, cfg: PipelineConfig, cache_path: str, image_dir: str | None):
+        from bp_ray.rewards.labeler import RewardLabeler
+
+        self.labeler = RewardLabeler(cfg, cache_path)
+        self.image_dir, self.image_format = image_dir, cfg.rewards.image_format
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = self.labeler.label(list(batch[C.PROMPT]), list(batch[INTENT]), keep_pixels=bool(self.image_dir))
+        if self.image_dir and labels.rendered.any():
+            _save_images(labels.pixels[labels.rendered], batch[PROMPT_ID][labels.rendered], labels.seeds,
+                         self.image_dir, self.image_format)
+        return _score_columns(batch, labels.scores, labels.rendered)
+
+
+def _score_columns(batch: dict[str, np.ndarray], scores: np.ndarray, rendered: np.ndarray) -> dict[str, np.ndarray]:
+    out = {PROMPT_ID: batch[PROMPT_ID], "rendered": np.asarray(rendered, dtype=bool)}
+    for index, name in enumerate(SCORE_NAMES):
+        out[name] = scores[:, :, index].astype(np.float64)  # (B, S)
+    return out
+
+
+# --- driver -------------------------------------------------------------------------------------------------------
+
+def _pool(pool) -> dict[str, Any]:
+    import ray
+
+    return {"compute": ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "batch_size": pool.batch_size}
+
+
+def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: Path,
+                         image_dir: Path | None) -> pd.DataFrame:
+    """(prompt_id, prompt, intent) rows -> prompt_id, rendered, and (S,) per-seed arrays per score."""
+    import ray
+
+    block = max(1, cfg.data.renderer_pool.batch_size)
+    ds = ray.data.from_pandas([unique.iloc[i:i + block] for i in range(0, len(unique), block)])
+    images = str(image_dir) if image_dir else None
+    if cfg.rewards.fused:
+        ds = ds.map_batches(FusedLabeler, fn_constructor_kwargs={"cfg": cfg, "cache_path": str(cache_path),
+                                                                 "image_dir": images}, **_pool(cfg.data.renderer_pool))
+    else:
+        ds = ds.map_batches(Renderer, fn_constructor_kwargs={"cfg": cfg, "cache_path": str(cache_path),
+                                                             "image_dir": images}, **_pool(cfg.data.renderer_pool))
+        ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "cache_path": str(cache_path)},
+                            **_pool(cfg.data.scorer_pool))
+    parts = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
+                                   **{name: list(batch[name]) for name in SCORE_NAMES}}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
+    from bp_ray.models.loading import resolve_model
+    from bp_ray.ray_runtime import init_ray
+    from bp_ray.rewards.labeler import make_render_key
+    from bp_ray.rewards.render import seeds_for
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUCCESS).unlink(missing_ok=True)
+    rows = label_rows(read_pairs(pairs_dir))
+    unique = rows.drop_duplicates(PROMPT_ID).loc[:, [PROMPT_ID, C.PROMPT, INTENT]].reset_index(drop=True)
+    cache_path = Path(cfg.rewards.cache_path) if cfg.rewards.cache_path else out_dir / "cache.sqlite"
+    for role in ("diffusion", "pickscore", "aesthetic", "clip_relevance"):  # build the tiny zoo before actors race
+        resolve_model(getattr(cfg.models, role), cfg.models)
+    init_ray(cfg.cluster)
+    scored = score_unique_prompts(unique, cfg, cache_path, out_dir / "images" if cfg.rewards.keep_images else None)
+
+    labels = rows.merge(scored, on=PROMPT_ID, how="left", validate="many_to_one")
+    seeds = seeds_for(cfg.data.num_seeds, cfg.rewards.seed_base)
+    for name in SCORE_NAMES:
+        per_seed = np.stack(labels[name].to_numpy())
+        labels[f"{name}_mean"], labels[f"{name}_std"] = seed_stats(per_seed)
+    labels["reward"] = combined_reward(labels["pickscore_mean"], labels["aesthetic_mean"], cfg.rewards.alpha)
+    key = make_render_key(cfg)
+    render = cfg.data.render
+    labels = labels.assign(seeds=[seeds] * len(labels), pickscore_text=cfg.rewards.pickscore_text,
+                           diffusion_model=key.diffusion_model, pickscore_model=key.pickscore_model,
+                           aesthetic_model=key.aesthetic_model, relevance_model=key.relevance_model,
+                           height=render.height, width=render.width, num_inference_steps=render.num_inference_steps,
+                           guidance_scale=render.guidance_scale, scheduler=render.scheduler)
+    for old in out_dir.glob("part-*.parquet"):
+        old.unlink()
+    pq.write_table(pa.Table.from_pandas(labels, preserve_index=False), out_dir / "part-00000.parquet")
+    manifest = {
+        "stage": "rewards", "pairs": int(labels[C.PAIR_ID].nunique()), "rows": len(labels),
+        "unique_prompts": len(unique), "prompts_rendered": int(scored["rendered"].sum()),
+        "prompts_from_cache": int((~scored["rendered"]).sum()), "num_seeds": len(seeds), "seeds": seeds,
+        "render": asdict(render),
+        "alpha": cfg.rewards.alpha, "pickscore_text": cfg.rewards.pickscore_text, "fused": cfg.rewards.fused,
+        "models": {"diffusion": key.diffusion_model, "pickscore": key.pickscore_model,
+                   "aesthetic": key.aesthetic_model, "relevance": key.relevance_model},
+        "cache": str(cache_path), "config_hash": cfg.hash("data", "rewards"),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
+    return manifest

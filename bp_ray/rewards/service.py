@@ -1,0 +1,107 @@
+"""The reward service: `score(prompts, intents) -> rewards` for PPO's online reward and for evaluation.
+
+Concurrent callers' requests are gathered into batches (up to rewards.service_max_batch prompts, waiting at
+most rewards.service_batch_wait_s for company), rendered and scored by one RewardLabeler, and answered each
+with its own slice. `BatchingScorer` is the plain asyncio core; `RewardService` is the thin Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+
+from bp_ray.config import PipelineConfig
+from bp_ray.rewards.scoring import combined_reward, seed_stats
+
+LabelFn = Callable[[list[str], list[str]], np.ndarray]
+"""(prompts, intents) -> (P, S, 3) per-seed scores."""
+
+
+class BatchingScorer:
+    """Collects concurrent requests into batches for a blocking label function run in a worker thread."""
+
+    def __init__(self, label_fn: LabelFn, alpha: float, max_batch: int, wait_s: float):
+        self.label_fn, self.alpha, self.max_batch, self.wait_s = label_fn, alpha, max_batch, wait_s
+        self.pending: list[tuple[list[str], list[str], asyncio.Future]] = []
+        self.worker: asyncio.Task | None = None
+        self.calls = 0
+        self.batches = 0
+
+    async def scores(self, prompts: list[str], intents: list[str]) -> np.ndarray:
+        """(P, S, 3) per-seed scores of this request."""
+        if len(prompts) != len(intents):
+            raise ValueError(f"got {len(prompts)} prompts but {len(intents)} intents")
+        if not prompts:
+            return np.zeros((0, 0, 3))
+        self.calls += 1
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((list(prompts), list(intents), future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def rewards(self, prompts: list[str], intents: list[str]) -> list[float]:
+        """Combined reward per prompt: alpha * mean PickScore + (1 - alpha) * mean aesthetic over seeds."""
+        scores = await self.scores(prompts, intents)
+        if not len(scores):
+            return []
+        pick, _ = seed_stats(scores[:, :, 0])
+        aesthetic, _ = seed_stats(scores[:, :, 1])
+        return combined_reward(pick, aesthetic, self.alpha).tolist()
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            await asyncio.sleep(self.wait_s)  # let concurrent callers join this batch
+            batch, size = [], 0
+            while self.pending and (not batch or size + len(self.pending[0][0]) <= self.max_batch):
+                request = self.pending.pop(0)
+                batch.append(request)
+                size += len(request[0])
+            prompts = [p for request in batch for p in request[0]]
+            intents = [i for request in batch for i in request[1]]
+            self.batches += 1
+            try:
+                scores = await loop.run_in_executor(None, self.label_fn, prompts, intents)
+            except Exception as exc:  # one failing batch fails its callers, not the service
+                for *_, future in batch:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for request_prompts, _, future in batch:
+                future.set_result(scores[start:start + len(request_prompts)])
+                start += len(request_prompts)
+
+
+class RewardService:
+    """Ray actor (create with `reward_service(cfg, cache_path)`): one labeler, batched across callers."""
+
+    def __init__(self, cfg: PipelineConfig, cache_path: str | None):
+        from bp_ray.rewards.labeler import RewardLabeler
+
+        self.labeler = RewardLabeler(cfg, cache_path)
+        self.core = BatchingScorer(lambda p, i: self.labeler.label(p, i).scores, cfg.rewards.alpha,
+                                   cfg.rewards.service_max_batch, cfg.rewards.service_batch_wait_s)
+
+    async def score(self, prompts: list[str], intents: list[str]) -> list[float]:
+        return await self.core.rewards(prompts, intents)
+
+    async def score_detailed(self, prompts: list[str], intents: list[str]) -> np.ndarray:
+        return await self.core.scores(prompts, intents)
+
+    def stats(self) -> dict[str, int]:
+        cache = self.labeler.cache.stats() if self.labeler.cache is not None else {}
+        return {"calls": self.core.calls, "batches": self.core.batches, **cache}
+
+
+def reward_service(cfg: PipelineConfig, cache_path: str | None, num_gpus: float | None = None):
+    """Start the reward actor with the scorer pool's resources; returns its handle."""
+    import ray
+
+    pool = cfg.data.scorer_pool
+    actor = ray.remote(RewardService).options(num_cpus=pool.num_cpus,
+                                              num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
+                                              max_concurrency=64)
+    return actor.remote(cfg, cache_path)
