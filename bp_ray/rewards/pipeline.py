@@ -165,6 +165,20 @@ def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: 
     return pd.concat(parts, ignore_index=True)
 
 
+def _cached_scores(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: Path) -> pd.DataFrame:
+    """Rows whose every seed is already in the cache, in score_unique_prompts' format (no model is loaded)."""
+    from bp_ray.rewards.labeler import RewardLabeler
+
+    columns = [PROMPT_ID, "rendered", *SCORE_NAMES]
+    if not cache_path.exists() or unique.empty:
+        return pd.DataFrame(columns=columns)
+    lookup = RewardLabeler(cfg, str(cache_path), render=False, score=False)
+    scores, complete = lookup.cached(list(unique[C.PROMPT]), list(unique[INTENT]))
+    hits = np.flatnonzero(complete)
+    return pd.DataFrame({PROMPT_ID: unique[PROMPT_ID].to_numpy()[hits], "rendered": False,
+                         **{name: list(scores[hits, :, i]) for i, name in enumerate(SCORE_NAMES)}})
+
+
 def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> dict[str, Any]:
     """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
     from bp_ray.models.loading import resolve_model
@@ -181,8 +195,12 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
     cache_path = Path(cfg.rewards.cache_path) if cfg.rewards.cache_path else out_dir / "cache.sqlite"
     for role in ("diffusion", "pickscore", "aesthetic", "clip_relevance"):  # build the tiny zoo before actors race
         resolve_model(getattr(cfg.models, role), cfg.models)
-    init_ray(cfg.cluster)
-    scored = score_unique_prompts(unique, cfg, cache_path, out_dir / "images" if cfg.rewards.keep_images else None)
+    scored = _cached_scores(unique, cfg, cache_path)
+    pending = unique[~unique[PROMPT_ID].isin(scored[PROMPT_ID])]
+    if len(pending):  # a fully cached rerun starts no actors at all
+        init_ray(cfg.cluster)
+        fresh = score_unique_prompts(pending, cfg, cache_path, out_dir / "images" if cfg.rewards.keep_images else None)
+        scored = pd.concat([scored, fresh], ignore_index=True)
 
     labels = rows.merge(scored, on=PROMPT_ID, how="left", validate="many_to_one")
     seeds = seeds_for(cfg.data.num_seeds, cfg.rewards.seed_base)
