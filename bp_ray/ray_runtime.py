@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
-from bp_ray.config import ClusterConfig
+from bp_ray.config import ActorPoolConfig, ClusterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,3 +27,11 @@ def init_ray(cluster: ClusterConfig) -> None:
     kwargs = {} if address else {"num_cpus": cluster.num_cpus or None, "include_dashboard": False}
     ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, **kwargs)
     logger.info("ray: %s", "joined " + address if address else "started a local instance")
+
+
+def actor_pool_args(pool: ActorPoolConfig) -> dict[str, Any]:
+    """map_batches arguments of an autoscaling actor pool (min..max actors) with its per-actor resources."""
+    import ray
+
+    return {"compute": ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "batch_size": pool.batch_size}

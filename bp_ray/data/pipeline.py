@@ -31,6 +31,7 @@ from bp_ray.data.prompt_io import ReadReport, read_prompts
 from bp_ray.data.prompt_rules import SplitRules, annotate_prompts, content_flag, dedup_key, nsfw_score_flag
 from bp_ray.data.vocab import load_vocab, tag_terms
 from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.ray_runtime import actor_pool_args
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +107,6 @@ def write_batch(batch: pd.DataFrame, work_dir: str, data_cfg: DataConfig) -> pd.
                          "kept": [int((candidates[C.DROP_REASON] == "").sum())]})
 
 
-def _pool(pool) -> dict[str, Any]:
-    import ray
-
-    return {"compute": ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "batch_size": pool.batch_size}
-
-
 def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) -> int:
     """Stream `rows` through the actor pools and commit every batch; returns batches committed."""
     import ray
@@ -130,13 +124,13 @@ def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) ->
     if needs_captions:
         ds = ds.map_batches(Captioner, fn_constructor_kwargs={"models_cfg": models,
                                                               "max_new_tokens": data.caption_max_new_tokens},
-                            **_pool(data.captioner_pool))
+                            **actor_pool_args(data.captioner_pool))
     if data.use_summaries or data.use_expansions:
         ds = ds.map_batches(PromptRewriter, fn_constructor_kwargs={"data_cfg": data, "models_cfg": models},
-                            **_pool(data.rewriter_pool))
+                            **actor_pool_args(data.rewriter_pool))
     if data.aesthetic_threshold is not None and (rows[C.IMAGE_REF] != "").any():
         ds = ds.map_batches(ImageAesthetic, fn_constructor_kwargs={"models_cfg": models},
-                            **_pool(data.aesthetic_pool))
+                            **actor_pool_args(data.aesthetic_pool))
     # Writing a batch is light I/O: a small CPU share keeps it from waiting behind the model actors.
     ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=None, num_cpus=0.25,
                         fn_kwargs={"work_dir": str(work_dir), "data_cfg": data})

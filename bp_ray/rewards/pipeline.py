@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from bp_ray.config import PipelineConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.ray_runtime import actor_pool_args
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward, seed_stats
 
 logger = logging.getLogger(__name__)
@@ -135,13 +136,6 @@ def _score_columns(batch: dict[str, np.ndarray], scores: np.ndarray, rendered: n
 
 # --- driver -------------------------------------------------------------------------------------------------------
 
-def _pool(pool) -> dict[str, Any]:
-    import ray
-
-    return {"compute": ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "batch_size": pool.batch_size}
-
-
 def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: Path,
                          image_dir: Path | None) -> pd.DataFrame:
     """(prompt_id, prompt, intent) rows -> prompt_id, rendered, and (S,) per-seed arrays per score."""
@@ -150,14 +144,14 @@ def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: 
     block = max(1, cfg.data.renderer_pool.batch_size)
     ds = ray.data.from_pandas([unique.iloc[i:i + block] for i in range(0, len(unique), block)])
     images = str(image_dir) if image_dir else None
+    renderer_kwargs = {"cfg": cfg, "cache_path": str(cache_path), "image_dir": images}
     if cfg.rewards.fused:
-        ds = ds.map_batches(FusedLabeler, fn_constructor_kwargs={"cfg": cfg, "cache_path": str(cache_path),
-                                                                 "image_dir": images}, **_pool(cfg.data.renderer_pool))
+        ds = ds.map_batches(FusedLabeler, fn_constructor_kwargs=renderer_kwargs,
+                            **actor_pool_args(cfg.data.renderer_pool))
     else:
-        ds = ds.map_batches(Renderer, fn_constructor_kwargs={"cfg": cfg, "cache_path": str(cache_path),
-                                                             "image_dir": images}, **_pool(cfg.data.renderer_pool))
+        ds = ds.map_batches(Renderer, fn_constructor_kwargs=renderer_kwargs, **actor_pool_args(cfg.data.renderer_pool))
         ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "cache_path": str(cache_path)},
-                            **_pool(cfg.data.scorer_pool))
+                            **actor_pool_args(cfg.data.scorer_pool))
     parts = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
