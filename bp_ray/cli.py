@@ -22,7 +22,6 @@ logger = logging.getLogger("bp_ray")
 
 # Stages later issues implement; until then their commands say so instead of pretending to work.
 PENDING = {
-    "train sft": "SFT on Ray Train + DeepSpeed (issue 5)",
     "train rm": "reward-model training on Ray Train + DeepSpeed (issue 5)",
     "train ppo": "PPO with an adaptive KL penalty (issue 6)",
     "serve": "the beautifier on Ray Serve (issue 7)",
@@ -171,6 +170,25 @@ def rewards_summary(manifest: dict, out: Path) -> str:
             f"{manifest['wall_time_s']} s -> {out}")
 
 
+def cmd_train_sft(args: argparse.Namespace) -> int:
+    from bp_ray.train.sft import run_sft
+
+    cfg = config_from_args(args)
+    layout = RunLayout(Path(cfg.output_dir))
+    out = Path(args.out) if args.out else layout.stage_dir("sft")
+    pairs = Path(args.pairs) if args.pairs else (out.parent / "data" if args.out else layout.stage_dir("data"))
+    manifest = run_sft(cfg, pairs, out, resume=args.resume)
+    final = manifest["final_metrics"]
+    print(f"sft: {train_progress(manifest)}, train loss {final['loss/train']:.3f}, eval loss "
+          f"{final.get('loss/eval', float('nan')):.3f} in {manifest['wall_time_s']} s -> {manifest['model']}")
+    return 0
+
+
+def train_progress(manifest: dict) -> str:
+    done = f"{manifest['steps']}/{manifest['total_steps']} steps"
+    return done if manifest["complete"] else f"{done} (stopped: go on with --resume)"
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """The main job: every stage that exists, in order, on one run directory."""
     from tqdm import tqdm
@@ -266,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the SFT policy, the reward model or PPO")
     train_sub = train.add_subparsers(dest="action", metavar="STAGE", required=True)
     for name, inputs in (("sft", ("pairs",)), ("rm", ("labels",)), ("ppo", ("pairs", "sft", "rm"))):
-        p = train_sub.add_parser(name, parents=[_stage_options(*inputs)], help=PENDING[f"train {name}"])
+        help_text = "SFT on Ray Train + DeepSpeed" if name == "sft" else PENDING[f"train {name}"]
+        p = train_sub.add_parser(name, parents=[_stage_options(*inputs)], help=help_text)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-        p.set_defaults(func=pending(f"train {name}"))
+        p.set_defaults(func=cmd_train_sft if name == "sft" else pending(f"train {name}"))
 
     p = sub.add_parser("eval", parents=[_stage_options("sft", "ppo")], help=PENDING["eval"])
     p.add_argument("--prompts", default=None, metavar="FILE")

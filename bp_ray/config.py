@@ -274,6 +274,10 @@ class SFTConfig:
     eval_fraction: float = opt(0.05, ge=0, le=0.5)
     packing: bool = False
     checkpoint_every: int = opt(100, ge=1)
+    """Steps between checkpoints (Hugging Face model + DeepSpeed state), each with a held-out evaluation."""
+    stop_after_step: int = opt(0, ge=0)
+    """Stop at this step with a checkpoint, as if interrupted (a time-limited allocation); `--resume` goes on.
+    0 runs to the end."""
     seed: int = 42
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     resources: TrainResources = field(default_factory=TrainResources)
@@ -293,8 +297,15 @@ class RMConfig:
     """Paper: the PickScore RM reads the raw prompt and the generated prompt."""
     aesthetic_input: str = opt("high", choices=("high", "low+high"))
     """Paper: the aesthetic RM reads the generated prompt only."""
+    label_roles: list[str] = field(default_factory=lambda: ["low", "high"])
+    """Which labelled prompts of each pair the RMs learn from: the low one, the high one or both."""
+    weight_decay: float = opt(0.0, ge=0)
+    lr_scheduler: str = opt("cosine", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.03, ge=0, le=1)
     eval_fraction: float = opt(0.1, ge=0, le=0.5)
     checkpoint_every: int = opt(100, ge=1)
+    stop_after_step: int = opt(0, ge=0)
+    """As sft.stop_after_step."""
     seed: int = 42
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     resources: TrainResources = field(default_factory=TrainResources)

@@ -54,7 +54,7 @@ def test_config_errors_exit_2_with_a_message_not_a_traceback(capsys, argv, messa
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "sft"], ["train", "rm"], ["train", "ppo"], ["eval"], ["serve"], ["client", "a cat"],
+    ["train", "rm"], ["train", "ppo"], ["eval"], ["serve"], ["client", "a cat"],
 ])
 def test_pending_stages_say_so_and_fail(capsys, argv):
     code, out, err = run_cli(capsys, *argv)
@@ -64,8 +64,7 @@ def test_pending_stages_say_so_and_fail(capsys, argv):
 
 
 def test_stage_commands_share_the_option_convention(capsys):
-    for argv in (
-                 ["train", "sft", "--pairs", "x"], ["train", "rm", "--labels", "x"],
+    for argv in (["train", "rm", "--labels", "x"],
                  ["train", "ppo", "--pairs", "x", "--sft", "y", "--rm", "z", "--resume"],
                  ["eval", "--sft", "x", "--ppo", "y"]):
         code, _, err = run_cli(capsys, *argv, "--preset", "tiny", "--set", "seed=1", "--out", "o")

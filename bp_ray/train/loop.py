@@ -1,0 +1,262 @@
+"""The training loop SFT and the reward models share: DeepSpeed inside Ray Train workers, checkpoints, resume.
+
+A stage builds a `TrainTask` inside each worker (its model, examples, loss, evaluation and how to write the model in
+Hugging Face format) and calls `train_on_worker`; the driver calls `fit` and then `export_model`. Step s always
+trains on the same examples (the epoch order is a function of the seed and the epoch), so a run restored from a
+checkpoint, by `--resume` or by Ray Train after a worker died, continues exactly where the stopped one was.
+
+A checkpoint folder holds:
+    model/               the model in Hugging Face format (`save_pretrained`, safetensors) + its tokenizer
+    deepspeed/state/     DeepSpeed's optimizer, scheduler and (ZeRO-partitioned) weights, one shard per rank
+    rng/rank-<r>.pt      each rank's torch RNG state (dropout, sampling)
+    trainer_state.json   the step, the metrics at that step, and the step every attempt started from
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from bp_ray.config import DeepSpeedConfig, PipelineConfig, TrainResources
+from bp_ray.layout import MANIFEST, SUCCESS
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+RNG_DIR = "rng"
+MODEL_DIR = "model"
+
+
+class StageConfig(Protocol):
+    """The fields of SFTConfig / RMConfig the shared loop reads."""
+
+    lr: float
+    batch_size: int
+    epochs: float
+    weight_decay: float
+    lr_scheduler: str
+    warmup_ratio: float
+    checkpoint_every: int
+    stop_after_step: int
+    seed: int
+    deepspeed: DeepSpeedConfig
+    resources: TrainResources
+
+
+@dataclass
+class TrainTask:
+    """What a stage plugs into the loop; built inside every worker, identically on every rank."""
+
+    model: Any
+    """torch.nn.Module on this worker's device, in train mode."""
+    examples: Sequence[Any]
+    """Training examples; a step takes `batch_size` of them, each rank its share."""
+    loss: Callable[[Any, list[Any]], tuple[Any, int]]
+    """(engine, examples) -> (scalar loss tensor, tokens in the batch)."""
+    evaluate: Callable[[Any], dict[str, float]]
+    """engine -> held-out metrics; runs on every rank (ZeRO-3 forward passes are collective)."""
+    save_model: Callable[[Path, dict | None], None]
+    """(folder, state_dict or None) -> write the model in Hugging Face format; rank 0 only. The state dict is
+    the gathered one under ZeRO-3, None otherwise (the module's own weights are complete)."""
+
+
+def total_steps_for(num_examples: int, batch_size: int, epochs: float) -> tuple[int, int]:
+    """(steps per epoch, total steps); the last partial batch of an epoch is dropped."""
+    steps_per_epoch = num_examples // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_examples} training examples are fewer than one batch of batch_size={batch_size}")
+    return steps_per_epoch, max(1, round(epochs * steps_per_epoch))
+
+
+def _save_checkpoint(engine: Any, task: TrainTask, state: dict[str, Any], rank: int, zero_stage: int) -> Path:
+    """Write this worker's part of a checkpoint to a fresh temporary folder and return it."""
+    import torch
+
+    folder = Path(tempfile.mkdtemp(prefix="bp-ray-ckpt-"))
+    engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG)  # collective: every rank writes its shards
+    (folder / RNG_DIR).mkdir()
+    torch.save(torch.get_rng_state(), folder / RNG_DIR / f"rank-{rank}.pt")
+    # ZeRO-3 partitions the weights: gathering them is collective too, so every rank calls it.
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank == 0:
+        task.save_model(folder / MODEL_DIR, state_dict)
+        (folder / STATE_FILE).write_text(json.dumps(state))
+    return folder
+
+
+def _restore(engine: Any, folder: Path, rank: int) -> dict[str, Any]:
+    import torch
+
+    engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG)
+    rng = folder / RNG_DIR / f"rank-{rank}.pt"
+    if rng.exists():  # absent when the world size changed: the order of the data does not depend on it
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def train_on_worker(task: TrainTask, stage: StageConfig, metrics_dir: Path, name: str) -> None:
+    """Run (or go on with) the training of one stage on this Ray Train worker."""
+    import deepspeed
+    import ray.train
+
+    from bp_ray.train.deepspeed_config import deepspeed_config, warmup_steps_for
+    from bp_ray.train.metrics import MetricsWriter
+    from bp_ray.train.sft_data import batches_for_rank, epoch_order
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    steps_per_epoch, total_steps = total_steps_for(len(task.examples), stage.batch_size, stage.epochs)
+    ds_config = deepspeed_config(stage.deepspeed, stage.batch_size, world, stage.lr, stage.weight_decay,
+                                 warmup_steps_for(total_steps, stage.warmup_ratio), total_steps, stage.lr_scheduler)
+    engine, *_ = deepspeed.initialize(model=task.model, model_parameters=task.model.parameters(), config=ds_config)
+
+    state: dict[str, Any] = {"step": 0, "metrics": {}, "starts": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = _restore(engine, Path(folder), rank)
+    state["starts"] = [*state.get("starts", []), state["step"]]
+    start_step = state["step"]
+    end_step = min(total_steps, stage.stop_after_step) if stage.stop_after_step else total_steps
+    writer = MetricsWriter(metrics_dir, enabled=rank == 0)
+    progress = _progress_bar(name, total_steps, start_step) if rank == 0 else None
+
+    for step in range(start_step, end_step):
+        started = time.perf_counter()
+        epoch, index = divmod(step, steps_per_epoch)
+        mine = batches_for_rank(epoch_order(len(task.examples), epoch, stage.seed), stage.batch_size, rank,
+                                world)[index]
+        lr = float(engine.get_lr()[0])  # before the step: the rate this step's update uses
+        losses, tokens = [], 0
+        for micro in np.array_split(mine, stage.deepspeed.gradient_accumulation_steps):
+            loss, micro_tokens = task.loss(engine, [task.examples[i] for i in micro])
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the update only at the accumulation boundary
+            losses.append(float(loss))
+            tokens += micro_tokens
+        metrics = {"loss/train": float(np.mean(losses)), "lr": lr,
+                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "perf/tokens_per_s": tokens * world / (time.perf_counter() - started)}
+        done = step + 1
+        if done % stage.checkpoint_every == 0 or done == end_step:
+            # Every rank reports at the same steps: ray.train.report is a collective in Ray Train.
+            metrics.update(task.evaluate(engine))
+            state.update(step=done, metrics=metrics, total_steps=total_steps)
+            folder = _save_checkpoint(engine, task, state, rank, stage.deepspeed.zero_stage)
+            ray.train.report({**metrics, "step": done}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+            shutil.rmtree(folder, ignore_errors=True)
+        writer.log(done, metrics)
+        if progress is not None:
+            progress.set_description(f"{name} loss {metrics['loss/train']:.3f}")
+            progress.update(1)
+    writer.close()
+    if progress is not None:
+        progress.close()
+
+
+def _progress_bar(name: str, total: int, initial: int) -> Any:
+    """A bar on the driver: Ray draws tqdm_ray bars of remote workers there."""
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, desc=name, unit="step")
+    bar.update(initial)
+    return bar
+
+
+def worker_device(resources: TrainResources) -> str:
+    """This worker's device; must run before DeepSpeed is imported (it picks its accelerator at import)."""
+    if resources.use_gpu:
+        import ray.train.torch
+
+        return str(ray.train.torch.get_device())
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return "cpu"
+
+
+# --- driver side ------------------------------------------------------------------------------------------------
+
+def _storage(cfg: PipelineConfig, out_dir: Path, stage: str) -> tuple[str, str]:
+    """(storage path, run name) of a stage's Ray Train run: <out>/ray/<stage>, or a name unique to out_dir under
+    the shared cluster.storage_path (several runs may share one bucket)."""
+    if not cfg.cluster.storage_path:
+        return str(out_dir / "ray"), stage
+    return cfg.cluster.storage_path, f"{stage}-{hashlib.sha1(str(out_dir).encode()).hexdigest()[:10]}"
+
+
+def _forget_run(storage: str, name: str) -> None:
+    """A fresh (not --resume) run must not restore an earlier run's checkpoints: Ray Train restores by name."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(),
+                                                                                 storage)
+    path = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def fit(cfg: PipelineConfig, stage: str, worker_fn: Callable[[dict], None], loop_config: dict[str, Any],
+        resources: TrainResources, out_dir: Path, resume: bool) -> tuple[Path, dict[str, Any], str]:
+    """Run worker_fn on Ray Train workers; returns (latest checkpoint folder, its trainer state, storage).
+
+    The checkpoint folder is a local copy the caller may read until the next call."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from bp_ray.ray_runtime import init_ray
+
+    storage, name = _storage(cfg, out_dir, stage)
+    if not resume:
+        _forget_run(storage, name)
+    init_ray(cfg.cluster)
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=3),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage} finished without a checkpoint: {result.error}")
+    local = Path(tempfile.mkdtemp(prefix=f"bp-ray-{stage}-"))
+    with result.checkpoint.as_directory() as folder:
+        shutil.copytree(folder, local, dirs_exist_ok=True)
+    return local, json.loads((local / STATE_FILE).read_text()), f"{storage}/{name}"
+
+
+def export_model(checkpoint: Path, out_dir: Path) -> Path:
+    """Copy the checkpoint's Hugging Face model to out_dir/model (replacing an older one)."""
+    target = out_dir / MODEL_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(checkpoint / MODEL_DIR, target)
+    return target
+
+
+def finish_stage(stage: str, out_dir: Path, checkpoint: Path, state: dict[str, Any], manifest: dict[str, Any],
+                 started: float) -> dict[str, Any]:
+    """Export the model, write the manifest, and mark the stage done only when it ran to its last step."""
+    complete = state["step"] >= state["total_steps"]
+    manifest = {"stage": stage, "model": str(export_model(checkpoint, out_dir)), "steps": state["step"],
+                "total_steps": state["total_steps"], "complete": complete, "starts": state["starts"],
+                "final_metrics": state["metrics"], **manifest,
+                "wall_time_s": round(time.perf_counter() - started, 2)}
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if complete:
+        (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
+    return manifest

@@ -1,0 +1,112 @@
+"""`bp-ray train sft`: instruction + low prompt -> high prompt on Ray Train + DeepSpeed (paper Section 4.1).
+
+Each Ray Train worker wraps the causal LM in a DeepSpeed engine built from the bp-ray config (gloo on CPU, NCCL on
+GPUs: the same code); `loop.py` holds the steps, checkpoints and resume. The final model is exported to
+<out>/model with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bp_ray.config import PipelineConfig
+from bp_ray.data import columns as C
+from bp_ray.layout import SUCCESS
+
+
+def read_pairs_frame(pairs_dir: Path) -> pd.DataFrame:
+    files = sorted(Path(pairs_dir).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no pair files (part-*.parquet) in {pairs_dir}: run `bp-ray data generate` first")
+    pairs = pd.concat([pd.read_parquet(f, columns=[C.PAIR_ID, C.LOW, C.HIGH]) for f in files], ignore_index=True)
+    return pairs.sort_values(C.PAIR_ID, kind="stable").reset_index(drop=True)  # file order must not matter
+
+
+def lm_loss(engine: Any, examples: list, pad_id: int) -> tuple[Any, int]:
+    """Mean cross-entropy over the target tokens of a batch (prompt tokens carry IGNORE_INDEX labels)."""
+    from bp_ray.train.sft_data import collate
+
+    batch = {k: v.to(engine.device) for k, v in collate(examples, pad_id).items()}
+    return engine(**batch).loss, int(batch["attention_mask"].sum())
+
+
+def eval_lm_loss(engine: Any, examples: list, batch_size: int, pad_id: int) -> float:
+    """Held-out loss per target token (NaN without held-out examples)."""
+    import torch
+
+    from bp_ray.train.sft_data import IGNORE_INDEX, collate
+
+    if not examples:
+        return float("nan")
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(engine.device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+            # HF shifts labels by one inside the model: the first label never counts.
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(engine(**batch).loss) * tokens
+            count += tokens
+    engine.train()
+    return total / max(count, 1)
+
+
+def sft_worker_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: build the task from the config it receives (no globals) and train."""
+    from bp_ray.train.loop import TrainTask, train_on_worker, worker_device
+
+    cfg: PipelineConfig = config["cfg"]
+    sft = cfg.sft
+    device = worker_device(sft.resources)
+    import torch
+
+    from bp_ray.models.loading import load_causal_lm
+    from bp_ray.train.sft_data import build_examples, pack_examples, split_held_out
+
+    torch.manual_seed(sft.seed)
+    pairs = read_pairs_frame(Path(config["pairs_dir"]))
+    held_out = split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed)
+    model, tokenizer = load_causal_lm(config["model"], cfg.models, device=device)
+    train = build_examples(tokenizer, pairs[~held_out], sft.instruction, sft.max_length)
+    evaluation = build_examples(tokenizer, pairs[held_out], sft.instruction, sft.max_length)
+    if sft.packing:
+        train = pack_examples(train, sft.max_length)
+    pad = tokenizer.pad_token_id
+
+    def save_model(folder: Path, state_dict: dict | None) -> None:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    model.train()
+    task = TrainTask(model=model, examples=train,
+                     loss=lambda engine, batch: lm_loss(engine, batch, pad),
+                     evaluate=lambda engine: {"loss/eval": eval_lm_loss(engine, evaluation, sft.batch_size, pad)},
+                     save_model=save_model)
+    train_on_worker(task, sft, Path(config["metrics_dir"]), "sft")
+
+
+def run_sft(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train on Ray Train and export the latest model to out_dir/model; returns the manifest."""
+    from bp_ray.models.loading import resolve_model
+    from bp_ray.train.loop import finish_stage, fit
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUCCESS).unlink(missing_ok=True)
+    if not resume:
+        shutil.rmtree(out_dir / "metrics", ignore_errors=True)
+    model = resolve_model(cfg.models.policy, cfg.models)
+    read_pairs_frame(pairs_dir)  # fail here, clearly, rather than inside every worker
+    loop_config = {"cfg": cfg, "pairs_dir": str(Path(pairs_dir).resolve()), "model": model,
+                   "metrics_dir": str(out_dir / "metrics")}
+    checkpoint, state, storage = fit(cfg, "sft", sft_worker_loop, loop_config, cfg.sft.resources, out_dir, resume)
+    return finish_stage("sft", out_dir, checkpoint, state, {
+        "base_model": cfg.models.policy, "workers": cfg.sft.resources.num_workers,
+        "zero_stage": cfg.sft.deepspeed.zero_stage, "precision": cfg.sft.deepspeed.precision,
+        "checkpoints": storage, "config_hash": cfg.hash("sft", "models")}, started)
