@@ -22,7 +22,6 @@ logger = logging.getLogger("bp_ray")
 
 # Stages later issues implement; until then their commands say so instead of pretending to work.
 PENDING = {
-    "train rm": "reward-model training on Ray Train + DeepSpeed (issue 5)",
     "train ppo": "PPO with an adaptive KL penalty (issue 6)",
     "serve": "the beautifier on Ray Serve (issue 7)",
     "client": "the command-line client of the beautifier endpoint (issue 7)",
@@ -184,6 +183,29 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from bp_ray.train.reward import run_rm
+
+    cfg = config_from_args(args)
+    layout = RunLayout(Path(cfg.output_dir))
+    out = Path(args.out) if args.out else layout.stage_dir("rm")
+    labels = Path(args.labels) if args.labels else (out.parent / "rewards" if args.out else layout.stage_dir("rewards"))
+    manifest = run_rm(cfg, labels, out, resume=args.resume)
+    print(rm_summary(manifest, out))
+    return 0
+
+
+def rm_summary(manifest: dict, out: Path) -> str:
+    metrics = manifest["final_metrics"]
+    heads = "; ".join(
+        f"{head}: held-out MSE {metrics[f'rm/{head}/mse']:.4g} vs predict-the-mean "
+        f"{metrics[f'rm/{head}/mean_baseline_mse']:.4g}, Pearson {metrics[f'rm/{head}/pearson']:.3f}, "
+        f"Spearman {metrics[f'rm/{head}/spearman']:.3f}"
+        for head in ("pickscore", "aesthetic") if f"rm/{head}/mse" in metrics)
+    state = "" if manifest["complete"] else " (stopped: go on with --resume)"
+    return f"rm: {manifest['heads']} on {manifest['label_rows']} labelled prompts{state}; {heads} -> {out}"
+
+
 def train_progress(manifest: dict) -> str:
     done = f"{manifest['steps']}/{manifest['total_steps']} steps"
     return done if manifest["complete"] else f"{done} (stopped: go on with --resume)"
@@ -284,10 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the SFT policy, the reward model or PPO")
     train_sub = train.add_subparsers(dest="action", metavar="STAGE", required=True)
     for name, inputs in (("sft", ("pairs",)), ("rm", ("labels",)), ("ppo", ("pairs", "sft", "rm"))):
-        help_text = "SFT on Ray Train + DeepSpeed" if name == "sft" else PENDING[f"train {name}"]
+        help_text = {"sft": "SFT on Ray Train + DeepSpeed",
+                     "rm": "reward models (PickScore, aesthetic) on Ray Train + DeepSpeed"}.get(name)
+        help_text = help_text or PENDING[f"train {name}"]
         p = train_sub.add_parser(name, parents=[_stage_options(*inputs)], help=help_text)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-        p.set_defaults(func=cmd_train_sft if name == "sft" else pending(f"train {name}"))
+        p.set_defaults(func={"sft": cmd_train_sft, "rm": cmd_train_rm}.get(name) or pending(f"train {name}"))
 
     p = sub.add_parser("eval", parents=[_stage_options("sft", "ppo")], help=PENDING["eval"])
     p.add_argument("--prompts", default=None, metavar="FILE")

@@ -28,8 +28,10 @@ class ConfigError(ValueError):
 
 def opt(default: Any, *, choices: Sequence[Any] | None = None, ge: float | None = None,
         gt: float | None = None, le: float | None = None) -> Any:
-    """A scalar field with optional allowed values or bounds, checked by `validate`."""
+    """A field with optional allowed values (for a list: of its items) or bounds, checked by `validate`."""
     meta = {"choices": tuple(choices) if choices else None, "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -297,7 +299,7 @@ class RMConfig:
     """Paper: the PickScore RM reads the raw prompt and the generated prompt."""
     aesthetic_input: str = opt("high", choices=("high", "low+high"))
     """Paper: the aesthetic RM reads the generated prompt only."""
-    label_roles: list[str] = field(default_factory=lambda: ["low", "high"])
+    label_roles: list[str] = opt(["low", "high"], choices=("low", "high"))
     """Which labelled prompts of each pair the RMs learn from: the low one, the high one or both."""
     weight_decay: float = opt(0.0, ge=0)
     lr_scheduler: str = opt("cosine", choices=("cosine", "linear", "constant"))
@@ -565,7 +567,12 @@ def validate(cfg: Any, prefix: str = "") -> None:
         meta = f.metadata
         if value is None:
             continue
-        if meta.get("choices") and value not in meta["choices"]:
+        if meta.get("choices") and isinstance(value, list):
+            wrong = [item for item in value if item not in meta["choices"]]
+            if wrong or not value:
+                raise ConfigError(f"{key}={value!r} is not allowed; choose a non-empty list of: "
+                                  f"{', '.join(str(c) for c in meta['choices'])}")
+        elif meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: "
                               f"{', '.join(str(c) for c in meta['choices'])}")
         if meta.get("ge") is not None and value < meta["ge"]:

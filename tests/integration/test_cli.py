@@ -54,7 +54,7 @@ def test_config_errors_exit_2_with_a_message_not_a_traceback(capsys, argv, messa
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "rm"], ["train", "ppo"], ["eval"], ["serve"], ["client", "a cat"],
+    ["train", "ppo"], ["eval"], ["serve"], ["client", "a cat"],
 ])
 def test_pending_stages_say_so_and_fail(capsys, argv):
     code, out, err = run_cli(capsys, *argv)
@@ -64,11 +64,20 @@ def test_pending_stages_say_so_and_fail(capsys, argv):
 
 
 def test_stage_commands_share_the_option_convention(capsys):
-    for argv in (["train", "rm", "--labels", "x"],
-                 ["train", "ppo", "--pairs", "x", "--sft", "y", "--rm", "z", "--resume"],
+    for argv in (["train", "ppo", "--pairs", "x", "--sft", "y", "--rm", "z", "--resume"],
                  ["eval", "--sft", "x", "--ppo", "y"]):
         code, _, err = run_cli(capsys, *argv, "--preset", "tiny", "--set", "seed=1", "--out", "o")
         assert code == 3, err  # parsed fine, then reported as pending
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "sft", "--pairs", "missing-pairs"], "run `bp-ray data generate` first"),
+    (["train", "rm", "--labels", "missing-labels"], "run `bp-ray rewards label` first"),
+    (["train", "rm", "--set", "rm.label_roles=mid"], "rm.label_roles=['mid'] is not allowed"),
+])
+def test_training_without_inputs_says_which_stage_to_run(capsys, tmp_path, argv, message):
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_data_corpus_writes_the_diffusiondb_layout(capsys, tmp_path):

@@ -1,0 +1,145 @@
+"""`bp-ray train rm`: regress the seed-averaged PickScore and aesthetic labels with MSE (paper Section 4.2).
+
+rm.heads=two_models trains one backbone per score, as the paper does (out/pickscore/model, out/aesthetic/model);
+shared_backbone trains one backbone with two scalar heads (out/shared/model). Each model is one Ray Train run of
+the shared DeepSpeed loop; the held-out split is by pair, so a pair's low and high prompt stay on one side.
+`LearnedReward.load(out)` (models/reward_model.py) gives PPO and evaluation the combined reward.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bp_ray.config import PipelineConfig, RMConfig
+from bp_ray.data import columns as C
+from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.train.reward_data import HEADS, fit_head_spec, label_column, read_labels
+
+
+def model_groups(rm: RMConfig) -> dict[str, list[str]]:
+    """Name of each model to train -> the heads it carries."""
+    if rm.heads == "two_models":
+        return {head: [head] for head in HEADS}
+    return {"shared": list(HEADS)}
+
+
+def head_inputs(rm: RMConfig, heads: list[str]) -> list[str]:
+    return [rm.pickscore_input if head == "pickscore" else rm.aesthetic_input for head in heads]
+
+
+def evaluate_heads(engine: Any, examples: list, spec: Any, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Held-out masked MSE (standardised, as trained) and, per head, MSE / Pearson / Spearman in the scorer's units
+    against the predict-the-training-mean baseline."""
+    import torch
+
+    from bp_ray.train.reward_data import collate_rm, masked_mse, regression_report
+
+    if not examples:
+        return {}
+    engine.eval()
+    predictions, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate_rm(examples[start:start + batch_size], pad_id)
+            logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                            attention_mask=batch["attention_mask"].to(engine.device)).logits
+            predictions.append(logits.float().cpu())
+            targets.append(batch["targets"])
+    engine.train()
+    predicted, target = torch.cat(predictions), torch.cat(targets)
+    metrics = {"loss/eval": float(masked_mse(predicted, target))}
+    units = spec.to_units(predicted.numpy())
+    actual = spec.to_units(target.numpy())
+    for column, head in enumerate(spec.heads):
+        known = np.isfinite(actual[:, column])
+        metrics.update(regression_report(head, units[known, column], actual[known, column], spec.mean[column]))
+    return metrics
+
+
+def rm_worker_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: one reward model (one or two heads) from the config it receives."""
+    from bp_ray.train.loop import TrainTask, train_on_worker, worker_device
+
+    cfg: PipelineConfig = config["cfg"]
+    rm = cfg.rm
+    device = worker_device(rm.resources)
+    import torch
+
+    from bp_ray.models.reward_model import load_regressor
+    from bp_ray.train.reward_data import build_rm_examples, collate_rm, masked_mse
+    from bp_ray.train.sft_data import split_held_out
+
+    torch.manual_seed(rm.seed)
+    heads = config["heads"]
+    labels, _ = read_labels(Path(config["labels_dir"]), rm.label_roles)
+    held_out = split_held_out(labels[C.PAIR_ID].tolist(), rm.eval_fraction, rm.seed)
+    train_rows, eval_rows = labels[~held_out], labels[held_out]
+    spec = fit_head_spec(train_rows, heads, head_inputs(rm, heads))
+    model, tokenizer = load_regressor(config["model"], cfg.models, len(heads), device)
+    train = build_rm_examples(tokenizer, train_rows, spec, rm.max_length)
+    evaluation = build_rm_examples(tokenizer, eval_rows, spec, rm.max_length)
+    pad = tokenizer.pad_token_id
+
+    def loss(engine: Any, examples: list) -> tuple[Any, int]:
+        batch = collate_rm(examples, pad)
+        logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                        attention_mask=batch["attention_mask"].to(engine.device)).logits
+        return masked_mse(logits, batch["targets"].to(engine.device)), int(batch["attention_mask"].sum())
+
+    def save_model(folder: Path, state_dict: dict | None) -> None:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        spec.save(folder)
+
+    model.train()
+    task = TrainTask(model=model, examples=train, loss=loss, save_model=save_model,
+                     evaluate=lambda engine: evaluate_heads(engine, evaluation, spec, rm.batch_size, pad))
+    train_on_worker(task, rm, Path(config["metrics_dir"]), f"rm:{config['name']}")
+
+
+def run_rm(cfg: PipelineConfig, labels_dir: Path, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train every reward model the config asks for; returns the manifest (out_dir/manifest.json)."""
+    from bp_ray.models.loading import resolve_model
+    from bp_ray.train.loop import finish_stage, fit
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUCCESS).unlink(missing_ok=True)
+    labels, dropped = read_labels(labels_dir, cfg.rm.label_roles)  # fail here, clearly, not in every worker
+    backbone = resolve_model(cfg.models.rm_backbone, cfg.models)
+    models, complete = {}, True
+    for name, heads in model_groups(cfg.rm).items():
+        model_out = out_dir / name
+        model_out.mkdir(exist_ok=True)
+        if not resume:
+            shutil.rmtree(model_out / "metrics", ignore_errors=True)
+        loop_config = {"cfg": cfg, "labels_dir": str(Path(labels_dir).resolve()), "model": backbone,
+                       "heads": heads, "name": name, "metrics_dir": str(model_out / "metrics")}
+        checkpoint, state, storage = fit(cfg, f"rm-{name}", rm_worker_loop, loop_config, cfg.rm.resources,
+                                         model_out, resume)
+        part = finish_stage(f"rm-{name}", model_out, checkpoint, state, {
+            "heads": heads, "checkpoints": storage, "config_hash": cfg.hash("rm", "models")}, started)
+        models[name] = part
+        complete = complete and part["complete"]
+    manifest = {
+        "stage": "rm", "heads": cfg.rm.heads, "alpha": cfg.rewards.alpha, "max_length": cfg.rm.max_length,
+        "models": {name: f"{name}/model" for name in models}, "complete": complete,
+        "inputs": {"pickscore": cfg.rm.pickscore_input, "aesthetic": cfg.rm.aesthetic_input},
+        "label_rows": len(labels), "label_rows_dropped": dropped,
+        "label_means": {h: float(labels[label_column(h)].mean()) for h in HEADS},
+        "final_metrics": {k: v for part in models.values() for k, v in part["final_metrics"].items()
+                          if k.startswith("rm/")},
+        "parts": {name: part["model"] for name, part in models.items()}, "backbone": cfg.models.rm_backbone,
+        "config_hash": cfg.hash("rm", "models"), "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if complete:
+        (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
+    return manifest

@@ -1,0 +1,159 @@
+"""Reward-model examples and metrics: prompt text -> seed-averaged PickScore / aesthetic (paper Section 4.2).
+
+Pure (frames, lists, tensors): `reward.py` runs it inside Ray Train workers, `models/reward_model.py` at inference.
+Labels are standardised per head with the training split's mean and std; the statistics travel with the checkpoint
+(`reward_head.json`) so predictions come back in the scorers' own units.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bp_ray.data import columns as C
+
+HEADS = ("pickscore", "aesthetic")
+ROLES = ("low", "high")
+INPUTS = ("high", "low+high")
+HEAD_FILE = "reward_head.json"
+PAIR_TEMPLATE = "Input: {low}\nOutput: {high}"
+"""The text a `low+high` head reads: the user's prompt, then the prompt that was rendered."""
+
+
+def label_column(head: str) -> str:
+    return f"{head}_mean"
+
+
+def reward_text(mode: str, low: str, high: str) -> str:
+    """What a head reads: the rendered prompt alone (`high`) or the user's prompt and the rendered one."""
+    if mode == "high":
+        return high
+    if mode == "low+high":
+        # str.replace, not str.format: prompts may contain braces.
+        return PAIR_TEMPLATE.replace("{low}", low).replace("{high}", high)
+    raise ValueError(f"unknown reward-model input {mode!r}: expected one of {', '.join(INPUTS)}")
+
+
+def read_labels(labels_dir: Path, roles: Sequence[str] = ROLES) -> tuple[pd.DataFrame, int]:
+    """Label files of `bp-ray rewards label` -> (rows of the wanted roles with finite labels, rows dropped).
+
+    Each row is one rendered prompt: `prompt` (what was rendered), `intent` (its pair's low prompt) and the
+    seed-averaged scores."""
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        raise ValueError(f"rm.label_roles={list(roles)}: expected a non-empty subset of {list(ROLES)}")
+    files = sorted(Path(labels_dir).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no label files (part-*.parquet) in {labels_dir}: run `bp-ray rewards label` first")
+    wanted = [C.PAIR_ID, "role", C.PROMPT, "intent", *map(label_column, HEADS)]
+    frame = pd.concat([pd.read_parquet(f, columns=wanted) for f in files], ignore_index=True)
+    frame = frame[frame["role"].isin(roles)]
+    finite = np.isfinite(frame[[label_column(h) for h in HEADS]].to_numpy(dtype=np.float64)).all(axis=1)
+    kept = frame[finite].sort_values([C.PAIR_ID, "role"], kind="stable").reset_index(drop=True)
+    return kept, int((~finite).sum())
+
+
+@dataclass
+class HeadSpec:
+    """Everything inference needs besides the weights: head order, inputs and label standardisation."""
+
+    heads: list[str]
+    inputs: list[str]
+    mean: list[float]
+    std: list[float]
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / HEAD_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> HeadSpec:
+        path = Path(folder) / HEAD_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: {folder} is not a bp-ray reward model")
+        return cls(**json.loads(path.read_text()))
+
+    def to_units(self, standardised: np.ndarray) -> np.ndarray:
+        """(N, heads) standardised predictions -> the scorers' units."""
+        return standardised * np.asarray(self.std) + np.asarray(self.mean)
+
+
+def fit_head_spec(train: pd.DataFrame, heads: Sequence[str], inputs: Sequence[str]) -> HeadSpec:
+    """Standardisation from the training rows (a constant label gets std 1, not a division by zero)."""
+    values = train[[label_column(h) for h in heads]].to_numpy(dtype=np.float64)
+    std = values.std(axis=0)
+    return HeadSpec(list(heads), list(inputs), values.mean(axis=0).tolist(), np.where(std > 0, std, 1.0).tolist())
+
+
+@dataclass
+class RMExample:
+    """One text and its standardised targets; NaN where this text does not train that head."""
+
+    input_ids: list[int]
+    targets: list[float]
+
+
+def build_rm_examples(tokenizer: Any, frame: pd.DataFrame, spec: HeadSpec, max_length: int) -> list[RMExample]:
+    """Rows -> examples. Heads reading the same text share one example; a head with another input gets its own."""
+    targets = (frame[[label_column(h) for h in spec.heads]].to_numpy(dtype=np.float64) - spec.mean) / spec.std
+    examples = []
+    for mode in dict.fromkeys(spec.inputs):  # each distinct input once, in head order
+        columns = [i for i, m in enumerate(spec.inputs) if m == mode]
+        texts = [reward_text(mode, low, high) for low, high in zip(frame["intent"], frame[C.PROMPT], strict=True)]
+        # Left truncation would drop the user's prompt; the end of a long prompt matters least.
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        for row, tokens in enumerate(ids):
+            row_targets = [float(targets[row, i]) if i in columns else float("nan") for i in range(len(spec.heads))]
+            examples.append(RMExample(list(tokens), row_targets))
+    return examples
+
+
+def collate_rm(examples: Sequence[RMExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask (B, T), targets (B, heads) with NaN where a head is not trained."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, :len(example.input_ids)] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :len(example.input_ids)] = 1
+    targets = torch.tensor([e.targets for e in examples], dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+def masked_mse(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the finite targets only (B, heads)."""
+    known = torch.isfinite(targets)
+    if not bool(known.any()):
+        raise ValueError("no finite target in the batch")
+    diff = predictions.float()[known] - targets[known]
+    return (diff * diff).mean()
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson of the ranks (ties get their average rank)."""
+    return pearson(pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy())
+
+
+def regression_report(head: str, predicted: np.ndarray, actual: np.ndarray, train_mean: float) -> dict[str, float]:
+    """Held-out MSE, Pearson, Spearman of one head in the scorer's units, and the MSE of always predicting the
+    training mean (the baseline a useful reward model beats)."""
+    predicted, actual = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
+    return {f"rm/{head}/mse": float(np.mean((predicted - actual) ** 2)),
+            f"rm/{head}/mean_baseline_mse": float(np.mean((train_mean - actual) ** 2)),
+            f"rm/{head}/pearson": pearson(predicted, actual),
+            f"rm/{head}/spearman": spearman(predicted, actual)}

@@ -1,0 +1,116 @@
+"""Reward-model data: inputs, label reading, standardisation, masking of untrained heads, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bp_ray.train.reward_data import (
+    HeadSpec,
+    build_rm_examples,
+    collate_rm,
+    fit_head_spec,
+    masked_mse,
+    pearson,
+    read_labels,
+    regression_report,
+    reward_text,
+    spearman,
+)
+
+
+class WordTokenizer:
+    """One id per word: enough to count examples and check truncation."""
+
+    def __call__(self, texts, truncation=True, max_length=None):
+        ids = [[len(w) for w in t.split()] for t in texts]
+        return {"input_ids": [i[:max_length] if truncation else i for i in ids]}
+
+
+def labels_frame(n: int = 4) -> pd.DataFrame:
+    return pd.DataFrame({
+        "pair_id": [f"p{i // 2}" for i in range(n)], "role": ["low", "high"] * (n // 2),
+        "prompt": [f"prompt number {i}" for i in range(n)], "intent": [f"intent {i}" for i in range(n)],
+        "pickscore_mean": np.arange(n, dtype=float) + 20, "aesthetic_mean": np.arange(n, dtype=float) * 0.5 + 5,
+    })
+
+
+def test_reward_text_modes():
+    assert reward_text("high", "a cat", "a cat, 4k") == "a cat, 4k"
+    assert reward_text("low+high", "a {cat}", "a cat, 4k") == "Input: a {cat}\nOutput: a cat, 4k"
+    with pytest.raises(ValueError, match="unknown reward-model input 'low'"):
+        reward_text("low", "a", "b")
+
+
+def test_read_labels_keeps_roles_and_drops_non_finite(tmp_path):
+    frame = labels_frame(6)
+    frame.loc[3, "aesthetic_mean"] = float("nan")
+    frame.to_parquet(tmp_path / "part-00000.parquet")
+    kept, dropped = read_labels(tmp_path, ["high"])
+    assert dropped == 1 and list(kept["role"].unique()) == ["high"] and len(kept) == 2
+    both, dropped = read_labels(tmp_path)
+    assert len(both) == 5 and dropped == 1
+    with pytest.raises(ValueError, match=r"rm\.label_roles"):
+        read_labels(tmp_path, ["mid"])
+    with pytest.raises(FileNotFoundError, match="bp-ray rewards label"):
+        read_labels(tmp_path / "missing")
+
+
+def test_head_spec_standardises_and_round_trips(tmp_path):
+    frame = labels_frame(4).assign(aesthetic_mean=5.0)  # a constant label must not divide by zero
+    spec = fit_head_spec(frame, ["pickscore", "aesthetic"], ["low+high", "high"])
+    assert spec.mean == pytest.approx([21.5, 5.0]) and spec.std[1] == 1.0
+    spec.save(tmp_path)
+    again = HeadSpec.load(tmp_path)
+    assert again == spec
+    np.testing.assert_allclose(again.to_units(np.array([[0.0, 0.0], [1.0, 2.0]])),
+                               [[21.5, 5.0], [21.5 + spec.std[0], 7.0]])
+    with pytest.raises(FileNotFoundError, match="not a bp-ray reward model"):
+        HeadSpec.load(tmp_path / "elsewhere")
+
+
+def test_heads_with_one_input_share_examples_and_different_inputs_do_not():
+    frame = labels_frame(4)
+    same = fit_head_spec(frame, ["pickscore", "aesthetic"], ["high", "high"])
+    shared = build_rm_examples(WordTokenizer(), frame, same, max_length=32)
+    assert len(shared) == 4 and all(math.isfinite(t) for e in shared for t in e.targets)
+
+    apart = fit_head_spec(frame, ["pickscore", "aesthetic"], ["low+high", "high"])
+    split = build_rm_examples(WordTokenizer(), frame, apart, max_length=3)
+    assert len(split) == 8
+    first, second = split[:4], split[4:]
+    assert all(math.isfinite(e.targets[0]) and math.isnan(e.targets[1]) for e in first)
+    assert all(math.isnan(e.targets[0]) and math.isfinite(e.targets[1]) for e in second)
+    assert max(len(e.input_ids) for e in split) == 3
+    # standardised: the training targets of a head have mean 0
+    assert np.mean([e.targets[0] for e in first]) == pytest.approx(0.0)
+
+
+def test_collate_pads_right_and_masked_mse_skips_untrained_heads():
+    frame = labels_frame(4)
+    spec = fit_head_spec(frame, ["pickscore", "aesthetic"], ["low+high", "high"])
+    batch = collate_rm(build_rm_examples(WordTokenizer(), frame, spec, 32)[3:5], pad_id=0)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["targets"].shape == (2, 2)
+    assert batch["attention_mask"][:, 0].all()
+    predictions = torch.zeros(2, 2)
+    targets = torch.tensor([[1.0, float("nan")], [float("nan"), 3.0]])
+    assert float(masked_mse(predictions, targets)) == pytest.approx((1 + 9) / 2)
+    with pytest.raises(ValueError, match="no finite target"):
+        masked_mse(predictions, torch.full((2, 2), float("nan")))
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_rm([], 0)
+
+
+def test_correlations_and_mean_baseline():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert spearman(x, x**3) == pytest.approx(1.0) and pearson(x, x**3) < 1.0
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert math.isnan(pearson(x, np.ones(4)))
+    report = regression_report("aesthetic", predicted=x, actual=x + 0.1, train_mean=2.5)
+    assert report["rm/aesthetic/mse"] == pytest.approx(0.01)
+    assert report["rm/aesthetic/mean_baseline_mse"] == pytest.approx(np.mean((2.5 - (x + 0.1)) ** 2))
