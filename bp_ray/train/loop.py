@@ -131,7 +131,7 @@ def train_on_worker(task: TrainTask, stage: StageConfig, metrics_dir: Path, name
     state["starts"] = [*state.get("starts", []), state["step"]]
     start_step = state["step"]
     end_step = min(total_steps, stage.stop_after_step) if stage.stop_after_step else total_steps
-    writer = MetricsWriter(metrics_dir, enabled=rank == 0)
+    writer = MetricsWriter(metrics_dir, enabled=rank == 0, start_step=start_step)
     progress = _progress_bar(name, total_steps, start_step) if rank == 0 else None
 
     for step in range(start_step, end_step):

@@ -2,7 +2,8 @@
 
 CSV columns are `step` then every metric key in order of first appearance. A key seen for the first time
 rewrites the file with the wider header (earlier rows get empty cells); otherwise a row is appended and
-flushed, so a crashed run keeps everything logged so far. Rows already in the folder (a resumed run) are kept.
+flushed, so a crashed run keeps everything logged so far. Rows already in the folder (a resumed run) are kept up
+to the step the run restarts from; later ones are dropped, since those steps run again (each step appears once).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ STEP = "step"
 class MetricsWriter:
     """Rank 0 writes `metrics.csv` and TensorBoard events under out_dir; with enabled=False every call is a no-op."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool = True, start_step: int | None = None):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.csv_path = self.out_dir / CSV_NAME
@@ -37,6 +38,11 @@ class MetricsWriter:
                 reader = csv.DictReader(f)
                 self._columns = list(reader.fieldnames or [STEP])
                 self._rows = list(reader)
+            if start_step is not None:
+                kept = [row for row in self._rows if int(row[STEP]) <= start_step]
+                if len(kept) < len(self._rows):
+                    self._rows = kept
+                    self._rewrite_csv()
         from tensorboardX import SummaryWriter  # imported here: ranks that never write need not load it
 
         self._tb = SummaryWriter(logdir=str(self.out_dir))

@@ -8,22 +8,13 @@ import numpy as np
 import pandas as pd
 
 from bp_ray.data import columns as C
-from bp_ray.data.corpus import generate_prompts
-from bp_ray.data.prompt_rules import HIGH, SplitRules, annotate_prompts, prompt_features
+from bp_ray.data.prompt_rules import prompt_features
+from bp_ray.data.subject_pairs import write_subject_pairs
 from bp_ray.data.vocab import load_vocab, tag_terms
 
 
 def corpus_pairs(folder: Path, rows: int = 1200) -> Path:
-    """Pairs from the embedded corpus: a tagged prompt (high) and its subject phrase before the first comma (low)."""
-    notes = annotate_prompts(generate_prompts(rows, seed=5), SplitRules(), tag_terms(load_vocab()), "strip", 1000)
-    high = notes.loc[notes["quality"] == HIGH, "prompt"].drop_duplicates()
-    low = high.str.split(",").str[0].str.strip()
-    pairs = pd.DataFrame({C.PAIR_ID: [f"c{i}" for i in range(len(high))], C.LOW: low.to_numpy(),
-                          C.HIGH: high.to_numpy()})
-    pairs = pairs[pairs[C.LOW] != pairs[C.HIGH]]
-    folder.mkdir(parents=True, exist_ok=True)
-    pairs.to_parquet(folder / "part-00000.parquet")
-    return folder
+    return write_subject_pairs(folder, rows)
 
 
 def mean_tags(texts: list[str]) -> float:

@@ -55,6 +55,17 @@ def test_resumed_run_keeps_earlier_rows(tmp_path):
     assert frame["loss/train"].tolist() == [3.0, 2.0]
 
 
+def test_restart_from_an_earlier_step_drops_the_rows_that_run_again(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        for step in range(1, 6):
+            writer.log(step, {"loss/train": float(step)})
+    with MetricsWriter(tmp_path, start_step=3) as writer:
+        writer.log(4, {"loss/train": 0.5})
+    frame = read_metrics(tmp_path / "metrics.csv")
+    assert frame["step"].tolist() == [1, 2, 3, 4]
+    assert frame["loss/train"].tolist() == [1.0, 2.0, 3.0, 0.5]
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
     writer = MetricsWriter(tmp_path / "rank1", enabled=False)
     writer.log(1, {"loss/train": 1.0})
