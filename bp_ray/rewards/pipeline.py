@@ -212,10 +212,11 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
     for old in out_dir.glob("part-*.parquet"):
         old.unlink()
     pq.write_table(pa.Table.from_pandas(labels, preserve_index=False), out_dir / "part-00000.parquet")
+    rendered = scored["rendered"].astype(bool)  # Ray Data may hand the flag back as an integer column
     manifest = {
         "stage": "rewards", "pairs": int(labels[C.PAIR_ID].nunique()), "rows": len(labels),
-        "unique_prompts": len(unique), "prompts_rendered": int(scored["rendered"].sum()),
-        "prompts_from_cache": int((~scored["rendered"]).sum()), "num_seeds": len(seeds), "seeds": seeds,
+        "unique_prompts": len(unique), "prompts_rendered": int(rendered.sum()),
+        "prompts_from_cache": int((~rendered).sum()), "num_seeds": len(seeds), "seeds": seeds,
         "render": asdict(render),
         "alpha": cfg.rewards.alpha, "pickscore_text": cfg.rewards.pickscore_text, "fused": cfg.rewards.fused,
         "models": {"diffusion": key.diffusion_model, "pickscore": key.pickscore_model,

@@ -97,6 +97,7 @@ def test_label_stage_writes_per_seed_scores_and_a_rerun_hits_the_cache(ray_sessi
     assert len(labels) == 6 and set(labels["role"]) == {"low", "high"}
     # "a cat" is the low prompt of p1 and p3 with the same intent: rendered once
     assert manifest["unique_prompts"] == 5 and manifest["prompts_rendered"] == 5
+    assert manifest["prompts_from_cache"] == 0
     for name in SCORE_NAMES:
         per_seed = np.stack(labels[name].to_numpy())
         assert per_seed.shape == (6, 3)
