@@ -28,7 +28,7 @@ PENDING = {
     "eval": "the evaluation harness and report (issue 8)",
 }
 
-PENDING_STAGES = ("sft", "rm", "ppo", "eval")
+PENDING_STAGES = ("ppo", "eval")
 
 
 class NotImplementedYet(Exception):
@@ -176,11 +176,15 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     layout = RunLayout(Path(cfg.output_dir))
     out = Path(args.out) if args.out else layout.stage_dir("sft")
     pairs = Path(args.pairs) if args.pairs else (out.parent / "data" if args.out else layout.stage_dir("data"))
-    manifest = run_sft(cfg, pairs, out, resume=args.resume)
-    final = manifest["final_metrics"]
-    print(f"sft: {train_progress(manifest)}, train loss {final['loss/train']:.3f}, eval loss "
-          f"{final.get('loss/eval', float('nan')):.3f} in {manifest['wall_time_s']} s -> {manifest['model']}")
+    print(sft_summary(run_sft(cfg, pairs, out, resume=args.resume)))
     return 0
+
+
+def sft_summary(manifest: dict) -> str:
+    final = manifest["final_metrics"]
+    return (f"sft: {train_progress(manifest)} on {manifest['pairs']} pairs ({manifest['held_out_pairs']} held out), "
+            f"train loss {final['loss/train']:.3f}, held-out loss {final.get('loss/eval', float('nan')):.3f} in "
+            f"{manifest['wall_time_s']} s -> {manifest['model']}")
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
@@ -224,7 +228,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
-    steps = ["models", "corpus", "data", "rewards"]
+    steps = ["models", "corpus", "data", "rewards", "sft", "rm"]
     bar = tqdm(steps, desc="pipeline", unit="stage", disable=None)
     for step in bar:
         bar.set_postfix_str(step)
@@ -238,10 +242,18 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             from bp_ray.data.pipeline import run_data_generation
 
             data_manifest = run_data_generation(cfg, layout.stage_dir("data"), layout.stage_dir("corpus"))
-        else:
+        elif step == "rewards":
             from bp_ray.rewards.pipeline import run_reward_labels
 
             rewards_manifest = run_reward_labels(cfg, layout.stage_dir("data"), layout.stage_dir("rewards"))
+        elif step == "sft":
+            from bp_ray.train.sft import run_sft
+
+            sft_manifest = run_sft(cfg, layout.stage_dir("data"), layout.stage_dir("sft"))
+        else:
+            from bp_ray.train.reward import run_rm
+
+            rm_manifest = run_rm(cfg, layout.stage_dir("rewards"), layout.stage_dir("rm"))
     bar.close()
     print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
     if zoo is not None:
@@ -254,6 +266,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     print(_corpus_line(corpus))
     print(data_summary(data_manifest, layout.stage_dir("data")))
     print(rewards_summary(rewards_manifest, layout.stage_dir("rewards")))
+    print(sft_summary(sft_manifest))
+    print(rm_summary(rm_manifest, layout.stage_dir("rm")))
     for stage in PENDING_STAGES:
         print(f"{stage}: not implemented yet")
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -102,11 +102,15 @@ def run_sft(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path, resume: bool = 
     if not resume:
         shutil.rmtree(out_dir / "metrics", ignore_errors=True)
     model = resolve_model(cfg.models.policy, cfg.models)
-    read_pairs_frame(pairs_dir)  # fail here, clearly, rather than inside every worker
+    from bp_ray.train.sft_data import split_held_out
+
+    pairs = read_pairs_frame(pairs_dir)  # fail here, clearly, rather than inside every worker
+    held_out = int(split_held_out(pairs[C.PAIR_ID].tolist(), cfg.sft.eval_fraction, cfg.sft.seed).sum())
     loop_config = {"cfg": cfg, "pairs_dir": str(Path(pairs_dir).resolve()), "model": model,
                    "metrics_dir": str(out_dir / "metrics")}
     checkpoint, state, storage = fit(cfg, "sft", sft_worker_loop, loop_config, cfg.sft.resources, out_dir, resume)
     return finish_stage("sft", out_dir, checkpoint, state, {
-        "base_model": cfg.models.policy, "workers": cfg.sft.resources.num_workers,
+        "base_model": cfg.models.policy, "pairs": len(pairs), "held_out_pairs": held_out,
+        "workers": cfg.sft.resources.num_workers,
         "zero_stage": cfg.sft.deepspeed.zero_stage, "precision": cfg.sft.deepspeed.precision,
         "checkpoints": storage, "config_hash": cfg.hash("sft", "models")}, started)

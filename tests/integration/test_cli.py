@@ -87,20 +87,24 @@ def test_data_corpus_writes_the_diffusiondb_layout(capsys, tmp_path):
     assert len(frame) == 50 and {"prompt", "seed", "image_name", "prompt_nsfw"} <= set(frame.columns)
 
 
-def test_pipeline_builds_models_writes_corpus_and_status_reports_it(capsys, tmp_path, tiny_models_cfg):
+def test_pipeline_runs_every_landed_stage_and_status_reports_it(capsys, tmp_path, tiny_models_cfg):
     run = tmp_path / "run"
     code, out, _ = run_cli(capsys, "pipeline", "--preset", "tiny", "--out", str(run),
-                           "--set", f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "--set", "data.corpus_rows=60")
+                           "--set", f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "--set", "data.corpus_rows=60",
+                           "--set", "sft.epochs=1", "--set", "rm.epochs=1")
     assert code == 0
     assert "models: tiny zoo at" in out and "corpus: 60 rows" in out
     assert "data: " in out and "pairs" in out
-    assert "sft: not implemented yet" in out  # nothing pretends to have run
+    assert "sft: " in out and "held-out loss" in out and "rm: two_models" in out
+    assert "ppo: not implemented yet" in out  # nothing pretends to have run
+    assert (run / "sft" / "model" / "model.safetensors").exists()
+    assert (run / "rm" / "pickscore" / "model" / "model.safetensors").exists()
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus_rows"] == 60
     code, out, _ = run_cli(capsys, "status", str(run))
     assert code == 0
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()}
     assert lines["corpus"] == "done" and lines["data"] == "done" and lines["rewards"] == "done"
-    assert lines["sft"] == "missing"
+    assert lines["sft"] == "done" and lines["rm"] == "done" and lines["ppo"] == "missing"
 
 
 def test_status_of_a_missing_run_is_a_clear_error(capsys, tmp_path):
