@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,11 +12,14 @@ import torch
 
 from bp_ray.config import load_config
 from bp_ray.data import columns as C
+from bp_ray.data.prompt_io import read_prompts
 from bp_ray.data.rewrite import build_instructions, generate_local
+from bp_ray.data.subject_pairs import subject_pairs_of, write_pairs
 from bp_ray.models.loading import load_causal_lm
 from bp_ray.train.sft import run_sft
 from bp_ray.train.sft_data import build_examples, collate, split_held_out
-from tests.integration.train_inputs import corpus_pairs, mean_tags
+from tests.conftest import shared_path
+from tests.integration.train_inputs import corpus_pairs, mean_tags, tagged_share
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +36,26 @@ def held_out_loss(model, tokenizer, pairs: pd.DataFrame, cfg) -> float:
                                                    ignore_index=-100))
 
 
-def test_sft_lowers_held_out_loss_and_teaches_tags(ray_session, tiny_models_cfg, tmp_path):
-    pairs_dir = corpus_pairs(tmp_path / "data")
-    cfg = load_config("tiny", [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "sft.epochs=6", "sft.lr=3e-3",
-                               "sft.checkpoint_every=25", "sft.eval_fraction=0.1"])
+def real_pairs(folder: Path) -> Path:
+    """Subject -> prompt pairs from the real Discord Stable Diffusion prompts in ../shared (skips when absent)."""
+    path = shared_path("data", "prompts", "sd_discord_prompts_sample20k.jsonl")
+    table, _ = read_prompts(path, limit=3000)
+    return write_pairs(subject_pairs_of(table[C.PROMPT].tolist(), max_pairs=700), folder)
+
+
+# (pairs, overrides, share of greedy outputs that must hold a tag). The tiny tokenizer was trained on the
+# embedded corpus: real prompts take about twice as many tokens and a far larger vocabulary, so the 2-layer model
+# learns them more slowly (measured: 58 % of outputs tagged after 10 epochs, against 92 % on the corpus).
+SOURCES = {"embedded_corpus": (corpus_pairs, ["sft.epochs=6", "sft.max_length=96"], 0.75),
+           "real_discord_prompts": (real_pairs, ["sft.epochs=10", "sft.max_length=192"], 0.5)}
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_sft_lowers_held_out_loss_and_teaches_tags(ray_session, tiny_models_cfg, tmp_path, source):
+    make_pairs, overrides, min_tagged = SOURCES[source]
+    pairs_dir = make_pairs(tmp_path / "data")
+    cfg = load_config("tiny", [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "sft.lr=3e-3",
+                               "sft.checkpoint_every=25", "sft.eval_fraction=0.1", *overrides])
     pairs = pd.read_parquet(pairs_dir / "part-00000.parquet")
     base, tokenizer = load_causal_lm("tiny:bloom", tiny_models_cfg)
     before = held_out_loss(base, tokenizer, pairs, cfg)
@@ -52,7 +72,10 @@ def test_sft_lowers_held_out_loss_and_teaches_tags(ray_session, tiny_models_cfg,
     sft_out = generate_local(trained, trained_tokenizer, instructions, max_new_tokens=40)
     print("examples:", list(zip(held[C.LOW].tolist()[:3], sft_out[:3], strict=True)))
     assert np.mean([len(t.split()) for t in sft_out]) > np.mean([len(t.split()) for t in base_out])
-    assert mean_tags(sft_out) >= 1.0 > mean_tags(base_out)
+    print(f"tags per output {mean_tags(base_out):.2f} -> {mean_tags(sft_out):.2f}, outputs with a tag "
+          f"{tagged_share(base_out):.2f} -> {tagged_share(sft_out):.2f}")
+    assert tagged_share(sft_out) >= min_tagged > tagged_share(base_out)
+    assert mean_tags(sft_out) > mean_tags(base_out)
 
     metrics = pd.read_csv(tmp_path / "sft" / "metrics" / "metrics.csv")
     assert {"loss/train", "lr", "grad_norm", "perf/tokens_per_s"} <= set(metrics.columns)

@@ -22,6 +22,12 @@ def mean_tags(texts: list[str]) -> float:
     return float(np.mean([prompt_features(t, t, terms).tags for t in texts]))
 
 
+def tagged_share(texts: list[str]) -> float:
+    """Share of the texts that hold at least one style / quality tag of the vocabulary."""
+    terms = tag_terms(load_vocab())
+    return float(np.mean([prompt_features(t, t, terms).tags > 0 for t in texts]))
+
+
 def synthetic_labels(pairs_dir: Path, folder: Path, seed: int = 0) -> Path:
     """Label files shaped like `bp-ray rewards label` output, whose scores follow the text: PickScore rises with
     the number of style tags, the aesthetic score with the number of words, plus a little noise."""
