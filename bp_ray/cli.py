@@ -156,11 +156,20 @@ def cmd_rewards_label(args: argparse.Namespace) -> int:
     from bp_ray.rewards.pipeline import run_reward_labels
 
     cfg = config_from_args(args)
-    layout = RunLayout(Path(cfg.output_dir))
-    out = Path(args.out) if args.out else layout.stage_dir("rewards")
-    pairs = Path(args.pairs) if args.pairs else (out.parent / "data" if args.out else layout.stage_dir("data"))
+    out, pairs = stage_folders(cfg, args, "rewards", args.pairs, "data")
     print(rewards_summary(run_reward_labels(cfg, pairs, out), out))
     return 0
+
+
+def stage_folders(cfg: PipelineConfig, args: argparse.Namespace, stage: str, given_input: str | None,
+                  input_stage: str) -> tuple[Path, Path]:
+    """(output folder, input folder) of a stage command: --out, else the stage's folder of the run directory;
+    the input as given, else the input stage's folder beside the output."""
+    layout = RunLayout(Path(cfg.output_dir))
+    out = Path(args.out) if args.out else layout.stage_dir(stage)
+    if given_input:
+        return out, Path(given_input)
+    return out, out.parent / input_stage if args.out else layout.stage_dir(input_stage)
 
 
 def rewards_summary(manifest: dict, out: Path) -> str:
@@ -173,9 +182,7 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     from bp_ray.train.sft import run_sft
 
     cfg = config_from_args(args)
-    layout = RunLayout(Path(cfg.output_dir))
-    out = Path(args.out) if args.out else layout.stage_dir("sft")
-    pairs = Path(args.pairs) if args.pairs else (out.parent / "data" if args.out else layout.stage_dir("data"))
+    out, pairs = stage_folders(cfg, args, "sft", args.pairs, "data")
     print(sft_summary(run_sft(cfg, pairs, out, resume=args.resume)))
     return 0
 
@@ -191,9 +198,7 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     from bp_ray.train.reward import run_rm
 
     cfg = config_from_args(args)
-    layout = RunLayout(Path(cfg.output_dir))
-    out = Path(args.out) if args.out else layout.stage_dir("rm")
-    labels = Path(args.labels) if args.labels else (out.parent / "rewards" if args.out else layout.stage_dir("rewards"))
+    out, labels = stage_folders(cfg, args, "rm", args.labels, "rewards")
     manifest = run_rm(cfg, labels, out, resume=args.resume)
     print(rm_summary(manifest, out))
     return 0
