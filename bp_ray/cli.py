@@ -22,13 +22,12 @@ logger = logging.getLogger("bp_ray")
 
 # Stages later issues implement; until then their commands say so instead of pretending to work.
 PENDING = {
-    "train ppo": "PPO with an adaptive KL penalty (issue 6)",
     "serve": "the beautifier on Ray Serve (issue 7)",
     "client": "the command-line client of the beautifier endpoint (issue 7)",
     "eval": "the evaluation harness and report (issue 8)",
 }
 
-PENDING_STAGES = ("ppo", "eval")
+PENDING_STAGES = ("eval",)
 
 
 class NotImplementedYet(Exception):
@@ -215,6 +214,28 @@ def rm_summary(manifest: dict, out: Path) -> str:
     return f"rm: {manifest['heads']} on {manifest['label_rows']} labelled prompts{state}; {heads} -> {out}"
 
 
+def cmd_train_ppo(args: argparse.Namespace) -> int:
+    from bp_ray.train.ppo import run_ppo
+
+    cfg = config_from_args(args)
+    out, pairs = stage_folders(cfg, args, "ppo", args.pairs, "data")
+    _, sft = stage_folders(cfg, args, "ppo", args.sft, "sft")
+    _, rm = stage_folders(cfg, args, "ppo", args.rm, "rm")
+    _, rewards = stage_folders(cfg, args, "ppo", None, "rewards")
+    cache = Path(cfg.rewards.cache_path) if cfg.rewards.cache_path else rewards / "cache.sqlite"
+    manifest = run_ppo(cfg, pairs, sft, rm if cfg.ppo.reward_source == "rm" else None, out, resume=args.resume,
+                       cache_path=cache)
+    print(ppo_summary(manifest))
+    return 0
+
+
+def ppo_summary(manifest: dict) -> str:
+    final, initial = manifest["final_metrics"], manifest.get("initial_eval", {})
+    before = f"{initial['eval/reward']:.4g} (SFT) -> " if "eval/reward" in initial else ""
+    return (f"ppo: {train_progress(manifest)}, held-out reward {before}{final['eval/reward']:.4g}, KL "
+            f"{final['kl']:.3g} (coef {manifest['kl_coef']:.3g}) in {manifest['wall_time_s']} s -> {manifest['model']}")
+
+
 def train_progress(manifest: dict) -> str:
     done = f"{manifest['steps']}/{manifest['total_steps']} steps"
     return done if manifest["complete"] else f"{done} (stopped: go on with --resume)"
@@ -326,11 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_sub = train.add_subparsers(dest="action", metavar="STAGE", required=True)
     for name, inputs in (("sft", ("pairs",)), ("rm", ("labels",)), ("ppo", ("pairs", "sft", "rm"))):
         help_text = {"sft": "SFT on Ray Train + DeepSpeed",
-                     "rm": "reward models (PickScore, aesthetic) on Ray Train + DeepSpeed"}.get(name)
-        help_text = help_text or PENDING[f"train {name}"]
+                     "rm": "reward models (PickScore, aesthetic) on Ray Train + DeepSpeed",
+                     "ppo": "PPO with an adaptive KL penalty, reference and reward actors"}[name]
         p = train_sub.add_parser(name, parents=[_stage_options(*inputs)], help=help_text)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-        p.set_defaults(func={"sft": cmd_train_sft, "rm": cmd_train_rm}.get(name) or pending(f"train {name}"))
+        p.set_defaults(func={"sft": cmd_train_sft, "rm": cmd_train_rm, "ppo": cmd_train_ppo}[name])
 
     p = sub.add_parser("eval", parents=[_stage_options("sft", "ppo")], help=PENDING["eval"])
     p.add_argument("--prompts", default=None, metavar="FILE")

@@ -342,7 +342,26 @@ class PPOConfig:
     reward_baseline: str = opt("reference", choices=("reference", "none"))
     """Paper: reward is the delta against the reward of the reference (SFT) prompt."""
     value_model: str = opt("separate", choices=("separate", "shared"))
+    """Critic: a separate token-regression model initialised from the SFT policy, or a value head on the policy."""
+    kl_estimator: str = opt("k1", choices=("k1", "k3"))
+    """Per-token KL estimate: log p - log p_ref (k1, as Ziegler et al.) or Schulman's non-negative k3."""
+    whiten_advantages: bool = True
+    relevance_coef: float = opt(0.0, ge=0)
+    """Guard: + coef x CLIP similarity of the low prompt to the generated prompt (rm) or to its images (online)."""
+    max_words: int = opt(0, ge=0)
+    """Guard: words beyond this cap cost length_coef each (0: no cap)."""
+    length_coef: float = opt(0.0, ge=0)
+    repetition_coef: float = opt(0.0, ge=0)
+    """Guard: - coef x share of repeated word trigrams in the generated prompt."""
+    max_query_tokens: int = opt(256, ge=8)
+    eval_prompts: int = opt(64, ge=1)
+    """Held-out low prompts (the SFT split's held-out pairs) scored with greedy decoding at each checkpoint."""
     checkpoint_every: int = opt(100, ge=1)
+    stop_after_step: int = opt(0, ge=0)
+    """As sft.stop_after_step."""
+    actor_cpus: float = opt(1.0, ge=0)
+    """CPUs of the reference and of the learned-reward actor each (the online reward uses data.scorer_pool)."""
+    actor_gpus: float = opt(0.0, ge=0)
     seed: int = 42
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     resources: TrainResources = field(default_factory=TrainResources)

@@ -1,0 +1,98 @@
+"""The models PPO consults but does not train, as Ray actors with their own resources (on a cluster they sit on
+other GPUs than the policy): the frozen reference policy and the reward.
+
+The reward is either the trained reward models (`ppo.reward_source=rm`, with CLIP text relevance between the
+low prompt and the generated one) or online rendering and scoring by the reward service of `bp-ray rewards`
+(`online`: N seeds per prompt, PickScore, aesthetic and CLIP image relevance to the low prompt, cached).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bp_ray.config import ModelsConfig, PipelineConfig
+from bp_ray.rewards.scoring import combined_reward
+from bp_ray.train.ppo_rollout import Rollout, response_logprobs
+
+
+class ReferencePolicy:
+    """Ray actor: the frozen SFT policy; log-probs of response tokens for the KL penalty."""
+
+    def __init__(self, model_dir: str, models_cfg: ModelsConfig, device: str = "cpu", threads: int = 1):
+        from bp_ray.models.loading import load_causal_lm
+
+        torch.set_num_threads(threads)
+        self.model, _ = load_causal_lm(model_dir, models_cfg, device=device)
+        self.model.requires_grad_(False)
+        self.device = device
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray, query_len: int) -> np.ndarray:
+        rollout = Rollout(torch.as_tensor(input_ids, device=self.device),
+                          torch.as_tensor(attention_mask, device=self.device), query_len,
+                          torch.ones(0), [])
+        return response_logprobs(self.model, rollout).cpu().numpy()
+
+
+class LearnedRewardScorer:
+    """Ray actor: the trained reward models, plus CLIP text relevance of each generated prompt to its low one."""
+
+    def __init__(self, rm_dir: str, alpha: float, models_cfg: ModelsConfig, relevance: bool, device: str = "cpu",
+                 threads: int = 1):
+        from bp_ray.models.loading import load_clip_relevance
+        from bp_ray.models.reward_model import LearnedReward
+
+        torch.set_num_threads(threads)
+        self.reward = LearnedReward.load(Path(rm_dir), alpha, device)
+        self.alpha = alpha
+        self.clip = load_clip_relevance(models_cfg, device) if relevance else None
+
+    @torch.no_grad()
+    def score(self, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
+        scores = self.reward.scores(lows, highs)
+        relevance = np.zeros(len(lows))
+        if self.clip is not None and lows:
+            relevance = (self.clip.embed_texts(lows) * self.clip.embed_texts(highs)).sum(-1).float().cpu().numpy()
+        return {"pickscore": scores["pickscore"], "aesthetic": scores["aesthetic"], "relevance": relevance,
+                "reward": combined_reward(scores["pickscore"], scores["aesthetic"], self.alpha)}
+
+
+def start_reward_actor(cfg: PipelineConfig, rm_dir: Path | None, cache_path: Path | None) -> Any:
+    """The reward actor the config asks for (its resources: `ppo.reward_actor`)."""
+    import ray
+
+    ppo = cfg.ppo
+    if ppo.reward_source == "online":
+        from bp_ray.rewards.service import reward_service
+
+        return reward_service(cfg, str(cache_path) if cache_path else None)
+    if rm_dir is None:
+        raise ValueError("ppo.reward_source=rm needs the reward models (--rm DIR)")
+    actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
+    return actor.remote(str(rm_dir), cfg.rewards.alpha, cfg.models, ppo.relevance_coef > 0,
+                        "cuda" if ppo.actor_gpus else "cpu")
+
+
+def start_reference_actor(cfg: PipelineConfig, sft_model: Path) -> Any:
+    import ray
+
+    ppo = cfg.ppo
+    actor = ray.remote(ReferencePolicy).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
+    return actor.remote(str(sft_model), cfg.models, "cuda" if ppo.actor_gpus else "cpu")
+
+
+def remote_scores(actor: Any, source: str, alpha: float, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
+    """{"reward", "pickscore", "aesthetic", "relevance"}: (B,) each, from either kind of reward actor."""
+    import ray
+
+    if source == "rm":
+        return ray.get(actor.score.remote(lows, highs))
+    # The reward service scores the high prompt's images against the low prompt as intent (relevance).
+    per_seed = np.asarray(ray.get(actor.score_detailed.remote(highs, lows)), dtype=np.float64)  # (B, S, 3)
+    means = per_seed.mean(axis=1)
+    return {"pickscore": means[:, 0], "aesthetic": means[:, 1], "relevance": means[:, 2],
+            "reward": combined_reward(means[:, 0], means[:, 1], alpha)}

@@ -1,0 +1,144 @@
+"""PPO rollouts for a causal LM on one worker: sample responses to queries, read the log-probs and values of
+each response token, and shape the sequence scores with the reward-hacking guards. Plain torch: the Ray
+actors (reference, reward) and the training loop live in `ppo.py`.
+
+Layout of a rollout: `input_ids` = the left-padded query (`query_len` columns) followed by the response
+(right-padded after its first EOS). Response token t sits at column query_len + t, is predicted by the logits at
+column query_len + t - 1, and its value is the critic's output at that same column (the state before emitting t).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bp_ray.train.ppo_math import logprobs_from_logits, response_mask
+
+
+@dataclass
+class Rollout:
+    """One worker's sampled batch."""
+
+    input_ids: torch.Tensor
+    """(B, query_len + response_len): query then response."""
+    attention_mask: torch.Tensor
+    query_len: int
+    mask: torch.Tensor
+    """(B, response_len) float: 1 on response tokens up to and including the first EOS."""
+    texts: list[str]
+    """Decoded responses (special tokens dropped, first line, stripped)."""
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.query_len:]
+
+    def select(self, rows: torch.Tensor | np.ndarray) -> Rollout:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Rollout(self.input_ids[rows], self.attention_mask[rows], self.query_len, self.mask[rows],
+                       [self.texts[int(i)] for i in rows])
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+@torch.no_grad()
+def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, greedy: bool = False, max_query_tokens: int = 256) -> Rollout:
+    """Generate one response per query (sampled, or greedy for evaluation) and mask everything after EOS."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(queries, return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_query_tokens).to(device)
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                                                     "top_k": 0}
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, **sampling)
+    query_len = encoded["input_ids"].shape[1]
+    response = output[:, query_len:]
+    if response.shape[1] == 0:
+        raise RuntimeError("generation produced no tokens; check ppo.max_new_tokens")
+    mask = response_mask(response, tokenizer.eos_token_id)
+    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = [_first_line(t) for t in tokenizer.batch_decode(response, skip_special_tokens=True)]
+    return Rollout(torch.cat([encoded["input_ids"], response], dim=1),
+                   torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1),
+                   query_len, mask.float(), texts)
+
+
+def _forward(model: Any, rollout: Rollout) -> Any:
+    kwargs = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
+    # Left padding: models with learned or rotary positions need explicit ids; BLOOM's ALiBi reads the mask.
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (rollout.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(**kwargs)
+
+
+def response_logits(model: Any, rollout: Rollout) -> torch.Tensor:
+    """(B, response_len, vocab) logits that predict each response token."""
+    logits = _forward(model, rollout).logits
+    return logits[:, rollout.query_len - 1:-1].float()
+
+
+def response_logprobs(model: Any, rollout: Rollout) -> torch.Tensor:
+    """(B, response_len) log-prob of each response token under `model` (grad flows if enabled)."""
+    return logprobs_from_logits(response_logits(model, rollout), rollout.response_ids)
+
+
+def response_values(critic: Any, rollout: Rollout) -> torch.Tensor:
+    """(B, response_len) value of the state before each response token; critic returns (B, L, 1) logits."""
+    values = _forward(critic, rollout).logits[..., 0]
+    return values[:, rollout.query_len - 1:-1].float()
+
+
+class SharedValueModel(torch.nn.Module):
+    """Policy and critic on one backbone: the causal LM plus a scalar head on its last hidden state."""
+
+    def __init__(self, policy: Any):
+        super().__init__()
+        self.policy = policy
+        self.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1].float())[..., 0]
+
+
+# --- reward-hacking guards --------------------------------------------------------------------------------------
+
+def repetition_share(text: str, n: int = 3) -> float:
+    """Share of the word n-grams of `text` that repeat an earlier one (0 for texts shorter than n + 1 words)."""
+    words = text.lower().replace(",", " , ").split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+@dataclass
+class Guards:
+    """Reward shaping against reward hacking (each term logged): score = reward - baseline + relevance_coef *
+    relevance - length_coef * words over max_words - repetition_coef * repetition share."""
+
+    relevance_coef: float = 0.0
+    max_words: int = 0
+    length_coef: float = 0.0
+    repetition_coef: float = 0.0
+
+    def shape(self, reward: np.ndarray, baseline: np.ndarray, relevance: np.ndarray,
+              texts: list[str]) -> tuple[np.ndarray, dict[str, float]]:
+        """(B,) scores for PPO and the batch means of every term."""
+        words = np.array([len(t.split()) for t in texts], dtype=np.float64)
+        excess = np.maximum(words - self.max_words, 0.0) if self.max_words else np.zeros_like(words)
+        repetition = np.array([repetition_share(t) for t in texts], dtype=np.float64)
+        score = (reward - baseline + self.relevance_coef * relevance - self.length_coef * excess
+                 - self.repetition_coef * repetition)
+        terms = {"reward/combined": reward, "reward/baseline": baseline, "reward/relevance": relevance,
+                 "reward/score": score, "guard/words": words, "guard/words_over_cap": excess,
+                 "guard/repetition": repetition}
+        return score, {name: float(np.mean(values)) for name, values in terms.items()}
