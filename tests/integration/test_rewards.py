@@ -118,23 +118,21 @@ def test_reward_actor_serves_concurrent_callers(ray_session, tiny_models_cfg, tm
 
     from bp_ray.rewards.service import reward_service
 
-    cfg = config(tiny_models_cfg, "rewards.service_batch_wait_s=0.2")
+    # A wide batching window: callers that arrive within it share a batch even on a loaded machine.
+    cfg = config(tiny_models_cfg, "rewards.service_batch_wait_s=1.0")
     service = reward_service(cfg, str(tmp_path / "cache.sqlite"), num_gpus=0)
-
-    @ray.remote(num_cpus=0)
-    def caller(prompts):
-        return ray.get(service.score.remote(prompts, prompts))
-
-    requests = [[f"a {animal} on a sofa"] for animal in ("cat", "dog", "fox", "owl")] + [PROMPTS]
-    answers = ray.get([caller.remote(r) for r in requests])
-    expected = RewardLabeler(cfg, cache_path=None)
-    for request, answer in zip(requests, answers, strict=True):
-        scores = expected.label(request, request).scores
-        want = 0.7 * scores[:, :, 0].mean(axis=1) + 0.3 * scores[:, :, 1].mean(axis=1)
-        assert np.allclose(answer, want, atol=1e-4)
-    stats = ray.get(service.stats.remote())
-    assert stats["calls"] == 5 and stats["batches"] < 5  # concurrent callers shared batches
-    ray.kill(service)
+    try:
+        requests = [[f"a {animal} on a sofa"] for animal in ("cat", "dog", "fox", "owl")] + [PROMPTS]
+        answers = ray.get([service.score.remote(r, r) for r in requests])  # in flight together
+        expected = RewardLabeler(cfg, cache_path=None)
+        for request, answer in zip(requests, answers, strict=True):
+            scores = expected.label(request, request).scores
+            want = 0.7 * scores[:, :, 0].mean(axis=1) + 0.3 * scores[:, :, 1].mean(axis=1)
+            assert np.allclose(answer, want, atol=1e-4)
+        stats = ray.get(service.stats.remote())
+        assert stats["calls"] == 5 and stats["batches"] < 5  # concurrent callers shared batches
+    finally:
+        ray.kill(service)  # it holds a CPU: a leaked actor would starve later tests of resources
 
 
 def test_missing_pairs_are_a_clear_error(tmp_path):
