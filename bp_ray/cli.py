@@ -215,6 +215,7 @@ def rm_summary(manifest: dict, out: Path) -> str:
 
 
 def cmd_train_ppo(args: argparse.Namespace) -> int:
+    from bp_ray.rewards.pipeline import reward_cache_path
     from bp_ray.train.ppo import run_ppo
 
     cfg = config_from_args(args)
@@ -222,9 +223,8 @@ def cmd_train_ppo(args: argparse.Namespace) -> int:
     _, sft = stage_folders(cfg, args, "ppo", args.sft, "sft")
     _, rm = stage_folders(cfg, args, "ppo", args.rm, "rm")
     _, rewards = stage_folders(cfg, args, "ppo", None, "rewards")
-    cache = Path(cfg.rewards.cache_path) if cfg.rewards.cache_path else rewards / "cache.sqlite"
     manifest = run_ppo(cfg, pairs, sft, rm if cfg.ppo.reward_source == "rm" else None, out, resume=args.resume,
-                       cache_path=cache)
+                       cache_path=reward_cache_path(cfg, rewards))
     print(ppo_summary(manifest))
     return 0
 
@@ -254,7 +254,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
-    steps = ["models", "corpus", "data", "rewards", "sft", "rm"]
+    steps = ["models", "corpus", "data", "rewards", "sft", "rm", "ppo"]
     bar = tqdm(steps, desc="pipeline", unit="stage", disable=None)
     for step in bar:
         bar.set_postfix_str(step)
@@ -276,10 +276,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             from bp_ray.train.sft import run_sft
 
             sft_manifest = run_sft(cfg, layout.stage_dir("data"), layout.stage_dir("sft"))
-        else:
+        elif step == "rm":
             from bp_ray.train.reward import run_rm
 
             rm_manifest = run_rm(cfg, layout.stage_dir("rewards"), layout.stage_dir("rm"))
+        else:
+            from bp_ray.rewards.pipeline import reward_cache_path
+            from bp_ray.train.ppo import run_ppo
+
+            ppo_manifest = run_ppo(cfg, layout.stage_dir("data"), layout.stage_dir("sft"), layout.stage_dir("rm"),
+                                   layout.stage_dir("ppo"),
+                                   cache_path=reward_cache_path(cfg, layout.stage_dir("rewards")))
     bar.close()
     print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
     if zoo is not None:
@@ -294,6 +301,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     print(rewards_summary(rewards_manifest, layout.stage_dir("rewards")))
     print(sft_summary(sft_manifest))
     print(rm_summary(rm_manifest, layout.stage_dir("rm")))
+    print(ppo_summary(ppo_manifest))
     for stage in PENDING_STAGES:
         print(f"{stage}: not implemented yet")
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -136,6 +136,11 @@ def _score_columns(batch: dict[str, np.ndarray], scores: np.ndarray, rendered: n
 
 # --- driver -------------------------------------------------------------------------------------------------------
 
+def reward_cache_path(cfg: PipelineConfig, rewards_dir: Path) -> Path:
+    """rewards.cache_path, else cache.sqlite in the rewards stage's folder (PPO's online reward shares it)."""
+    return Path(cfg.rewards.cache_path) if cfg.rewards.cache_path else Path(rewards_dir) / "cache.sqlite"
+
+
 def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: Path,
                          image_dir: Path | None) -> pd.DataFrame:
     """(prompt_id, prompt, intent) rows -> prompt_id, rendered, and (S,) per-seed arrays per score."""
@@ -186,7 +191,7 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
     (out_dir / SUCCESS).unlink(missing_ok=True)
     rows = label_rows(read_pairs(pairs_dir))
     unique = rows.drop_duplicates(PROMPT_ID).loc[:, [PROMPT_ID, C.PROMPT, INTENT]].reset_index(drop=True)
-    cache_path = Path(cfg.rewards.cache_path) if cfg.rewards.cache_path else out_dir / "cache.sqlite"
+    cache_path = reward_cache_path(cfg, out_dir)
     for role in ("diffusion", "pickscore", "aesthetic", "clip_relevance"):  # build the tiny zoo before actors race
         resolve_model(getattr(cfg.models, role), cfg.models)
     scored = _cached_scores(unique, cfg, cache_path)

@@ -24,7 +24,7 @@ import numpy as np
 
 from bp_ray.config import ConfigError, PipelineConfig
 from bp_ray.data import columns as C
-from bp_ray.layout import SUCCESS
+from bp_ray.layout import MANIFEST, SUCCESS
 from bp_ray.train.loop import DS_DIR, DS_TAG, MODEL_DIR, RNG_DIR, STATE_FILE
 from bp_ray.train.ppo_math import (
     entropy_from_logits,
@@ -327,7 +327,12 @@ def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | 
     sft_model = Path(sft_dir).resolve() / MODEL_DIR
     if not (sft_model / "config.json").exists():
         raise FileNotFoundError(f"no SFT model at {sft_model}: run `bp-ray train sft` first (or pass --sft)")
-    read_pairs_frame(pairs_dir)  # fail here, clearly, rather than inside every worker
+    read_pairs_frame(pairs_dir)  # fail here, clearly, rather than inside every worker or actor
+    if cfg.ppo.reward_source == "rm":
+        if rm_dir is None:
+            raise ValueError("ppo.reward_source=rm needs the reward models (--rm DIR), or set ppo.reward_source=online")
+        if not (Path(rm_dir) / MANIFEST).exists():
+            raise FileNotFoundError(f"no reward models at {rm_dir}: run `bp-ray train rm` first (or pass --rm)")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUCCESS).unlink(missing_ok=True)
     if not resume:

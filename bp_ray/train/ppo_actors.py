@@ -70,8 +70,7 @@ def start_reward_actor(cfg: PipelineConfig, rm_dir: Path | None, cache_path: Pat
         from bp_ray.rewards.service import reward_service
 
         return reward_service(cfg, str(cache_path) if cache_path else None)
-    if rm_dir is None:
-        raise ValueError("ppo.reward_source=rm needs the reward models (--rm DIR)")
+    assert rm_dir is not None, "run_ppo checks that the reward models exist"
     actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
     return actor.remote(str(rm_dir), cfg.rewards.alpha, cfg.models, ppo.relevance_coef > 0,
                         "cuda" if ppo.actor_gpus else "cpu")

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from bp_ray.config import load_config
 from bp_ray.train.ppo import run_ppo
 from bp_ray.train.reward import run_rm
 from bp_ray.train.sft import run_sft
-from tests.integration.train_inputs import corpus_pairs, synthetic_labels
+from tests.integration.ray_train_faults import worker_killer
+from tests.integration.train_inputs import corpus_pairs, model_weights, synthetic_labels
 
 pytestmark = pytest.mark.integration
 
@@ -51,3 +53,46 @@ def test_ppo_raises_the_held_out_reward_over_sft_within_the_kl_budget(trained, t
               "perf/samples_per_s"}
     assert logged <= set(metrics.columns)
     assert metrics["step"].tolist() == list(range(1, 31))
+
+
+def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(trained, tiny_models_cfg, tmp_path):
+    common = ("ppo.total_steps=6", "ppo.checkpoint_every=3", "ppo.ppo_epochs=2")
+    args = (trained["pairs"], trained["sft"], trained["rm"])
+    whole = run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "whole")
+    first = run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir, *common, "ppo.stop_after_step=3"), *args, tmp_path / "split")
+    assert first["steps"] == 3 and not first["complete"]
+    second = run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "split", resume=True)
+    assert second["complete"] and second["starts"] == [0, 3]
+    assert second["kl_coef"] == pytest.approx(whole["kl_coef"], rel=1e-6)
+    expected, got = model_weights(tmp_path / "whole"), model_weights(tmp_path / "split")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert second["final_metrics"]["reward/combined"] == pytest.approx(whole["final_metrics"]["reward/combined"],
+                                                                       rel=1e-4)
+
+
+def test_a_killed_worker_is_replaced_and_ppo_goes_on_from_the_last_checkpoint(trained, tiny_models_cfg, tmp_path):
+    out = tmp_path / "ppo"
+    cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=8", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1")
+    with worker_killer(out / "ray" / "ppo", after_step=2) as killed:
+        manifest = run_ppo(cfg, trained["pairs"], trained["sft"], trained["rm"], out)
+    assert killed, "no Ray Train worker was found to kill"
+    assert manifest["complete"] and manifest["steps"] == 8
+    starts = manifest["starts"]
+    assert len(starts) >= 2 and starts[0] == 0 and all(s > 0 and s % 2 == 0 for s in starts[1:]), starts
+    assert pd.read_csv(out / "metrics" / "metrics.csv")["step"].tolist() == list(range(1, 9))
+
+
+def test_shared_value_head_and_online_rewards_run(trained, tiny_models_cfg, tmp_path):
+    cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=2", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1",
+                  "ppo.value_model=shared", "ppo.reward_source=online", "ppo.relevance_coef=0.1",
+                  "ppo.eval_prompts=4")
+    manifest = run_ppo(cfg, trained["pairs"], trained["sft"], None, tmp_path / "ppo",
+                       cache_path=tmp_path / "cache.sqlite")
+    assert manifest["complete"] and manifest["reward_source"] == "online"
+    assert (tmp_path / "ppo" / "model" / "value_head.safetensors").exists()
+    metrics = pd.read_csv(tmp_path / "ppo" / "metrics" / "metrics.csv")
+    # online relevance is the CLIP score of the rendered images against the low prompt: never exactly 0
+    assert (metrics["reward/relevance"] != 0).all() and metrics["reward/combined"].notna().all()
+    with pytest.raises(ValueError, match="--rm"):
+        run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir), trained["pairs"], trained["sft"], None, tmp_path / "no-rm")

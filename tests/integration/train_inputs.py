@@ -44,3 +44,10 @@ def synthetic_labels(pairs_dir: Path, folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows.to_parquet(folder / "part-00000.parquet")
     return folder
+
+
+def model_weights(stage_dir: Path) -> dict:
+    """The exported model of a training stage's output folder: {tensor name: tensor}."""
+    from safetensors.torch import load_file
+
+    return load_file(stage_dir / "model" / "model.safetensors")
