@@ -1,0 +1,146 @@
+"""PPO throughput on this machine: full iterations (rollout + reward + update) of `bp-ray train ppo` against TRL's
+PPO trainer (`trl.experimental.ppo.PPOTrainer`, the installed TRL's own PPO) on the same tiny models, prompts and
+batch sizes.
+
+Both start from the same SFT policy (trained here for one epoch on subject -> prompt pairs of the embedded
+corpus) and get their reward from the same learned PickScore regressor (`bp-ray train rm`, labels made up so they
+follow the number of tags and words): bp-ray through its reward actor, TRL by calling the regressor's backbone and
+score head itself. Rollout batch 16, minibatch 8, 4 PPO epochs, 24 new tokens, sampling at temperature 1.
+
+bp-ray runs on Ray Train + DeepSpeed with one CPU worker plus the reference and reward actors; TRL runs in this
+process. "Steady" is the median samples/s over the iterations after the first two; bp-ray's shares of time in
+generation, reward (reference log-probs and the reward actor) and update come from its per-iteration metrics.
+
+    python benchmarks/ppo_throughput.py [--iterations 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bp_ray.config import load_config
+from bp_ray.data import columns as C
+from bp_ray.data.subject_pairs import write_subject_pairs
+from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+from bp_ray.train.ppo import run_ppo
+from bp_ray.train.reward import run_rm
+from bp_ray.train.sft import run_sft
+from bp_ray.train.sft_data import format_prompt
+
+WARMUP = 2
+ROLLOUT, MINIBATCH, EPOCHS, NEW_TOKENS = 16, 8, 4, 24
+
+
+def made_up_labels(pairs_dir: Path, folder: Path) -> Path:
+    """Label files shaped like `bp-ray rewards label` output; scores grow with commas and words."""
+    pairs = pd.read_parquet(pairs_dir / "part-00000.parquet")
+    rows = pd.concat([pd.DataFrame({C.PAIR_ID: pairs[C.PAIR_ID], "role": role, C.PROMPT: pairs[column],
+                                    "intent": pairs[C.LOW]}) for role, column in (("low", C.LOW), ("high", C.HIGH))],
+                     ignore_index=True)
+    rng = np.random.default_rng(0)
+    rows["pickscore_mean"] = 19 + 0.4 * rows[C.PROMPT].str.count(",").clip(upper=6) + rng.normal(0, 0.1, len(rows))
+    rows["aesthetic_mean"] = 4.5 + 0.05 * rows[C.PROMPT].str.split().str.len().clip(upper=30)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(folder / "part-00000.parquet")
+    return folder
+
+
+def bp_ray_ppo(cfg, pairs: Path, sft: Path, rm: Path, out: Path) -> dict:
+    start = time.perf_counter()
+    manifest = run_ppo(cfg, pairs, sft, rm, out)
+    wall = time.perf_counter() - start
+    metrics = pd.read_csv(out / "metrics" / "metrics.csv").iloc[WARMUP:]
+    times = metrics[["time/generate_s", "time/reward_s", "time/update_s"]].sum()
+    return {"iterations": manifest["steps"], "steady_samples_per_s": float(metrics["perf/samples_per_s"].median()),
+            "wall_s": wall, "share_generate": float(times["time/generate_s"] / times.sum()),
+            "share_reward": float(times["time/reward_s"] / times.sum()),
+            "share_update": float(times["time/update_s"] / times.sum())}
+
+
+def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    class IterationTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(sft / "model", padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(sft / "model")
+    reference = AutoModelForCausalLM.from_pretrained(sft / "model")
+    value = AutoModelForSequenceClassification.from_pretrained(sft / "model", num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(rm / "pickscore" / "model", num_labels=1)
+    for model in (value, reward):
+        model.config.pad_token_id = tokenizer.pad_token_id
+    lows = pd.read_parquet(pairs / "part-00000.parquet")[C.LOW].tolist()
+    queries = [format_prompt(cfg.sft.instruction, low) for low in lows]
+    data = Dataset.from_dict({"input_ids": [tokenizer(q, add_special_tokens=False)["input_ids"] for q in queries]})
+    args = PPOConfig(output_dir=str(out), per_device_train_batch_size=MINIBATCH, gradient_accumulation_steps=1,
+                     num_mini_batches=ROLLOUT // MINIBATCH, num_ppo_epochs=EPOCHS, total_episodes=iterations * ROLLOUT,
+                     response_length=NEW_TOKENS, temperature=1.0, learning_rate=cfg.ppo.lr,
+                     kl_coef=cfg.ppo.init_kl_coef,
+                     stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[], use_cpu=True,
+                     bf16=False, fp16=False, seed=cfg.ppo.seed, logging_steps=10_000, disable_tqdm=True,
+                     local_rollout_forward_batch_size=ROLLOUT)
+    timer = IterationTimer()
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
+                         reward_model=reward, train_dataset=data, value_model=value, callbacks=[timer])
+    timer.stamps = [time.perf_counter()]
+    trainer.train()
+    seconds = np.diff(timer.stamps)
+    return {"iterations": len(seconds), "steady_samples_per_s": float(np.median(ROLLOUT / seconds[WARMUP:])),
+            "wall_s": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=12)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bp-ray-ppo-bench-"))
+    try:
+        pairs = write_subject_pairs(work / "data", rows=1200)
+        base = load_config("tiny")
+        ensure_tiny_zoo(base.models)
+        run_sft(load_config("tiny", ["sft.epochs=2", "sft.lr=3e-3", "sft.checkpoint_every=10000"]), pairs,
+                work / "sft")
+        run_rm(load_config("tiny", ["rm.epochs=2", "rm.checkpoint_every=10000"]),
+               made_up_labels(pairs, work / "rewards"), work / "rm")
+        cfg = load_config("tiny", [f"ppo.total_steps={args.iterations}", f"ppo.checkpoint_every={args.iterations}",
+                                   f"ppo.rollout_batch_size={ROLLOUT}", f"ppo.minibatch_size={MINIBATCH}",
+                                   f"ppo.ppo_epochs={EPOCHS}", f"ppo.max_new_tokens={NEW_TOKENS}",
+                                   "ppo.reward_baseline=none", "ppo.eval_prompts=4"])
+        results = {"bp_ray_ppo": bp_ray_ppo(cfg, pairs, work / "sft", work / "rm", work / "ppo"),
+                   "trl_experimental_ppo": trl_ppo(cfg, pairs, work / "sft", work / "rm", args.iterations,
+                                                   work / "trl")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ours, theirs = results["bp_ray_ppo"], results["trl_experimental_ppo"]
+    print(f"PPO throughput, tiny BLOOM, rollout {ROLLOUT}, minibatch {MINIBATCH}, {EPOCHS} epochs, "
+          f"{NEW_TOKENS} new tokens, {args.iterations} iterations")
+    print(f"  bp-ray (Ray Train + DeepSpeed, actors)  steady {ours['steady_samples_per_s']:6.1f} samples/s  "
+          f"wall {ours['wall_s']:6.1f} s")
+    print(f"  TRL experimental PPOTrainer (1 proc)  steady {theirs['steady_samples_per_s']:6.1f} samples/s  "
+          f"wall {theirs['wall_s']:6.1f} s")
+    print(f"  ratio bp-ray / TRL: {ours['steady_samples_per_s'] / theirs['steady_samples_per_s']:.2f}x")
+    print(f"  bp-ray time shares: generation {ours['share_generate']:.0%}, reward {ours['share_reward']:.0%}, "
+          f"update {ours['share_update']:.0%}")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
