@@ -166,6 +166,7 @@ def ppo_worker_loop(config: dict) -> None:
         import ray.train.torch as rtt
 
         device = str(rtt.get_device())
+    torch.manual_seed(ppo.seed)  # the critic's new value head: the same start on every rank and every run
     model = _ActorCritic(cfg, config["sft_model"], device, world)
     tokenizer = model.tokenizer
     reference, reward_actor = config["reference"], config["reward"]
@@ -176,20 +177,19 @@ def ppo_worker_loop(config: dict) -> None:
         raise ValueError(f"{len(train)} training pairs are fewer than ppo.rollout_batch_size={ppo.rollout_batch_size}")
     guards = Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef, ppo.repetition_coef)
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
-    baselines: dict[str, float] = {}
 
     def scores_of(lows: list[str], texts: list[str]) -> dict[str, np.ndarray]:
         return remote_scores(reward_actor, ppo.reward_source, cfg.rewards.alpha, lows, texts)
 
     def baseline_of(rows: Any) -> np.ndarray:
-        """Reward of each pair's own high prompt (the paper's reference output), scored once per pair."""
+        """Reward of each pair's own high prompt (the paper's reference output).
+
+        Scored with the iteration's whole batch every time rather than cached per pair: padding makes a score
+        depend on its batch in the last float bits, and a resumed run must repeat the same numbers. Cheap: the
+        learned reward is one forward pass, and the online reward answers repeats from its cache."""
         if ppo.reward_baseline == "none":
             return np.zeros(len(rows))
-        missing = rows[~rows[C.PAIR_ID].isin(baselines)]
-        if len(missing):
-            got = scores_of(missing[C.LOW].tolist(), missing[C.HIGH].tolist())["reward"]
-            baselines.update(zip(missing[C.PAIR_ID], map(float, got), strict=True))
-        return np.array([baselines[p] for p in rows[C.PAIR_ID]])
+        return np.asarray(scores_of(rows[C.LOW].tolist(), rows[C.HIGH].tolist())["reward"], dtype=np.float64)
 
     def evaluate() -> dict[str, float]:
         lows = evaluation[C.LOW].tolist()
