@@ -360,7 +360,7 @@ class PPOConfig:
     stop_after_step: int = opt(0, ge=0)
     """As sft.stop_after_step."""
     actor_cpus: float = opt(1.0, ge=0)
-    """CPUs of the reference and of the learned-reward actor each (the online reward uses data.scorer_pool)."""
+    """CPUs of the reference actor and of the reward actor each (learned or online)."""
     actor_gpus: float = opt(0.0, ge=0)
     seed: int = 42
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -29,6 +29,21 @@ def init_ray(cluster: ClusterConfig) -> None:
     logger.info("ray: %s", "joined " + address if address else "started a local instance")
 
 
+def require_resources(cluster: ClusterConfig, cpus: float, gpus: float, what: str) -> None:
+    """On a local Ray (no cluster address), fail clearly when `what` can never fit instead of waiting forever;
+    a cluster may autoscale, so there Ray's own wait stands."""
+    import ray
+
+    if cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources()
+    have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if cpus > have_cpus + 1e-9 or gpus > have_gpus + 1e-9:
+        raise RuntimeError(f"{what} needs {cpus:g} CPUs and {gpus:g} GPUs, but this local Ray has {have_cpus:g} "
+                           f"CPUs and {have_gpus:g} GPUs: lower the stage's resources (num_workers, "
+                           "cpus_per_worker, actor_cpus) or join a cluster (cluster.address)")
+
+
 def actor_pool_args(pool: ActorPoolConfig) -> dict[str, Any]:
     """map_batches arguments of an autoscaling actor pool (min..max actors) with its per-actor resources."""
     import ray

@@ -96,12 +96,13 @@ class RewardService:
         return {"calls": self.core.calls, "batches": self.core.batches, **cache}
 
 
-def reward_service(cfg: PipelineConfig, cache_path: str | None, num_gpus: float | None = None):
-    """Start the reward actor with the scorer pool's resources; returns its handle."""
+def reward_service(cfg: PipelineConfig, cache_path: str | None, num_gpus: float | None = None,
+                   num_cpus: float | None = None):
+    """Start the reward actor (by default with the scorer pool's resources); returns its handle."""
     import ray
 
     pool = cfg.data.scorer_pool
-    actor = ray.remote(RewardService).options(num_cpus=pool.num_cpus,
+    actor = ray.remote(RewardService).options(num_cpus=pool.num_cpus if num_cpus is None else num_cpus,
                                               num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
                                               max_concurrency=64)
     return actor.remote(cfg, cache_path)

@@ -215,12 +215,14 @@ def fit(cfg: PipelineConfig, stage: str, worker_fn: Callable[[dict], None], loop
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from bp_ray.ray_runtime import init_ray
+    from bp_ray.ray_runtime import init_ray, require_resources
 
     storage, name = _storage(cfg, out_dir, stage)
     if not resume:
         _forget_run(storage, name)
     init_ray(cfg.cluster)
+    require_resources(cfg.cluster, resources.num_workers * resources.cpus_per_worker,
+                      resources.num_workers if resources.use_gpu else 0, f"{stage} ({resources.num_workers} workers)")
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=loop_config,

@@ -316,7 +316,7 @@ def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | 
     """PPO on Ray Train with the reference and reward actors; exports the policy to out_dir/model."""
     import ray
 
-    from bp_ray.ray_runtime import init_ray
+    from bp_ray.ray_runtime import init_ray, require_resources
     from bp_ray.train.loop import finish_stage, fit
     from bp_ray.train.ppo_actors import start_reference_actor, start_reward_actor
     from bp_ray.train.sft import read_pairs_frame
@@ -338,6 +338,10 @@ def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | 
     if not resume:
         shutil.rmtree(out_dir / "metrics", ignore_errors=True)
     init_ray(cfg.cluster)
+    workers = cfg.ppo.resources
+    require_resources(cfg.cluster, workers.num_workers * workers.cpus_per_worker + 2 * cfg.ppo.actor_cpus,
+                      (workers.num_workers if workers.use_gpu else 0) + 2 * cfg.ppo.actor_gpus,
+                      "ppo (train workers + reference and reward actors)")
     reference = start_reference_actor(cfg, sft_model)
     reward = start_reward_actor(cfg, Path(rm_dir).resolve() if rm_dir else None, cache_path)
     try:

@@ -62,14 +62,15 @@ class LearnedRewardScorer:
 
 
 def start_reward_actor(cfg: PipelineConfig, rm_dir: Path | None, cache_path: Path | None) -> Any:
-    """The reward actor the config asks for (its resources: `ppo.reward_actor`)."""
+    """The reward actor the config asks for, with `ppo.actor_cpus` / `ppo.actor_gpus`."""
     import ray
 
     ppo = cfg.ppo
     if ppo.reward_source == "online":
         from bp_ray.rewards.service import reward_service
 
-        return reward_service(cfg, str(cache_path) if cache_path else None)
+        return reward_service(cfg, str(cache_path) if cache_path else None, num_gpus=ppo.actor_gpus,
+                              num_cpus=ppo.actor_cpus)
     assert rm_dir is not None, "run_ppo checks that the reward models exist"
     actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
     return actor.remote(str(rm_dir), cfg.rewards.alpha, cfg.models, ppo.relevance_coef > 0,

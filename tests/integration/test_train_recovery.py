@@ -80,3 +80,9 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoi
     assert all(step > 0 and step % 10 == 0 for step in starts[1:]), starts
     logged = pd.read_csv(out / "metrics" / "metrics.csv")["step"].tolist()
     assert logged == list(range(1, manifest["total_steps"] + 1)), "each step logged once across the restart"
+
+
+def test_a_run_that_cannot_fit_the_local_ray_fails_clearly(ray_session, tiny_models_cfg, pairs_dir, tmp_path):
+    cfg = sft_cfg(tiny_models_cfg.zoo_dir, "sft.resources.num_workers=3")  # the test Ray has 2 CPUs
+    with pytest.raises(RuntimeError, match="needs 3 CPUs and 0 GPUs, but this local Ray has 2 CPUs"):
+        run_sft(cfg, pairs_dir, tmp_path / "sft")
