@@ -91,17 +91,18 @@ def test_pipeline_runs_every_landed_stage_and_status_reports_it(capsys, tmp_path
     run = tmp_path / "run"
     code, out, _ = run_cli(capsys, "pipeline", "--preset", "tiny", "--out", str(run),
                            "--set", f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "--set", "data.corpus_rows=60",
-                           "--set", "sft.epochs=1", "--set", "rm.epochs=1", "--set", "ppo.total_steps=2",
+                           "--set", "sft.epochs=1", "--set", "rm.epochs=1", "--set", "rm.heads=shared_backbone",
+                           "--set", "ppo.total_steps=2",
                            "--set", "ppo.checkpoint_every=2", "--set", "ppo.rollout_batch_size=8",
                            "--set", "ppo.eval_prompts=4")
     assert code == 0
     assert "models: tiny zoo at" in out and "corpus: 60 rows" in out
     assert "data: " in out and "pairs" in out
-    assert "sft: " in out and "held-out loss" in out and "rm: two_models" in out
+    assert "sft: " in out and "held-out loss" in out and "rm: shared_backbone" in out
     assert "ppo: 2/2 steps" in out and "held-out reward" in out
     assert "eval: not implemented yet" in out  # nothing pretends to have run
     assert (run / "sft" / "model" / "model.safetensors").exists()
-    assert (run / "rm" / "pickscore" / "model" / "model.safetensors").exists()
+    assert (run / "rm" / "shared" / "model" / "model.safetensors").exists()
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus_rows"] == 60
     code, out, _ = run_cli(capsys, "status", str(run))
     assert code == 0

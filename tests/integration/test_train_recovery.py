@@ -47,23 +47,23 @@ def test_zero_stages_train_with_two_workers(ray_session, tiny_models_cfg, pairs_
 def test_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(ray_session, tiny_models_cfg,
                                                                               pairs_dir, tmp_path):
     common = ("sft.epochs=0.5", "sft.checkpoint_every=4")
-    whole = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, tmp_path / "whole")
+    out = tmp_path / "sft"
+    whole = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, out)
+    expected = model_weights(out)
 
-    first = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common, "sft.stop_after_step=8"), pairs_dir, tmp_path / "split")
+    # Same folder, no --resume: Ray Train would restore the finished run by its name unless bp-ray forgets it.
+    first = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common, "sft.stop_after_step=8"), pairs_dir, out)
+    assert first["starts"] == [0], "a run without --resume must not restore the earlier checkpoints"
     assert first["steps"] == 8 and not first["complete"]
-    assert not (tmp_path / "split" / "_SUCCESS.json").exists()
-    second = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, tmp_path / "split", resume=True)
+    assert not (out / "_SUCCESS.json").exists()
+    second = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, out, resume=True)
     assert second["complete"] and second["starts"] == [0, 8]
     assert second["steps"] == whole["steps"] > 8
 
-    expected, got = model_weights(tmp_path / "whole"), model_weights(tmp_path / "split")
+    got = model_weights(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert second["final_metrics"]["loss/train"] == pytest.approx(whole["final_metrics"]["loss/train"], rel=1e-4)
-
-    fresh = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common, "sft.stop_after_step=4"), pairs_dir,
-                    tmp_path / "split")
-    assert fresh["starts"] == [0], "a run without --resume must not restore the earlier checkpoints"
 
 
 def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoint(ray_session, tiny_models_cfg,
