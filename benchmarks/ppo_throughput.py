@@ -90,7 +90,8 @@ def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -
     lows = pd.read_parquet(pairs / "part-00000.parquet")[C.LOW].tolist()
     queries = [format_prompt(cfg.sft.instruction, low) for low in lows]
     data = Dataset.from_dict({"input_ids": [tokenizer(q, add_special_tokens=False)["input_ids"] for q in queries]})
-    args = PPOConfig(output_dir=str(out), per_device_train_batch_size=MINIBATCH, gradient_accumulation_steps=1,
+    # TRL's rollout batch is per_device_train_batch_size x accumulation x processes, split into num_mini_batches.
+    args = PPOConfig(output_dir=str(out), per_device_train_batch_size=ROLLOUT, gradient_accumulation_steps=1,
                      num_mini_batches=ROLLOUT // MINIBATCH, num_ppo_epochs=EPOCHS, total_episodes=iterations * ROLLOUT,
                      response_length=NEW_TOKENS, temperature=1.0, learning_rate=cfg.ppo.lr,
                      kl_coef=cfg.ppo.init_kl_coef,
@@ -101,6 +102,9 @@ def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, train_dataset=data, value_model=value, callbacks=[timer])
     timer.stamps = [time.perf_counter()]
+    if (trainer.args.batch_size, trainer.args.mini_batch_size) != (ROLLOUT, MINIBATCH):
+        raise RuntimeError(f"TRL batch {trainer.args.batch_size} / minibatch {trainer.args.mini_batch_size} differ "
+                           f"from bp-ray's {ROLLOUT} / {MINIBATCH}: the comparison would be unfair")
     trainer.train()
     seconds = np.diff(timer.stamps)
     return {"iterations": len(seconds), "steady_samples_per_s": float(np.median(ROLLOUT / seconds[WARMUP:])),
@@ -116,9 +120,9 @@ def main() -> None:
         pairs = write_subject_pairs(work / "data", rows=1200)
         base = load_config("tiny")
         ensure_tiny_zoo(base.models)
-        run_sft(load_config("tiny", ["sft.epochs=2", "sft.lr=3e-3", "sft.checkpoint_every=10000"]), pairs,
+        run_sft(load_config("tiny", ["sft.epochs=1", "sft.lr=3e-3", "sft.checkpoint_every=10000"]), pairs,
                 work / "sft")
-        run_rm(load_config("tiny", ["rm.epochs=2", "rm.checkpoint_every=10000"]),
+        run_rm(load_config("tiny", ["rm.epochs=1", "rm.checkpoint_every=10000"]),
                made_up_labels(pairs, work / "rewards"), work / "rm")
         cfg = load_config("tiny", [f"ppo.total_steps={args.iterations}", f"ppo.checkpoint_every={args.iterations}",
                                    f"ppo.rollout_batch_size={ROLLOUT}", f"ppo.minibatch_size={MINIBATCH}",
