@@ -96,3 +96,17 @@ def test_shared_value_head_and_online_rewards_run(trained, tiny_models_cfg, tmp_
     assert (metrics["reward/relevance"] != 0).all() and metrics["reward/combined"].notna().all()
     with pytest.raises(ValueError, match="--rm"):
         run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir), trained["pairs"], trained["sft"], None, tmp_path / "no-rm")
+
+
+def test_two_workers_train_and_the_kl_coefficient_follows_the_controller(trained, tiny_models_cfg, tmp_path):
+    cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=3", "ppo.checkpoint_every=3", "ppo.ppo_epochs=1",
+                  "ppo.eval_prompts=4", "ppo.resources.num_workers=2", "ppo.resources.cpus_per_worker=0.75")
+    manifest = run_ppo(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "ppo")
+    assert manifest["complete"] and manifest["workers"] == 2
+    metrics = pd.read_csv(tmp_path / "ppo" / "metrics" / "metrics.csv")
+    # Ziegler et al.: beta <- beta * (1 + clip(KL / target - 1, +-0.2) * n / horizon), KL averaged over both ranks.
+    coef = cfg.ppo.init_kl_coef
+    for kl, logged in zip(metrics["kl"], metrics["kl_coef"], strict=True):
+        assert logged == pytest.approx(coef, rel=1e-9)
+        coef *= 1 + min(max(kl / cfg.ppo.kl_target - 1, -0.2), 0.2) * cfg.ppo.rollout_batch_size / cfg.ppo.kl_horizon
+    assert manifest["kl_coef"] == pytest.approx(coef, rel=1e-9)
