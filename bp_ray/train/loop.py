@@ -132,7 +132,7 @@ def train_on_worker(task: TrainTask, stage: StageConfig, metrics_dir: Path, name
     start_step = state["step"]
     end_step = min(total_steps, stage.stop_after_step) if stage.stop_after_step else total_steps
     writer = MetricsWriter(metrics_dir, enabled=rank == 0, start_step=start_step)
-    progress = _progress_bar(name, total_steps, start_step) if rank == 0 else None
+    progress = progress_bar(name, total_steps, start_step) if rank == 0 else None
 
     for step in range(start_step, end_step):
         started = time.perf_counter()
@@ -155,19 +155,34 @@ def train_on_worker(task: TrainTask, stage: StageConfig, metrics_dir: Path, name
             # Every rank reports at the same steps: ray.train.report is a collective in Ray Train.
             metrics.update(task.evaluate(engine))
             state.update(step=done, metrics=metrics, total_steps=total_steps)
-            folder = _save_checkpoint(engine, task, state, rank, stage.deepspeed.zero_stage)
-            ray.train.report({**metrics, "step": done}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
-            shutil.rmtree(folder, ignore_errors=True)
-        writer.log(done, metrics)
-        if progress is not None:
-            progress.set_description(f"{name} loss {metrics['loss/train']:.3f}")
-            progress.update(1)
+            report_checkpoint(_save_checkpoint(engine, task, state, rank, stage.deepspeed.zero_stage), metrics, done)
+        log_step(writer, progress, done, metrics, f"{name} loss {metrics['loss/train']:.3f}")
+    finish_logs(writer, progress)
+
+
+def report_checkpoint(folder: Path, metrics: dict[str, float], step: int) -> None:
+    """Report metrics with this rank's checkpoint folder (Ray Train copies it to storage), then drop the folder."""
+    import ray.train
+
+    ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def log_step(writer: Any, progress: Any, step: int, metrics: dict[str, float], description: str) -> None:
+    """One metrics row (rank 0 writes; other ranks' writers are disabled) and one tick of the driver's bar."""
+    writer.log(step, metrics)
+    if progress is not None:
+        progress.set_description(description)
+        progress.update(1)
+
+
+def finish_logs(writer: Any, progress: Any) -> None:
     writer.close()
     if progress is not None:
         progress.close()
 
 
-def _progress_bar(name: str, total: int, initial: int) -> Any:
+def progress_bar(name: str, total: int, initial: int) -> Any:
     """A bar on the driver: Ray draws tqdm_ray bars of remote workers there."""
     from ray.experimental import tqdm_ray
 

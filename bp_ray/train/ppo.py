@@ -145,7 +145,7 @@ def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
 
 def ppo_worker_loop(config: dict) -> None:
     """Ray Train worker: PPO iterations from the latest checkpoint (if any) to ppo.total_steps."""
-    from bp_ray.train.loop import _progress_bar, worker_device
+    from bp_ray.train.loop import finish_logs, log_step, progress_bar, report_checkpoint, worker_device
 
     cfg: PipelineConfig = config["cfg"]
     ppo = cfg.ppo
@@ -215,7 +215,7 @@ def ppo_worker_loop(config: dict) -> None:
     start_step = state["step"]
     end_step = min(ppo.total_steps, ppo.stop_after_step) if ppo.stop_after_step else ppo.total_steps
     writer = MetricsWriter(Path(config["metrics_dir"]), enabled=rank == 0, start_step=start_step)
-    progress = _progress_bar("ppo", ppo.total_steps, start_step) if rank == 0 else None
+    progress = progress_bar("ppo", ppo.total_steps, start_step) if rank == 0 else None
     per_epoch = len(train) // ppo.rollout_batch_size
 
     for step in range(start_step, end_step):
@@ -285,16 +285,9 @@ def ppo_worker_loop(config: dict) -> None:
             metrics.update(evaluate())
             state.update(step=done, metrics=metrics, total_steps=ppo.total_steps,
                          kl_controller=controller.state_dict())
-            folder = _save_checkpoint(model, state, rank)
-            ray.train.report({**metrics, "step": done}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
-            shutil.rmtree(folder, ignore_errors=True)
-        writer.log(done, metrics)
-        if progress is not None:
-            progress.set_description(f"ppo reward {metrics['reward/combined']:.3f} kl {metrics['kl']:.2f}")
-            progress.update(1)
-    writer.close()
-    if progress is not None:
-        progress.close()
+            report_checkpoint(_save_checkpoint(model, state, rank), metrics, done)
+        log_step(writer, progress, done, metrics, f"ppo reward {metrics['reward/combined']:.3f} kl {metrics['kl']:.2f}")
+    finish_logs(writer, progress)
 
 
 def _save_checkpoint(model: _ActorCritic, state: dict[str, Any], rank: int) -> Path:
