@@ -22,8 +22,6 @@ logger = logging.getLogger("bp_ray")
 
 # Stages later issues implement; until then their commands say so instead of pretending to work.
 PENDING = {
-    "serve": "the beautifier on Ray Serve (issue 7)",
-    "client": "the command-line client of the beautifier endpoint (issue 7)",
     "eval": "the evaluation harness and report (issue 8)",
 }
 
@@ -241,6 +239,39 @@ def train_progress(manifest: dict) -> str:
     return done if manifest["complete"] else f"{done} (stopped: go on with --resume)"
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bp_ray.serve.runner import run_serve
+
+    overrides = list(args.overrides)
+    for key, value in (("model", args.model), ("host", args.host), ("port", args.port)):
+        if value is not None:
+            overrides.append(f"serve.{key}={value}")
+    cfg = load_config(args.preset or "tiny", overrides, config_file=args.config)
+    run_serve(cfg)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from bp_ray.serve.client import EndpointError, beautify_remote
+
+    cfg = config_from_args(args)
+    url = args.url or f"http://{cfg.serve.host}:{cfg.serve.port}"
+    try:
+        body = beautify_remote(url, args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
+                               max_new_tokens=args.max_new_tokens)
+    except EndpointError as error:
+        print(f"bp-ray client: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        for output in body["outputs"]:
+            print(output["text"])
+        print(f"(seed {body['seed']}, {body['usage']['completion_tokens']} tokens, {body['latency_ms']:.0f} ms)",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """The main job: every stage that exists, in order, on one run directory."""
     from tqdm import tqdm
@@ -366,16 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=None, help="comma-separated: original,tags,sft,ppo,llm")
     p.set_defaults(func=pending("eval"))
 
-    p = sub.add_parser("serve", parents=[_config_options()], help=PENDING["serve"])
-    p.add_argument("--model", default=None, metavar="DIR")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.set_defaults(func=pending("serve"))
+    p = sub.add_parser("serve", parents=[_config_options()], help="the beautifier endpoint on Ray Serve (foreground "
+                       "until Ctrl-C or SIGTERM)")
+    p.add_argument("--model", default=None, metavar="DIR", help="checkpoint to serve (default: serve.model, else "
+                   "the run's PPO, else its SFT model, else models.policy)")
+    p.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
+    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("client", parents=[_config_options()], help=PENDING["client"])
+    p = sub.add_parser("client", parents=[_config_options()], help="beautify a prompt with a running endpoint")
     p.add_argument("prompt")
-    p.add_argument("--url", default=None)
-    p.set_defaults(func=pending("client"))
+    p.add_argument("--url", default=None, help="endpoint (default http://<serve.host>:<serve.port>)")
+    p.add_argument("-n", type=int, default=1, help="number of rewrites")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the whole response body")
+    p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("pipeline", parents=[_stage_options()], help="the main job: every stage in order "
                        "on one run directory (--out)")

@@ -369,24 +369,42 @@ class PPOConfig:
 
 @dataclass
 class ServeConfig:
-    """The beautifier endpoint on Ray Serve."""
+    """The beautifier endpoint on Ray Serve: batched generation, autoscaling, backpressure, validation."""
 
     model: str = ""
-    """Checkpoint to serve; empty means the pipeline's PPO output, else models.policy."""
+    """Checkpoint to serve (HF folder or id, or tiny:<role>); empty means the run's PPO output if it exists,
+    else its SFT output, else models.policy."""
+    model_name: str = "bp-ray-beautifier"
+    """The id clients pass as `model` in OpenAI-style requests and that /v1/models lists."""
     host: str = "127.0.0.1"
     port: int = opt(8000, ge=1, le=65535)
     max_batch_size: int = opt(8, ge=1)
+    """Rows (prompts x n) per generate call; 1 turns batching off."""
     batch_wait_timeout_s: float = opt(0.05, ge=0)
     min_replicas: int = opt(1, ge=0)
     max_replicas: int = opt(2, ge=1)
     target_ongoing_requests: float = opt(4.0, gt=0)
     max_ongoing_requests: int = opt(16, ge=1)
+    """Requests one replica works on at once (its batch fills from these)."""
     max_queued_requests: int = opt(32, ge=-1)
+    """Requests waiting for a replica beyond max_ongoing_requests; more get HTTP 503 at once. -1: no limit."""
     request_timeout_s: float = opt(30.0, gt=0)
+    """A request not answered within this time gets HTTP 504."""
+    num_cpus_per_replica: float = opt(1.0, ge=0)
+    num_gpus_per_replica: float = opt(0.0, ge=0)
     max_prompt_chars: int = opt(1000, ge=1)
     max_new_tokens: int = opt(256, ge=1)
-    num_gpus_per_replica: float = opt(0.0, ge=0)
+    """Upper limit a request may ask for."""
+    default_max_new_tokens: int = opt(64, ge=1)
+    default_temperature: float = opt(0.7, ge=0, le=2)
+    top_p: float = opt(0.9, gt=0, le=1)
+    max_n: int = opt(8, ge=1)
+    """Most outputs one request may ask for (n)."""
     enable_render: bool = False
+    """Adds POST /v1/render: beautify, then render with Stable Diffusion (a second deployment)."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    render_cpus: float = opt(1.0, ge=0)
+    render_gpus: float = opt(0.0, ge=0)
 
 
 @dataclass
@@ -623,13 +641,17 @@ def _validate_cross_fields(cfg: PipelineConfig) -> None:
         bounds = getattr(data, key)
         if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1]:
             raise ConfigError(f"data.{key}={bounds} must be [min, max] with 0 <= min <= max")
+    if cfg.serve.default_max_new_tokens > cfg.serve.max_new_tokens:
+        raise ConfigError(f"serve.default_max_new_tokens={cfg.serve.default_max_new_tokens} exceeds "
+                          f"serve.max_new_tokens={cfg.serve.max_new_tokens}")
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas={cfg.serve.min_replicas} exceeds "
                           f"serve.max_replicas={cfg.serve.max_replicas}")
     if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
         raise ConfigError(f"ppo.minibatch_size={cfg.ppo.minibatch_size} exceeds "
                           f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size}")
-    for render_key, render in (("data.render", cfg.data.render), ("eval.render", cfg.eval.render)):
+    for render_key, render in (("data.render", cfg.data.render), ("eval.render", cfg.eval.render),
+                               ("serve.render", cfg.serve.render)):
         if render.height % 8 or render.width % 8:
             raise ConfigError(f"{render_key}.height and .width must be multiples of 8 "
                               f"(got {render.height}x{render.width})")

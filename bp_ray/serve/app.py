@@ -1,0 +1,460 @@
+"""The beautifier on Ray Serve: a FastAPI ingress deployment that batches generation with `@serve.batch`, and an
+optional Stable Diffusion deployment behind /v1/render, composed through a deployment handle.
+
+`build_app(cfg)` sets replicas, autoscaling, backpressure and resources from `cfg.serve`; `app_builder(args)` is
+the entry point of the Serve config files in cluster/ (`serve run cluster/serve.tiny.yaml`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bp_ray import __version__
+from bp_ray.config import PipelineConfig, load_config
+from bp_ray.layout import RunLayout
+from bp_ray.serve import schemas as S
+from bp_ray.serve.generation import (
+    GenerationRequest,
+    GenerationResult,
+    beautified_text,
+    beautify_input,
+    generate,
+    stream,
+)
+from bp_ray.serve.openapi_spec import BeautifierAPI
+
+logger = logging.getLogger(__name__)
+
+# One line of output: the SFT targets are single lines, so the beautifier's answer ends at the first newline.
+BEAUTIFY_STOP = ("\n",)
+
+
+# --- errors: every failure answers with the OpenAI error body --------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           kind: str = "invalid_request_error") -> JSONResponse:
+    body = S.ErrorResponse(error=S.ErrorDetail(message=message, type=kind, param=param, code=code))
+    return JSONResponse(status_code=status, content=body.model_dump())
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    """("body", "stop", "list[str]", 2) -> "stop[2]": union-branch tags such as "list[str]" are dropped."""
+    path = ""
+    for part in loc:
+        if part == "body" or (isinstance(part, str) and not part.isidentifier()) or part in _TYPE_TAGS:
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
+    return path
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "TextPart"}
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """FastAPI/pydantic errors -> one readable sentence and the first offending field.
+
+    A value that fails every branch of a union (`stop`: a string or a list) yields one error per branch: the
+    most specific one (a bound, not "should be a valid string") speaks for the field.
+    """
+    by_field: dict[str, dict[str, Any]] = {}
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            detail = error.get("ctx", {}).get("error", "")
+            return f"invalid JSON body{': ' + detail if detail else ''}", None
+        field = _field_path(error.get("loc", ()))
+        if not field:
+            return ("missing JSON body" if error.get("type") == "missing"
+                    else "the request body must be a JSON object"), None
+        kept = by_field.get(field)
+        if kept is None or (kept.get("type", "").endswith("_type") and not error.get("type", "").endswith("_type")):
+            by_field[field] = error
+    parts = [f"{field}: {str(error.get('msg', 'invalid value')).removeprefix('Value error, ')}"
+             for field, error in list(by_field.items())[:3]]
+    return "; ".join(parts), next(iter(by_field), None)
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        return _error(error.status, error.message, error.param, error.code, error.kind)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(error.errors()))
+        return _error(400, message, param)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            return _error(404, f"no such path: {request.url.path} (see /docs for the API)", kind="not_found_error")
+        if error.status_code == 405:
+            return _error(405, f"{request.method} is not allowed on {request.url.path} (see /docs for the API)")
+        return _error(error.status_code, str(error.detail))
+
+    @api.exception_handler(Exception)
+    async def _crash(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return _error(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": S.ErrorResponse, "description": text}
+    for status, text in ((400, "invalid request"), (404, "unknown model or path"),
+                         (500, "internal error"), (503, "overloaded: the queue is full"),
+                         (504, "timed out"))
+}
+SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+"""Placeholder for the streamed answers; `openapi_spec.with_limits` puts the event schemas in."""
+
+api = BeautifierAPI(title="bp-ray beautifier", version=__version__,
+              description="Turns a plain text-to-image prompt into one that makes Stable Diffusion draw a better "
+                          "picture (BeautifulPrompt). OpenAI-compatible under /v1.")
+install_error_handlers(api)
+
+
+# --- plain request handling (no Ray) ---------------------------------------------------------------------------
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> S.Usage:
+    return S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class Limits:
+    """The config-dependent checks of a request; each failure is an ApiError(400/404) naming the field."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.serve = cfg.serve
+
+    def model(self, name: str | None) -> None:
+        if name is not None and name != self.serve.model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this endpoint serves {self.serve.model_name!r}",
+                           param="model", code="model_not_found", kind="not_found_error")
+
+    def prompt(self, text: str, param: str = "prompt") -> None:
+        if len(text) > self.serve.max_prompt_chars:
+            raise ApiError(400, f"{param} is {len(text)} characters long; the limit is "
+                                f"{self.serve.max_prompt_chars}", param=param)
+
+    def n(self, n: int, prompts: int = 1) -> None:
+        if n * prompts > self.serve.max_n:
+            what = f"n={n}" if prompts == 1 else f"n={n} x {prompts} prompts"
+            raise ApiError(400, f"{what} asks for {n * prompts} outputs; the limit is {self.serve.max_n}",
+                           param="n")
+
+    def max_new_tokens(self, value: int | None, param: str) -> int:
+        if value is None:
+            return self.serve.default_max_new_tokens
+        if value > self.serve.max_new_tokens:
+            raise ApiError(400, f"{param}={value} exceeds the limit of {self.serve.max_new_tokens}", param=param)
+        return value
+
+
+def _new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+# --- deployments -----------------------------------------------------------------------------------------------
+
+@serve.deployment
+class Renderer:
+    """Stable Diffusion behind /v1/render: one prompt and seed -> PNG bytes."""
+
+    def __init__(self, cfg: PipelineConfig):
+        from bp_ray.models.loading import load_diffusion
+
+        self.cfg = cfg
+        models = cfg.models
+        self.pipe = load_diffusion(models.diffusion, models, device=models.device, dtype=models.dtype,
+                                   scheduler=self.cfg.serve.render.scheduler)
+
+    def render(self, prompt: str, seed: int) -> bytes:
+        from PIL import Image
+
+        from bp_ray.rewards.render import render_seeds
+
+        pixels = render_seeds(self.pipe, [prompt], [seed], self.cfg.serve.render)[0, 0]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+@serve.deployment
+@serve.ingress(api)
+class Beautifier:
+    """The endpoint: loads the policy once per replica; generation requests of all routes share its batches."""
+
+    def __init__(self, cfg: PipelineConfig, checkpoint: str, renderer: DeploymentHandle | None = None):
+        import torch
+
+        from bp_ray.models.loading import load_causal_lm
+
+        self.cfg = cfg
+        self.checkpoint = checkpoint
+        self.limits = Limits(self.cfg)
+        self.renderer = renderer
+        models = self.cfg.models
+        if models.device == "cpu" or not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(self.cfg.serve.num_cpus_per_replica)))
+        self.model, self.tokenizer = load_causal_lm(checkpoint, models, device=models.device, dtype=models.dtype)
+        # Imported here: this method reaches the replica by value, and only an import finds the real module.
+        from bp_ray.serve import openapi_spec
+
+        openapi_spec.SERVED["serve"] = self.cfg.serve
+        self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+        logger.info("beautifier replica up: %s (batch %d)", checkpoint, self.cfg.serve.max_batch_size)
+
+    # 1. generation: one row per item, so a request's n outputs may ride in different batches
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _generate_batch(self, rows: list[GenerationRequest]) -> list[GenerationResult]:
+        # Off the event loop: health checks and new requests keep flowing while a batch runs.
+        return await asyncio.to_thread(generate, self.model, self.tokenizer, rows)
+
+    async def _generate(self, request: GenerationRequest) -> GenerationResult:
+        rows = [GenerationRequest(request.text, 1, request.max_new_tokens, request.temperature, request.top_p,
+                                  request.seed + i, request.stop) for i in range(request.n)]
+        try:
+            parts = await asyncio.wait_for(asyncio.gather(*(self._generate_batch(row) for row in rows)),
+                                           timeout=self.cfg.serve.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"generation did not finish within {self.cfg.serve.request_timeout_s:g} s; "
+                                "retry later or ask for fewer tokens", kind="timeout_error") from None
+        return GenerationResult(parts[0].prompt_tokens, [c for part in parts for c in part.completions])
+
+    def _request(self, text: str, n: int, max_new_tokens: int, temperature: float | None, top_p: float | None,
+                 seed: int, stop: tuple[str, ...]) -> GenerationRequest:
+        serve_cfg = self.cfg.serve
+        return GenerationRequest(text, n, max_new_tokens,
+                                 serve_cfg.default_temperature if temperature is None else temperature,
+                                 serve_cfg.top_p if top_p is None else top_p, seed, stop)
+
+    def _beautify_request(self, prompt: str, n: int, max_new_tokens: int, temperature: float | None,
+                          top_p: float | None, seed: int) -> GenerationRequest:
+        return self._request(beautify_input(self.cfg.sft.instruction, prompt), n, max_new_tokens, temperature,
+                             top_p, seed, BEAUTIFY_STOP)
+
+    async def _stream_deltas(self, request: GenerationRequest) -> AsyncIterator[Any]:
+        deltas: Iterator[Any] = stream(self.model, self.tokenizer, request)
+        deadline = time.monotonic() + self.cfg.serve.request_timeout_s
+        while time.monotonic() < deadline:
+            delta = await asyncio.to_thread(next, deltas, None)
+            if delta is None:
+                return
+            yield delta
+
+    # 2. routes
+    @api.post("/v1/beautify", response_model=S.BeautifyResponse, responses=ERRORS)
+    async def beautify(self, body: S.BeautifyRequest) -> S.BeautifyResponse:
+        """Beautify one prompt with the training template; n outputs, seeded (output i uses seed + i)."""
+        start = time.perf_counter()
+        self.limits.model(body.model)
+        self.limits.prompt(body.prompt)
+        self.limits.n(body.n)
+        max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
+        seed = _new_seed() if body.seed is None else body.seed
+        result = await self._generate(self._beautify_request(body.prompt, body.n, max_new_tokens, body.temperature,
+                                                             body.top_p, seed))
+        outputs = [S.BeautifyOutput(index=i, text=beautified_text(c.text), finish_reason=c.finish_reason,
+                                    tokens=c.completion_tokens) for i, c in enumerate(result.completions)]
+        return S.BeautifyResponse(model=self.cfg.serve.model_name, prompt=body.prompt, seed=seed, outputs=outputs,
+                                  usage=_usage(result.prompt_tokens,
+                                               sum(c.completion_tokens for c in result.completions)),
+                                  latency_ms=round((time.perf_counter() - start) * 1000, 3))
+
+    @api.post("/v1/completions", response_model=S.CompletionResponse,
+              responses={**ERRORS, 200: {"content": SSE, "description": "JSON, or server-sent events if stream"}})
+    async def completions(self, body: S.CompletionRequest) -> Any:
+        """OpenAI completions: continues each prompt as given (no instruction template)."""
+        self.limits.model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        for i, prompt in enumerate(prompts):
+            self.limits.prompt(prompt, "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]")
+        self.limits.n(body.n, len(prompts))
+        max_new_tokens = self.limits.max_new_tokens(body.max_tokens, "max_tokens")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        seed = _new_seed() if body.seed is None else body.seed
+        requests = [self._request(p, body.n, max_new_tokens, body.temperature, body.top_p, seed, stop)
+                    for p in prompts]
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            if len(requests) > 1:
+                raise ApiError(400, "stream=true takes a single prompt", param="prompt")
+            return self._event_stream(requests[0], completion_id, created, chat=False)
+        results = await asyncio.gather(*(self._generate(r) for r in requests))
+        choices = [S.CompletionChoice(index=p * body.n + i, text=c.text, finish_reason=c.finish_reason)
+                   for p, result in enumerate(results) for i, c in enumerate(result.completions)]
+        return S.CompletionResponse(id=completion_id, created=created, model=self.cfg.serve.model_name,
+                                    choices=choices, usage=_usage(sum(r.prompt_tokens for r in results),
+                                                                  sum(c.completion_tokens for r in results
+                                                                      for c in r.completions)))
+
+    @api.post("/v1/chat/completions", response_model=S.ChatCompletionResponse,
+              responses={**ERRORS, 200: {"content": SSE, "description": "JSON, or server-sent events if stream"}})
+    async def chat_completions(self, body: S.ChatCompletionRequest) -> Any:
+        """OpenAI chat completions: the last user message is the prompt to beautify; the answer is its rewrite."""
+        self.limits.model(body.model)
+        prompt = [m for m in body.messages if m.role == "user"][-1].text()
+        self.limits.prompt(prompt, "messages")
+        self.limits.n(body.n)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_new_tokens = self.limits.max_new_tokens(
+            asked, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        seed = _new_seed() if body.seed is None else body.seed
+        request = self._beautify_request(prompt, body.n, max_new_tokens, body.temperature, body.top_p, seed)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return self._event_stream(request, completion_id, created, chat=True)
+        result = await self._generate(request)
+        choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=beautified_text(c.text)),
+                                finish_reason=c.finish_reason) for i, c in enumerate(result.completions)]
+        return S.ChatCompletionResponse(id=completion_id, created=created, model=self.cfg.serve.model_name,
+                                        choices=choices, usage=_usage(result.prompt_tokens, sum(
+                                            c.completion_tokens for c in result.completions)))
+
+    def _event_stream(self, request: GenerationRequest, completion_id: str, created: int,
+                      chat: bool) -> StreamingResponse:
+        model = self.cfg.serve.model_name
+
+        async def events() -> AsyncIterator[str]:
+            started = [False] * request.n
+            async for delta in self._stream_deltas(request):
+                text = delta.text
+                if chat and not started[delta.index]:
+                    text = text.lstrip()  # as beautified_text trims the whole answer
+                    started[delta.index] = bool(text)
+                if chat:
+                    chunk = S.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
+                        S.ChatDeltaChoice(index=delta.index, delta=S.AssistantMessage(content=text),
+                                          finish_reason=delta.finish_reason)])
+                else:
+                    chunk = S.CompletionResponse(id=completion_id, created=created, model=model, choices=[
+                        S.CompletionChoice(index=delta.index, text=text, finish_reason=delta.finish_reason)])
+                yield _sse(chunk.model_dump())
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @api.get("/v1/models", response_model=S.ModelList)
+    async def models(self) -> S.ModelList:
+        return S.ModelList(data=[self._card()])
+
+    @api.get("/v1/models/{model_id}", response_model=S.ModelCard, responses=ERRORS)
+    async def model(self, model_id: str) -> S.ModelCard:
+        self.limits.model(model_id)
+        return self._card()
+
+    def _card(self) -> S.ModelCard:
+        return S.ModelCard(id=self.cfg.serve.model_name, created=int(os.path.getmtime(__file__)))
+
+    @api.post("/v1/render", response_class=Response, responses={
+        **ERRORS, 200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                        "description": "the rendered PNG; headers X-Beautified-Prompt (URL-encoded) and X-Seed"}})
+    async def render(self, body: S.RenderRequest) -> Response:
+        """Beautify (unless beautify=false), then render with Stable Diffusion; returns a PNG."""
+        if self.renderer is None:
+            raise ApiError(404, "rendering is off on this endpoint; start it with --set serve.enable_render=true",
+                           code="render_disabled", kind="not_found_error")
+        self.limits.prompt(body.prompt)
+        seed = _new_seed() if body.seed is None else body.seed
+        prompt = body.prompt.strip()
+        if body.beautify:
+            max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
+            result = await self._generate(self._beautify_request(prompt, 1, max_new_tokens, body.temperature,
+                                                                 None, seed))
+            prompt = beautified_text(result.completions[0].text) or prompt
+        try:
+            png = await asyncio.wait_for(self.renderer.render.remote(prompt, seed),
+                                         timeout=self.cfg.serve.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"rendering did not finish within {self.cfg.serve.request_timeout_s:g} s",
+                           kind="timeout_error") from None
+        return Response(content=png, media_type="image/png",
+                        headers={"X-Beautified-Prompt": quote(prompt), "X-Seed": str(seed)})
+
+    @api.get("/healthz", response_model=S.Health)
+    async def healthz(self) -> S.Health:
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica context
+            replica = "local"
+        return S.Health(status="ok", model=self.cfg.serve.model_name, checkpoint=self.checkpoint, replica=replica,
+                        pid=os.getpid(), render=self.renderer is not None)
+
+
+# --- building the application ----------------------------------------------------------------------------------
+
+def serve_checkpoint(cfg: PipelineConfig) -> str:
+    """serve.model, else the run's PPO model, else its SFT model, else models.policy; resolved to a path."""
+    from bp_ray.models.loading import resolve_model
+
+    if cfg.serve.model:
+        return resolve_model(cfg.serve.model, cfg.models)
+    layout = RunLayout(Path(cfg.output_dir))
+    for stage in ("ppo", "sft"):
+        folder = layout.model_dir(stage)
+        if (folder / "config.json").exists():
+            return str(folder.resolve())
+    return resolve_model(cfg.models.policy, cfg.models)
+
+
+def deployment_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """Replicas (fixed, or autoscaled between min and max), backpressure limits and resources of the endpoint."""
+    from bp_ray.ray_runtime import WORKER_ENV
+
+    s = cfg.serve
+    scaling: dict[str, Any] = {"num_replicas": s.min_replicas} if s.min_replicas == s.max_replicas else {
+        "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                               "initial_replicas": max(1, s.min_replicas),
+                               "target_ongoing_requests": s.target_ongoing_requests}}
+    return {**scaling, "max_ongoing_requests": s.max_ongoing_requests,
+            "max_queued_requests": s.max_queued_requests,
+            "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica,
+                                  "runtime_env": {"env_vars": dict(WORKER_ENV)}}}
+
+
+def build_app(cfg: PipelineConfig, checkpoint: str | None = None) -> serve.Application:
+    """The Serve application: Beautifier (+ Renderer when serve.enable_render), configured from cfg.serve."""
+    checkpoint = checkpoint or serve_checkpoint(cfg)
+    renderer = None
+    if cfg.serve.enable_render:
+        renderer = Renderer.options(num_replicas=1, ray_actor_options={
+            "num_cpus": cfg.serve.render_cpus, "num_gpus": cfg.serve.render_gpus}).bind(cfg)
+    return Beautifier.options(**deployment_options(cfg)).bind(cfg, checkpoint, renderer)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve config entry point: args `preset` (or `config`), `overrides` ("section.key=value" list), `model`."""
+    overrides = list(args.get("overrides", []))
+    if args.get("model"):
+        overrides.append(f"serve.model={args['model']}")
+    cfg = load_config(args.get("preset", "tiny"), overrides, config_file=args.get("config"))
+    return build_app(cfg)

@@ -1,0 +1,244 @@
+"""Batched generation for the endpoint: many requests, each with its own n, seed, temperature, top-p, length and
+stop strings, in one `model.generate` call.
+
+Plain Python and torch, no Ray. Every output row samples from its own seeded random stream, so a request's
+outputs depend on its seed only, not on which other requests shared its batch (up to the last float bits of
+batched kernels, as with any batched inference).
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bp_ray.data.prompt_rules import first_line
+from bp_ray.train.sft_data import format_prompt
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request: `text` is the model input as is (the instruction template is already applied, if any)."""
+
+    text: str
+    n: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    """0 means greedy."""
+    top_p: float = 1.0
+    seed: int = 0
+    """Output i samples with seed + i."""
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    text: str
+    completion_tokens: int
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (hit max_new_tokens)."""
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    completions: list[Completion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Row:
+    request: int
+    seed: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+def beautify_input(instruction: str, prompt: str) -> str:
+    """The training template around a user prompt (the SFT model learned to continue exactly this)."""
+    return format_prompt(instruction, prompt.strip())
+
+
+def beautified_text(completion: str) -> str:
+    """The rewrite a user sees: the first line, trimmed (training targets are one line)."""
+    return first_line(completion).strip()
+
+
+def _expand(requests: Sequence[GenerationRequest]) -> list[_Row]:
+    return [_Row(index, request.seed + i, request.temperature, request.top_p, request.max_new_tokens)
+            for index, request in enumerate(requests) for i in range(request.n)]
+
+
+class RowSampler:
+    """A logits processor that picks every row's next token itself and returns a one-hot score, so that
+    `generate` in greedy mode takes exactly that token.
+
+    Each row draws its uniforms from its own `torch.Generator(seed)`, all up front, and samples by inverse CDF
+    over the top-p nucleus; greedy rows (temperature 0) take the argmax. Past its own max_new_tokens a row is
+    handed EOS, so a short request ends without waiting for the longest one.
+    """
+
+    def __init__(self, rows: Sequence[_Row], prompt_len: int, eos_token_id: int, device: torch.device):
+        steps = max(row.max_new_tokens for row in rows) + 1
+        self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator("cpu").manual_seed(row.seed))
+                                     for row in rows]).to(device)
+        self.temperatures = torch.tensor([row.temperature for row in rows], device=device)
+        self.top_ps = torch.tensor([row.top_p for row in rows], device=device)
+        self.limits = torch.tensor([row.max_new_tokens for row in rows], device=device)
+        self.greedy = self.temperatures == 0
+        self.nucleus = bool((self.top_ps < 1).any())
+        self.prompt_len = prompt_len
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        scores = scores.float()
+        temperatures = torch.where(self.greedy, torch.ones_like(self.temperatures), self.temperatures)
+        probs = torch.softmax(scores / temperatures[:, None], dim=-1)
+        if self.nucleus:
+            probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            outside = (probs.cumsum(dim=-1) - probs) >= self.top_ps[:, None]
+            probs = probs.masked_fill(outside, 0.0)
+        # Inverse CDF works in any token order: without a nucleus there is no need to sort.
+        cumulative = probs.cumsum(dim=-1)
+        targets = self.uniforms[:, step : step + 1] * cumulative[:, -1:]
+        chosen = torch.searchsorted(cumulative, targets).clamp(max=scores.shape[-1] - 1).squeeze(1)
+        if self.nucleus:
+            chosen = order.gather(1, chosen[:, None]).squeeze(1)
+        chosen = torch.where(self.greedy, scores.argmax(dim=-1), chosen)
+        chosen = torch.where(step >= self.limits, torch.full_like(chosen, self.eos_token_id), chosen)
+        one_hot = torch.full_like(scores, float("-inf"))
+        one_hot[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
+        return one_hot
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    # No special tokens: the SFT data tokenised the template the same way (sft_data.build_example).
+    return tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
+@torch.no_grad()
+def _run_generate(model: Any, tokenizer: Any, rows: Sequence[_Row], texts: Sequence[str],
+                  streamer: Any = None) -> tuple[torch.Tensor, int, list[int]]:
+    device = next(model.parameters()).device
+    encoded = _encode(tokenizer, texts, device)
+    prompt_len = encoded["input_ids"].shape[1]
+    prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+    sampler = RowSampler(rows, prompt_len, tokenizer.eos_token_id, device)
+    output = model.generate(**encoded, do_sample=False, logits_processor=[sampler],
+                            max_new_tokens=max(row.max_new_tokens for row in rows) + 1,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            streamer=streamer)
+    return output[:, prompt_len:], prompt_len, prompt_tokens
+
+
+def _response_tokens(ids: Sequence[int], eos_token_id: int, limit: int) -> tuple[list[int], str]:
+    ids = list(ids)
+    if eos_token_id in ids:
+        ids = ids[: ids.index(eos_token_id)]
+    return (ids, "length") if len(ids) >= limit else (ids, "stop")
+
+
+def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    """All requests' outputs (n each) from one batched `generate` call, in request order."""
+    if not requests:
+        return []
+    rows = _expand(requests)
+    responses, _, prompt_tokens = _run_generate(model, tokenizer, rows, [requests[r.request].text for r in rows])
+    results = [GenerationResult(prompt_tokens=0) for _ in requests]
+    for row, response, used in zip(rows, responses.tolist(), prompt_tokens, strict=True):
+        request = requests[row.request]
+        ids, finish = _response_tokens(response, tokenizer.eos_token_id, row.max_new_tokens)
+        text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), request.stop)
+        results[row.request].prompt_tokens = int(used)
+        results[row.request].completions.append(Completion(text, len(ids), "stop" if stopped else finish))
+    return results
+
+
+class _StepQueue:
+    """A `generate` streamer: hands each step's (rows,) new token ids to the consuming thread."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first puts the prompt ids
+            self._prompt_seen = True
+            return
+        self.items.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.items.put(None)
+
+
+@dataclass
+class StreamDelta:
+    """New text of output `index`; `finish_reason` is set on its last delta."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[StreamDelta]:
+    """One request's n outputs token by token, as text deltas; the same tokens `generate` returns for it.
+
+    Generation runs on a background thread; this generator decodes as tokens arrive.
+    """
+    import threading
+
+    rows = _expand([request])
+    steps = _StepQueue()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _run_generate(model, tokenizer, rows, [request.text] * len(rows), streamer=steps)
+        except BaseException as error:  # surfaced to the consumer below
+            errors.append(error)
+            steps.end()
+
+    thread = threading.Thread(target=work, name="bp-ray-stream", daemon=True)
+    thread.start()
+    tokens: list[list[int]] = [[] for _ in rows]
+    sent = ["" for _ in rows]
+    done = [False for _ in rows]
+    while not all(done):
+        step = steps.items.get()
+        if step is None:
+            break
+        for i, token in enumerate(step):
+            if done[i]:
+                continue
+            finish = None
+            if token == tokenizer.eos_token_id:
+                finish = "length" if len(tokens[i]) >= rows[i].max_new_tokens else "stop"
+            else:
+                tokens[i].append(token)
+            text = tokenizer.decode(tokens[i], skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, request.stop)
+            if stopped:
+                finish = "stop"
+            # Hold back a trailing partial character until its next byte arrives.
+            if finish is None and text.endswith("\ufffd"):
+                continue
+            delta, sent[i] = text[len(sent[i]):], text
+            if delta or finish:
+                yield StreamDelta(i, delta, finish)
+            done[i] = finish is not None
+    thread.join()
+    if errors:
+        raise errors[0]
+    for i, finished in enumerate(done):
+        if not finished:  # generate ended on its own length limit
+            yield StreamDelta(i, "", "length")

@@ -1,0 +1,226 @@
+"""Request and response bodies of the endpoint: bp-ray's own /v1/beautify and /v1/render, and the subset of the
+OpenAI API (completions, chat completions, models) that text clients use.
+
+Types are strict (a number is not a string, a string is not a number) and bounds that do not depend on the
+config live here, so that the OpenAPI spec states them; limits from the config (prompt length, n, max tokens)
+are checked by the app, which answers 400 with the same error body.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**53 - 1
+"""The largest integer a JSON number holds exactly."""
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="output i samples with seed + i; omitted: a random "
+                                                             "seed, returned in the response")]
+Count = Annotated[int, Field(ge=1, le=64)]
+Tokens = Annotated[int, Field(ge=1, le=4096)]
+
+
+NOT_BLANK = {"pattern": r"\S"}
+"""Documents the blank-prompt rule in the spec; the validator below gives the error message."""
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty or whitespace only")
+    return text
+
+
+class _Request(BaseModel):
+    # OpenAI clients send fields we have no use for (user, logit_bias, ...): ignore them rather than fail.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class BeautifyRequest(_Request):
+    prompt: str = Field(description="the plain text-to-image prompt to beautify", json_schema_extra=NOT_BLANK)
+    n: Count = 1
+    max_new_tokens: Tokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    model: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: str) -> str:
+        return _not_blank(prompt)
+
+
+class BeautifyOutput(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class BeautifyResponse(BaseModel):
+    model: str
+    prompt: str
+    seed: int
+    outputs: list[BeautifyOutput]
+    usage: Usage
+    latency_ms: float
+
+
+class RenderRequest(_Request):
+    prompt: str = Field(json_schema_extra=NOT_BLANK)
+    seed: Seed | None = None
+    beautify: bool = Field(True, description="false renders the prompt as given")
+    temperature: Temperature | None = None
+    max_new_tokens: Tokens | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: str) -> str:
+        return _not_blank(prompt)
+
+
+class CompletionRequest(_Request):
+    model: str
+    prompt: str | list[str] = Field(description="text to continue as is (no instruction template)")
+    max_tokens: Tokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Count = 1
+    stream: bool = False
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings that end an output")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, prompt: str | list[str]) -> str | list[str]:
+        for text in [prompt] if isinstance(prompt, str) else prompt or [""]:
+            _not_blank(text)
+        return prompt
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1, description="the last user message is the prompt to "
+                                                                  "beautify")
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Count = 1
+    stream: bool = False
+    seed: Seed | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _has_prompt(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        users = [m for m in messages if m.role == "user"]
+        if not users:
+            raise ValueError("needs a message with role 'user' (the prompt to beautify)")
+        _not_blank(users[-1].text())
+        return messages
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDeltaChoice(BaseModel):
+    index: int
+    delta: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatDeltaChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "bp-ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    checkpoint: str
+    replica: str
+    pid: int
+    render: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error body, so the `openai` client raises with our message."""
+
+    error: ErrorDetail

@@ -1,0 +1,291 @@
+"""The beautifier endpoint over real HTTP: `bp-ray serve` in its own process (its own local Ray and Serve), called
+with httpx, the official `openai` client, the data stage's OpenAI rewriter, `bp-ray client` and schemathesis.
+
+Tests run in file order against one server: the overload, replica-kill and SIGTERM tests come last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.integration.serve_process import ServeProcess, free_port, start
+
+pytestmark = pytest.mark.integration
+
+MODEL = "bp-ray-beautifier"
+# Small limits so that overload is reachable with a few dozen requests; one batch holds 4 rows.
+LIMITS = {"max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 4, "max_n": 4,
+          "max_new_tokens": 64, "max_prompt_chars": 200, "request_timeout_s": 30}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models_cfg) -> ServeProcess:
+    run_dir = tmp_path_factory.mktemp("serve-run")  # no trained model there: it serves models.policy
+    port = free_port()
+    overrides = [f"serve.{key}={value}" for key, value in LIMITS.items()]
+    overrides += [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"output_dir={run_dir}"]
+    argv = [sys.executable, "-m", "bp_ray.cli", "serve", "--preset", "tiny", "--port", str(port)]
+    for item in overrides:
+        argv += ["--set", item]
+    process = start(argv, run_dir / "serve.log", f"http://127.0.0.1:{port}", ready_line="bp-ray serve: ready")
+    yield process
+    process.stop()
+
+
+def post(server: ServeProcess, path: str, body: dict, timeout_s: float = 60) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=timeout_s)
+
+
+def beautified(server: ServeProcess, **body) -> list[str]:
+    response = post(server, "/v1/beautify", {"prompt": "a cat on a sofa", **body})
+    assert response.status_code == 200, response.text
+    return [output["text"] for output in response.json()["outputs"]]
+
+
+# --- happy paths -----------------------------------------------------------------------------------------------
+
+def test_health_models_and_spec_state_what_is_served(server):
+    health = httpx.get(server.url + "/healthz").json()
+    assert health["status"] == "ok" and health["model"] == MODEL and health["render"] is True
+    assert Path(health["checkpoint"]).name == "bloom"  # the zoo's policy: this run has no trained model
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == MODEL
+    assert httpx.get(server.url + f"/v1/models/{MODEL}").json()["id"] == MODEL
+    spec = httpx.get(server.url + "/openapi.json").json()
+    beautify = spec["components"]["schemas"]["BeautifyRequest"]["properties"]
+    assert beautify["n"]["maximum"] == LIMITS["max_n"]
+    assert beautify["prompt"]["maxLength"] == LIMITS["max_prompt_chars"]
+
+
+def test_beautify_applies_the_template_and_returns_n_seeded_outputs(server):
+    response = post(server, "/v1/beautify", {"prompt": "a cat on a sofa", "n": 3, "seed": 11,
+                                             "max_new_tokens": 12, "temperature": 1.0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["seed"] == 11 and body["prompt"] == "a cat on a sofa" and len(body["outputs"]) == 3
+    assert [o["index"] for o in body["outputs"]] == [0, 1, 2]
+    assert all(1 <= o["tokens"] <= 12 and "\n" not in o["text"] for o in body["outputs"])
+    # The instruction template is far longer than the 5-word prompt: it was applied.
+    assert body["usage"]["prompt_tokens"] > 20
+    assert body["usage"]["completion_tokens"] == sum(o["tokens"] for o in body["outputs"])
+    assert body["latency_ms"] > 0
+    unseeded = post(server, "/v1/beautify", {"prompt": "a dog"}).json()
+    assert isinstance(unseeded["seed"], int)  # a random seed, returned so the output can be reproduced
+
+
+def test_same_seed_same_output_alone_or_batched_with_others(server):
+    request = {"n": 2, "seed": 1234, "temperature": 1.0, "max_new_tokens": 16}
+    alone = beautified(server, **request)
+    assert beautified(server, **request) == alone
+
+    async def crowd() -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            bodies = [{"prompt": "a cat on a sofa", **request}] + [
+                {"prompt": f"a house number {i}", "seed": i, "max_new_tokens": 16} for i in range(3)]
+            responses = await asyncio.gather(*(client.post("/v1/beautify", json=b) for b in bodies))
+        return [[o["text"] for o in r.json()["outputs"]] for r in responses]
+
+    assert asyncio.run(crowd())[0] == alone
+    assert beautified(server, **{**request, "seed": 4321}) != alone
+
+
+def test_openai_client_completions_and_chat_plain_and_streamed(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+    completion = client.completions.create(model=MODEL, prompt="a cat", max_tokens=8, n=2, seed=5)
+    texts = [c.text for c in sorted(completion.choices, key=lambda c: c.index)]
+    assert len(texts) == 2 and completion.usage.completion_tokens > 0
+    streamed = ["", ""]
+    for chunk in client.completions.create(model=MODEL, prompt="a cat", max_tokens=8, n=2, seed=5, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == texts
+
+    chat = client.chat.completions.create(model=MODEL, messages=[
+        {"role": "system", "content": "ignored: the instruction template is fixed"},
+        {"role": "user", "content": "a cat on a sofa"}], max_tokens=16, seed=9)
+    answer = chat.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant" and answer == answer.strip() and "\n" not in answer
+    # Chat beautifies with the training template: the same as /v1/beautify with the same seed.
+    assert answer == beautified(server, seed=9, max_new_tokens=16)[0]
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a cat on a sofa"}],
+                                            max_tokens=16, seed=9, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer
+
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "a cat"}])
+    with pytest.raises(openai.BadRequestError, match="n=5 asks for 5 outputs; the limit is 4"):
+        client.completions.create(model=MODEL, prompt="a cat", n=5)
+
+
+def test_the_data_stage_rewriter_works_against_the_endpoint(server):
+    from bp_ray.data.openai_backend import OpenAIRewriter, OpenAISettings
+
+    settings = OpenAISettings(base_url=server.url + "/v1", model=MODEL, api="chat", max_new_tokens=16,
+                              temperature=0.0, max_retries=0)
+    with OpenAIRewriter(settings) as rewriter:
+        results = rewriter.complete(["a cat on a sofa", "a red car"])
+    assert all(r.error is None and r.text for r in results), results
+
+
+def test_render_beautifies_then_returns_a_png(server):
+    response = post(server, "/v1/render", {"prompt": "a cat on a sofa", "seed": 3})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png" and response.headers["x-seed"] == "3"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.size == (32, 32)  # the tiny preset's serve.render
+    prompt = unquote(response.headers["x-beautified-prompt"])
+    assert prompt != "a cat on a sofa"
+    assert prompt == beautified(server, seed=3, max_new_tokens=32, temperature=0.7)[0]
+    again = post(server, "/v1/render", {"prompt": "a cat on a sofa", "seed": 3})
+    assert again.content == response.content
+    plain = post(server, "/v1/render", {"prompt": "a cat on a sofa", "seed": 3, "beautify": False})
+    assert unquote(plain.headers["x-beautified-prompt"]) == "a cat on a sofa"
+
+
+def test_client_command_prints_the_rewrites(server, capsys):
+    from bp_ray.cli import main
+
+    assert main(["client", "a cat on a sofa", "--url", server.url, "-n", "2", "--seed", "7"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == beautified(server, n=2, seed=7)
+
+
+# --- bad input: 4xx with a clear message, the replica keeps serving ----------------------------------------------
+
+BAD_REQUESTS = [
+    ("/v1/beautify", {"prompt": "   "}, 400, "prompt: must not be empty or whitespace only"),
+    ("/v1/beautify", {"prompt": ""}, 400, "prompt: must not be empty"),
+    ("/v1/beautify", {"prompt": "x" * 201}, 400, "prompt is 201 characters long; the limit is 200"),
+    ("/v1/beautify", {"prompt": 42}, 400, "prompt: Input should be a valid string"),
+    ("/v1/beautify", {"prompt": "a cat", "n": "2"}, 400, "n: Input should be a valid integer"),
+    ("/v1/beautify", {"prompt": "a cat", "n": 0}, 400, "n: Input should be greater than or equal to 1"),
+    ("/v1/beautify", {"prompt": "a cat", "n": 5}, 400, "n=5 asks for 5 outputs; the limit is 4"),
+    ("/v1/beautify", {"prompt": "a cat", "temperature": 2.5}, 400, "temperature: Input should be less than"),
+    ("/v1/beautify", {"prompt": "a cat", "temperature": -1}, 400, "temperature: Input should be greater than"),
+    ("/v1/beautify", {"prompt": "a cat", "max_new_tokens": 65}, 400,
+     "max_new_tokens=65 exceeds the limit of 64"),
+    ("/v1/beautify", {"prompt": "a cat", "max_new_tokens": 0}, 400, "max_new_tokens: Input should be greater"),
+    ("/v1/beautify", {"prompt": "a cat", "seed": -3}, 400, "seed: Input should be greater than or equal to 0"),
+    ("/v1/beautify", {"n": 1}, 400, "prompt: Field required"),
+    ("/v1/beautify", [1, 2], 400, "the request body must be a JSON object"),
+    ("/v1/beautify", {"prompt": "a cat", "model": "dall-e"}, 404, "model 'dall-e' does not exist"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400,
+     "stream=true takes a single prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c"], "n": 2}, 400,
+     "n=2 x 3 prompts asks for 6 outputs; the limit is 4"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400,
+     "stop: List should have at most 4 items"),
+    ("/v1/completions", {"prompt": "a"}, 400, "model: Field required"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages: List should have at least 1 item"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": "hi"}]}, 400,
+     "needs a message with role 'user'"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400,
+     "messages[0].role: Input should be"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}],
+                              "max_completion_tokens": 100}, 400, "max_completion_tokens=100 exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), BAD_REQUESTS,
+                         ids=[f"{p}-{m[:30]}" for p, _, _, m in BAD_REQUESTS])
+def test_bad_requests_get_a_4xx_with_a_clear_message(server, path, body, status, message):
+    response = post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"], error
+    assert error["type"] in ("invalid_request_error", "not_found_error")
+
+
+@pytest.mark.parametrize(("method", "path", "content", "status", "message"), [
+    ("POST", "/v1/beautify", b'{"prompt": "a cat",', 400, "invalid JSON body"),
+    ("POST", "/v1/beautify", b"", 400, "missing JSON body"),
+    ("GET", "/v1/beautify", None, 405, "GET is not allowed on /v1/beautify"),
+    ("GET", "/v1/nothing-here", None, 404, "no such path: /v1/nothing-here"),
+    ("GET", "/v1/models/dall-e", None, 404, "model 'dall-e' does not exist"),
+])
+def test_malformed_http_gets_a_4xx_with_a_clear_message(server, method, path, content, status, message):
+    response = httpx.request(method, server.url + path, content=content, timeout=30,
+                             headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_bad_requests_did_not_hurt_the_replica(server):
+    assert beautified(server, seed=1)  # still answers after every bad input above
+
+
+def test_openapi_spec_fuzzed_with_schemathesis(server, tmp_path):
+    """Every operation, bounded in examples and time: no 5xx, and every response matches its declared schema."""
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    result = subprocess.run(
+        [str(schemathesis), "run", server.url + "/openapi.json", "--checks",
+         "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
+         "--max-examples", "8", "--max-time", "45", "--seed", "7", "--request-timeout", "30", "--workers", "1",
+         "--report", "junit", "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180)
+    summary = result.stdout[-3000:]
+    assert result.returncode == 0, summary
+    assert "Tested: 7" in summary and " passed" in summary
+
+
+# --- overload, failure, shutdown --------------------------------------------------------------------------------
+
+def test_overload_gets_fast_503s_while_admitted_requests_succeed_then_recovers(server):
+    async def burst(count: int) -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=count)) as client:
+            async def one(i: int) -> tuple[int, float]:
+                start = time.perf_counter()
+                response = await client.post("/v1/beautify", json={"prompt": f"a cat number {i}", "seed": i,
+                                                                   "max_new_tokens": 64, "temperature": 1.0})
+                return response.status_code, time.perf_counter() - start
+            return await asyncio.gather(*(one(i) for i in range(count)))
+
+    results = asyncio.run(burst(48))
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 8, statuses  # at most 4 running + 4 queued per replica at a time
+    assert statuses.count(200) >= 4, statuses
+    assert max(seconds for status, seconds in results if status == 503) < 10  # refused at once, not hung
+    assert beautified(server, seed=2)  # and it serves again afterwards
+
+
+def test_a_killed_replica_is_replaced_and_later_requests_succeed(server):
+    pid = httpx.get(server.url + "/healthz").json()["pid"]
+    os.kill(pid, signal.SIGKILL)  # the replica process of the server this module started
+    deadline = time.monotonic() + 120
+    successes, new_pids = 0, set()
+    while time.monotonic() < deadline and successes < 5:
+        try:
+            response = post(server, "/v1/beautify", {"prompt": "a cat", "max_new_tokens": 8}, timeout_s=30)
+            if response.status_code == 200:
+                successes += 1
+                new_pids.add(httpx.get(server.url + "/healthz", timeout=10).json()["pid"])
+            else:
+                successes = 0
+        except httpx.HTTPError:
+            successes = 0
+        time.sleep(0.5)
+    assert successes == 5, server.log_tail()
+    assert pid not in new_pids
+
+
+def test_sigterm_shuts_serve_down_cleanly(server):
+    assert server.stop(timeout_s=90) == 0, server.log_tail()
+    assert "bp-ray serve: shutting down" in server.log_tail()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/healthz", timeout=5)
