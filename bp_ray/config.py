@@ -380,18 +380,30 @@ class ServeConfig:
     port: int = opt(8000, ge=1, le=65535)
     max_batch_size: int = opt(8, ge=1)
     """Rows (prompts x n) per generate call; 1 turns batching off."""
-    batch_wait_timeout_s: float = opt(0.05, ge=0)
+    batch_wait_timeout_s: float = opt(0.01, ge=0)
+    """How long a batch waits for more rows once its first arrived (rows arriving while batches run join the next
+    one anyway)."""
+    max_concurrent_batches: int = opt(1, ge=1)
+    """Batches one ingress replica has at the generators at once. 1 fills batches best on one generator; set it
+    to max_replicas so that autoscaling sees batches queue up."""
     min_replicas: int = opt(1, ge=0)
+    """Generator replicas (the model), autoscaled between min_replicas and max_replicas."""
     max_replicas: int = opt(2, ge=1)
-    target_ongoing_requests: float = opt(4.0, gt=0)
+    target_ongoing_requests: float = opt(1.0, gt=0)
+    """Batches in flight per generator replica that autoscaling aims for."""
+    num_cpus_per_replica: float = opt(1.0, ge=0)
+    """Per generator replica; also its torch threads on CPU."""
+    num_gpus_per_replica: float = opt(0.0, ge=0)
+    ingress_replicas: int = opt(1, ge=1)
+    """HTTP ingress replicas (validation and batching, no model)."""
+    ingress_cpus: float = opt(0.5, ge=0)
     max_ongoing_requests: int = opt(16, ge=1)
-    """Requests one replica works on at once (its batch fills from these)."""
+    """Requests one ingress replica works on at once (its batches fill from these)."""
     max_queued_requests: int = opt(32, ge=-1)
-    """Requests waiting for a replica beyond max_ongoing_requests; more get HTTP 503 at once. -1: no limit."""
+    """Requests waiting for an ingress replica beyond max_ongoing_requests; more get HTTP 503 at once.
+    -1: no limit."""
     request_timeout_s: float = opt(30.0, gt=0)
     """A request not answered within this time gets HTTP 504."""
-    num_cpus_per_replica: float = opt(1.0, ge=0)
-    num_gpus_per_replica: float = opt(0.0, ge=0)
     max_prompt_chars: int = opt(1000, ge=1)
     max_new_tokens: int = opt(256, ge=1)
     """Upper limit a request may ask for."""

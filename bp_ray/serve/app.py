@@ -208,42 +208,88 @@ class Renderer:
 
 
 @serve.deployment
-@serve.ingress(api)
-class Beautifier:
-    """The endpoint: loads the policy once per replica; generation requests of all routes share its batches."""
+class Generator:
+    """The policy: each call generates one whole batch of rows (the ingress forms the batches). A process of its
+    own, so generation never competes with HTTP handling for one interpreter lock."""
 
-    def __init__(self, cfg: PipelineConfig, checkpoint: str, renderer: DeploymentHandle | None = None):
+    def __init__(self, cfg: PipelineConfig, checkpoint: str):
         import torch
 
         from bp_ray.models.loading import load_causal_lm
 
-        self.cfg = cfg
-        self.checkpoint = checkpoint
-        self.limits = Limits(self.cfg)
-        self.renderer = renderer
-        models = self.cfg.models
+        models = cfg.models
         if models.device == "cpu" or not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(self.cfg.serve.num_cpus_per_replica)))
+            torch.set_num_threads(max(1, int(cfg.serve.num_cpus_per_replica)))
+        self.checkpoint = checkpoint
         self.model, self.tokenizer = load_causal_lm(checkpoint, models, device=models.device, dtype=models.dtype)
+        self.stats = S.BatchStats()
+        logger.info("generator replica up: %s", checkpoint)
+
+    def generate(self, rows: list[GenerationRequest]) -> list[GenerationResult]:
+        start = time.perf_counter()
+        results = generate(self.model, self.tokenizer, rows)
+        self.stats.batches += 1
+        self.stats.rows += len(rows)
+        self.stats.generate_s += time.perf_counter() - start
+        return results
+
+    def stream(self, request: GenerationRequest) -> Iterator[Any]:
+        yield from stream(self.model, self.tokenizer, request)
+
+    def info(self) -> S.GeneratorInfo:
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica
+            replica = "local"
+        return S.GeneratorInfo(checkpoint=self.checkpoint, replica=replica, pid=os.getpid(), batching=self.stats)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Beautifier:
+    """The HTTP ingress: validates requests and forms batches of output rows for the Generator deployment; rows of
+    every route (beautify, completions, chat, render) share the batches."""
+
+    def __init__(self, cfg: PipelineConfig, generator: DeploymentHandle, renderer: DeploymentHandle | None = None):
         # Imported here: this method reaches the replica by value, and only an import finds the real module.
         from bp_ray.serve import openapi_spec
 
-        openapi_spec.SERVED["serve"] = self.cfg.serve
-        self._generate_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
-        logger.info("beautifier replica up: %s (batch %d)", checkpoint, self.cfg.serve.max_batch_size)
+        openapi_spec.SERVED["serve"] = cfg.serve
+        self.cfg = cfg
+        self.limits = Limits(cfg)
+        self.generator = generator
+        self.renderer = renderer
+        # Built here, not as a decorator, because the number of batches in flight comes from the config.
+        self._generate_batch = serve.batch(max_batch_size=cfg.serve.max_batch_size,
+                                           batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
+                                           max_concurrent_batches=cfg.serve.max_concurrent_batches)(self._run_batch)
+        self._in_flight = 0
+        self._slot_free = asyncio.Event()
+        self._slot_free.set()
 
-    # 1. generation: one row per item, so a request's n outputs may ride in different batches
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _generate_batch(self, rows: list[GenerationRequest]) -> list[GenerationResult]:
-        # Off the event loop: health checks and new requests keep flowing while a batch runs.
-        return await asyncio.to_thread(generate, self.model, self.tokenizer, rows)
+    # 1. generation: one row per item, so a request's n outputs may ride in different batches.
+    # serve.batch forms a batch every batch_wait_timeout_s even while max_concurrent_batches are running, so
+    # under load it queues many small batches (measured: ~5 rows per batch at 32 clients). Rows therefore wait
+    # at a gate while every slot is busy and enter serve.batch together when one frees: one full batch.
+    async def _run_batch(self, rows: list[GenerationRequest]) -> list[GenerationResult]:
+        self._in_flight += 1
+        if self._in_flight >= self.cfg.serve.max_concurrent_batches:
+            self._slot_free.clear()
+        try:
+            return await self.generator.generate.remote(list(rows))
+        finally:
+            self._in_flight -= 1
+            self._slot_free.set()
+
+    async def _generate_row(self, row: GenerationRequest) -> GenerationResult:
+        await self._slot_free.wait()
+        return await self._generate_batch(row)
 
     async def _generate(self, request: GenerationRequest) -> GenerationResult:
         rows = [GenerationRequest(request.text, 1, request.max_new_tokens, request.temperature, request.top_p,
                                   request.seed + i, request.stop) for i in range(request.n)]
         try:
-            parts = await asyncio.wait_for(asyncio.gather(*(self._generate_batch(row) for row in rows)),
+            parts = await asyncio.wait_for(asyncio.gather(*(self._generate_row(row) for row in rows)),
                                            timeout=self.cfg.serve.request_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(504, f"generation did not finish within {self.cfg.serve.request_timeout_s:g} s; "
@@ -263,13 +309,11 @@ class Beautifier:
                              top_p, seed, BEAUTIFY_STOP)
 
     async def _stream_deltas(self, request: GenerationRequest) -> AsyncIterator[Any]:
-        deltas: Iterator[Any] = stream(self.model, self.tokenizer, request)
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
-        while time.monotonic() < deadline:
-            delta = await asyncio.to_thread(next, deltas, None)
-            if delta is None:
-                return
+        async for delta in self.generator.options(stream=True).stream.remote(request):
             yield delta
+            if time.monotonic() > deadline:
+                return
 
     # 2. routes
     @api.post("/v1/beautify", response_model=S.BeautifyResponse, responses=ERRORS)
@@ -400,14 +444,15 @@ class Beautifier:
         return Response(content=png, media_type="image/png",
                         headers={"X-Beautified-Prompt": quote(prompt), "X-Seed": str(seed)})
 
-    @api.get("/healthz", response_model=S.Health)
+    @api.get("/healthz", response_model=S.Health, responses=ERRORS)
     async def healthz(self) -> S.Health:
+        """This ingress replica and one generator replica (the one the call reached), with its batching figures."""
         try:
-            replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a replica context
-            replica = "local"
-        return S.Health(status="ok", model=self.cfg.serve.model_name, checkpoint=self.checkpoint, replica=replica,
-                        pid=os.getpid(), render=self.renderer is not None)
+            generator = await asyncio.wait_for(self.generator.info.remote(), timeout=self.cfg.serve.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(503, "no generator replica answered", kind="server_error") from None
+        return S.Health(status="ok", model=self.cfg.serve.model_name, pid=os.getpid(),
+                        render=self.renderer is not None, generator=generator)
 
 
 # --- building the application ----------------------------------------------------------------------------------
@@ -426,29 +471,37 @@ def serve_checkpoint(cfg: PipelineConfig) -> str:
     return resolve_model(cfg.models.policy, cfg.models)
 
 
-def deployment_options(cfg: PipelineConfig) -> dict[str, Any]:
-    """Replicas (fixed, or autoscaled between min and max), backpressure limits and resources of the endpoint."""
+def deployment_options(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Options of the two deployments: the ingress (HTTP admission: max_ongoing/max_queued requests, so overload
+    gets 503) and the generator (replicas fixed, or autoscaled between min and max on batches in flight)."""
     from bp_ray.ray_runtime import WORKER_ENV
 
     s = cfg.serve
+    env = {"runtime_env": {"env_vars": dict(WORKER_ENV)}}
     scaling: dict[str, Any] = {"num_replicas": s.min_replicas} if s.min_replicas == s.max_replicas else {
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                "initial_replicas": max(1, s.min_replicas),
                                "target_ongoing_requests": s.target_ongoing_requests}}
-    return {**scaling, "max_ongoing_requests": s.max_ongoing_requests,
-            "max_queued_requests": s.max_queued_requests,
-            "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica,
-                                  "runtime_env": {"env_vars": dict(WORKER_ENV)}}}
+    return {
+        "ingress": {"num_replicas": s.ingress_replicas, "max_ongoing_requests": s.max_ongoing_requests,
+                    "max_queued_requests": s.max_queued_requests,
+                    "ray_actor_options": {"num_cpus": s.ingress_cpus, **env}},
+        # A generator replica works on the batches the ingress replicas send it, queued beyond that.
+        "generator": {**scaling, "max_ongoing_requests": max(1, s.ingress_replicas), "max_queued_requests": -1,
+                      "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica,
+                                            **env}},
+    }
 
 
 def build_app(cfg: PipelineConfig, checkpoint: str | None = None) -> serve.Application:
-    """The Serve application: Beautifier (+ Renderer when serve.enable_render), configured from cfg.serve."""
-    checkpoint = checkpoint or serve_checkpoint(cfg)
+    """The Serve application: Beautifier (HTTP ingress) -> Generator (+ Renderer when serve.enable_render)."""
+    options = deployment_options(cfg)
+    generator = Generator.options(**options["generator"]).bind(cfg, checkpoint or serve_checkpoint(cfg))
     renderer = None
     if cfg.serve.enable_render:
         renderer = Renderer.options(num_replicas=1, ray_actor_options={
             "num_cpus": cfg.serve.render_cpus, "num_gpus": cfg.serve.render_gpus}).bind(cfg)
-    return Beautifier.options(**deployment_options(cfg)).bind(cfg, checkpoint, renderer)
+    return Beautifier.options(**options["ingress"]).bind(cfg, generator, renderer)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -15,9 +15,10 @@ APP_NAME = "beautifier"
 
 
 def required_cpus(cfg: PipelineConfig) -> float:
-    """CPUs the application needs at its minimum size (at least one beautifier replica, plus the renderer)."""
+    """CPUs the application needs at its minimum size: ingress, at least one generator, the renderer."""
     s = cfg.serve
-    return max(1, s.min_replicas) * s.num_cpus_per_replica + (s.render_cpus if s.enable_render else 0.0)
+    return (max(1, s.min_replicas) * s.num_cpus_per_replica + s.ingress_replicas * s.ingress_cpus
+            + (s.render_cpus if s.enable_render else 0.0))
 
 
 def start_serve(cfg: PipelineConfig, checkpoint: str | None = None) -> str:

@@ -204,13 +204,28 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class Health(BaseModel):
-    status: Literal["ok"]
-    model: str
+class BatchStats(BaseModel):
+    """Generation batches this replica ran since it started: mean rows per batch shows how well batching fills."""
+
+    batches: int = 0
+    rows: int = 0
+    generate_s: float = 0.0
+
+
+class GeneratorInfo(BaseModel):
     checkpoint: str
     replica: str
     pid: int
+    batching: BatchStats
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    pid: int
+    """The ingress replica's process."""
     render: bool
+    generator: GeneratorInfo
 
 
 class ErrorDetail(BaseModel):

@@ -28,10 +28,10 @@ class ServeProcess:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
-    def stop(self, timeout_s: float = 90.0) -> int:
-        """SIGTERM, then SIGKILL of the process group we started if it does not exit in time."""
+    def stop(self, timeout_s: float = 90.0, sig: int = signal.SIGTERM) -> int:
+        """`sig` (SIGTERM), then SIGKILL of the process group we started if it does not exit in time."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:

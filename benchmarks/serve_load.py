@@ -1,0 +1,166 @@
+"""Load on the beautifier endpoint on this machine: requests/s and p50/p99 latency at 1, 8, 32 and 64 concurrent
+clients, for (a) the batched deployment, (b) the same deployment with batching off (max_batch_size 1) and (c) the
+model's own `generate` on the same batch sizes in this process, with no HTTP and no Serve (the limit here).
+
+Each client is a closed loop (send, wait for the answer, send again) over loopback HTTP; every level sends a
+bounded number of requests. Requests are `POST /v1/beautify` with the training template, `max_new_tokens` new
+tokens at temperature 0.7, top-p 0.9, a distinct seed each. The served model is the tiny zoo's policy (random
+weights, so every output runs to the token limit, the worst case); one replica with serve.num_cpus_per_replica
+(1 torch thread), the same thread count as the in-process limit. Backpressure is off here (no 503s): this
+measures throughput, not admission.
+
+    python benchmarks/serve_load.py [--requests-per-client 6] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+import torch
+
+from bp_ray.config import PipelineConfig, load_config
+from bp_ray.models.loading import load_causal_lm, resolve_model
+from bp_ray.serve.generation import beautify_input
+
+CONCURRENCY = (1, 8, 32, 64)
+PROMPTS = ("a cat on a sofa", "a red car in the rain", "a lighthouse at night", "portrait of an old sailor",
+           "a castle on a hill", "a bowl of fruit", "a dragon over the city", "a forest in autumn")
+PORT = 8123
+
+
+def serve_config(batched: bool, max_batch_size: int, batch_wait_s: float = 0.01) -> PipelineConfig:
+    return load_config("tiny", [f"serve.batch_wait_timeout_s={batch_wait_s}",
+        "serve.min_replicas=1", "serve.max_replicas=1", "serve.max_concurrent_batches=1", "serve.enable_render=false",
+        f"serve.max_batch_size={max_batch_size if batched else 1}",
+        "serve.max_ongoing_requests=128", "serve.max_queued_requests=-1", "serve.request_timeout_s=300",
+        f"serve.port={PORT}", "serve.max_new_tokens=256"])
+
+
+def percentiles(latencies: Sequence[float]) -> tuple[float, float]:
+    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+
+
+async def closed_loop(url: str, clients: int, per_client: int, max_new_tokens: int) -> dict[str, float]:
+    """`clients` concurrent loops of `per_client` requests each; requests/s over the whole level.
+
+    aiohttp (installed with Ray), not httpx: at 64 concurrent requests httpx's async client was measured here to
+    spend ~8 ms of CPU per request against ~0.3 ms for aiohttp, which on 2 cores would starve the server."""
+    import aiohttp
+
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
+        async def loop(client: int) -> None:
+            for i in range(per_client):
+                seed = client * 1000 + i
+                body = {"prompt": PROMPTS[seed % len(PROMPTS)], "seed": seed, "max_new_tokens": max_new_tokens,
+                        "temperature": 0.7}
+                start = time.perf_counter()
+                async with http.post("/v1/beautify", json=body) as response:
+                    response.raise_for_status()
+                    await response.read()
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    p50, p99 = percentiles(latencies)
+    return {"rps": len(latencies) / wall, "p50_ms": p50 * 1000, "p99_ms": p99 * 1000, "requests": len(latencies)}
+
+
+def measure_endpoint(cfg: PipelineConfig, name: str, per_client: dict[int, int],
+                            max_new_tokens: int) -> dict[int, dict]:
+    from ray import serve
+
+    from bp_ray.serve.app import build_app
+
+    serve.run(build_app(cfg, resolve_model(cfg.models.policy, cfg.models)), name=name, route_prefix="/")
+    url = f"http://127.0.0.1:{PORT}"
+    asyncio.run(closed_loop(url, 8, 2, max_new_tokens))  # warm-up
+    results = {}
+    for clients in CONCURRENCY:
+        before = httpx.get(url + "/healthz").json()["generator"]["batching"]
+        results[clients] = row = asyncio.run(closed_loop(url, clients, per_client[clients], max_new_tokens))
+        after = httpx.get(url + "/healthz").json()["generator"]["batching"]
+        batches = after["batches"] - before["batches"]
+        row["mean_batch_rows"] = (after["rows"] - before["rows"]) / max(1, batches)
+        row["generate_share"] = (after["generate_s"] - before["generate_s"]) / (row["requests"] / row["rps"])
+        print(f"  {name:10s} {clients:3d} clients: {row['rps']:7.1f} req/s, p50 {row['p50_ms']:.0f} ms "
+              f"({row['requests']} requests, {row['mean_batch_rows']:.1f} rows per batch, generate busy "
+              f"{row['generate_share']:.0%} of the time)", flush=True)
+    serve.delete(name)
+    return results
+
+
+@torch.no_grad()
+def measure_limit(cfg: PipelineConfig, max_new_tokens: int, repeats: int = 3) -> dict[int, dict]:
+    """`generate` on batches of the same templated prompts, one torch thread, no HTTP: prompts/s."""
+    torch.set_num_threads(max(1, int(cfg.serve.num_cpus_per_replica)))
+    model, tokenizer = load_causal_lm(cfg.models.policy, cfg.models, device="cpu")
+    results = {}
+    for batch in CONCURRENCY:
+        texts = [beautify_input(cfg.sft.instruction, PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model.generate(**encoded, do_sample=True, temperature=0.7, top_p=0.9, top_k=0,
+                           max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times[1:])
+        results[batch] = {"rps": batch / seconds, "p50_ms": seconds * 1000, "p99_ms": seconds * 1000,
+                          "requests": batch * repeats}
+        print(f"  limit      batch {batch:3d}: {results[batch]['rps']:7.1f} prompts/s", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--min-requests", type=int, default=48, help="at least this many requests per level")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from bp_ray.ray_runtime import init_ray
+
+    batched_cfg = serve_config(True, max(CONCURRENCY))
+    init_ray(batched_cfg.cluster)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    table: dict[str, dict[int, dict]] = {}
+    try:
+        per_client = {c: max(args.requests_per_client, -(-args.min_requests // c)) for c in CONCURRENCY}
+        for name, cfg in (("batched", batched_cfg), ("unbatched", serve_config(False, 1))):
+            table[name] = measure_endpoint(cfg, name, per_client, args.max_new_tokens)
+        table["limit"] = measure_limit(batched_cfg, args.max_new_tokens)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print(f"\nbeautify, {args.max_new_tokens} new tokens, 1 replica, 2 cores (requests/s; p50 / p99 latency in ms)")
+    print("| clients | batched req/s | p50 / p99 | unbatched req/s | p50 / p99 | in-process limit req/s "
+          "| batched / unbatched | batched / limit |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in CONCURRENCY:
+        b, u, limit = table["batched"][c], table["unbatched"][c], table["limit"][c]
+        print(f"| {c} | {b['rps']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | {u['rps']:.1f} | "
+              f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f} | {limit['rps']:.1f} | {b['rps'] / u['rps']:.2f}x | "
+              f"{b['rps'] / limit['rps']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({name: {str(c): row for c, row in rows.items()} for name, rows in table.items()}, handle,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
