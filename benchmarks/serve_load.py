@@ -35,8 +35,8 @@ PROMPTS = ("a cat on a sofa", "a red car in the rain", "a lighthouse at night", 
 PORT = 8123
 
 
-def serve_config(batched: bool, max_batch_size: int, batch_wait_s: float = 0.01) -> PipelineConfig:
-    return load_config("tiny", [f"serve.batch_wait_timeout_s={batch_wait_s}",
+def serve_config(batched: bool, max_batch_size: int) -> PipelineConfig:
+    return load_config("tiny", [
         "serve.min_replicas=1", "serve.max_replicas=1", "serve.max_concurrent_batches=1", "serve.enable_render=false",
         f"serve.max_batch_size={max_batch_size if batched else 1}",
         "serve.max_ongoing_requests=128", "serve.max_queued_requests=-1", "serve.request_timeout_s=300",

@@ -336,6 +336,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     for stage in PENDING_STAGES:
         print(f"{stage}: not implemented yet")
     print(f"done in {time.perf_counter() - start:.1f} s")
+    print(f"serve the trained beautifier: bp-ray serve --preset {cfg.preset} --set output_dir={layout.root}   "
+          f"(or --model {layout.model_dir('ppo')})")
     return 0
 
 

@@ -381,8 +381,9 @@ class ServeConfig:
     max_batch_size: int = opt(8, ge=1)
     """Rows (prompts x n) per generate call; 1 turns batching off."""
     batch_wait_timeout_s: float = opt(0.01, ge=0)
-    """How long a batch waits for more rows once its first arrived (rows arriving while batches run join the next
-    one anyway)."""
+    """How long a batch waits for more rows once its first arrived: the rows that waited at the ingress's gate
+    while the previous batch ran need a moment to reach the queue (measured: 0 s gave 2.7 rows per batch at 8
+    clients, 0.01 s gave 6.9)."""
     max_concurrent_batches: int = opt(1, ge=1)
     """Batches one ingress replica has at the generators at once. 1 fills batches best on one generator; set it
     to max_replicas so that autoscaling sees batches queue up."""
