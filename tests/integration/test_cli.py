@@ -108,6 +108,7 @@ def test_pipeline_runs_every_landed_stage_and_status_reports_it(capsys, tmp_path
     assert "sft: " in out and "held-out loss" in out and "rm: shared_backbone" in out
     assert "ppo: 2/2 steps" in out and "held-out reward" in out
     assert "eval: not implemented yet" in out  # nothing pretends to have run
+    assert f"bp-ray serve --preset tiny --set output_dir={run}" in out
     assert (run / "sft" / "model" / "model.safetensors").exists()
     assert (run / "rm" / "shared" / "model" / "model.safetensors").exists()
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus_rows"] == 60
