@@ -25,7 +25,7 @@ run: install
 # The test suite. pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests -q; rc=$$?; \
+	$(BIN)/python -m pytest tests -q --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-unit: install

@@ -378,6 +378,9 @@ class ServeConfig:
     """The id clients pass as `model` in OpenAI-style requests and that /v1/models lists."""
     host: str = "127.0.0.1"
     port: int = opt(8000, ge=1, le=65535)
+    metrics_port: int = opt(0, ge=0, le=65535)
+    """Where a local Ray started by `bp-ray serve` exports Prometheus metrics (Serve's own included); 0: a port
+    Ray picks. A cluster's Ray sets its own (`ray start --metrics-export-port`)."""
     max_batch_size: int = opt(8, ge=1)
     """Rows (prompts x n) per generate call; 1 turns batching off."""
     batch_wait_timeout_s: float = opt(0.01, ge=0)

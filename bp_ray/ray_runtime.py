@@ -14,8 +14,9 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
 
 
-def init_ray(cluster: ClusterConfig) -> None:
-    """Join cluster.address (or RAY_ADDRESS, set by `ray job submit`), else start a local Ray on loopback."""
+def init_ray(cluster: ClusterConfig, metrics_export_port: int = 0) -> None:
+    """Join cluster.address (or RAY_ADDRESS, set by `ray job submit`), else start a local Ray on loopback, with its
+    Prometheus metrics on `metrics_export_port` when that is not 0."""
     import ray
 
     if ray.is_initialized():
@@ -24,7 +25,9 @@ def init_ray(cluster: ClusterConfig) -> None:
     env_vars = dict(WORKER_ENV)
     if os.environ.get("BP_RAY_CACHE"):
         env_vars["BP_RAY_CACHE"] = os.environ["BP_RAY_CACHE"]
-    kwargs = {} if address else {"num_cpus": cluster.num_cpus or None, "include_dashboard": False}
+    kwargs: dict[str, Any] = {} if address else {"num_cpus": cluster.num_cpus or None, "include_dashboard": False}
+    if metrics_export_port and not address:
+        kwargs["_metrics_export_port"] = metrics_export_port
     ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, **kwargs)
     logger.info("ray: %s", "joined " + address if address else "started a local instance")
 

@@ -28,8 +28,8 @@ def start_serve(cfg: PipelineConfig, checkpoint: str | None = None) -> str:
     from bp_ray.ray_runtime import init_ray, require_resources
     from bp_ray.serve.app import build_app, serve_checkpoint
 
-    init_ray(cfg.cluster)
     s = cfg.serve
+    init_ray(cfg.cluster, metrics_export_port=s.metrics_port)
     require_resources(cfg.cluster, required_cpus(cfg), max(1, s.min_replicas) * s.num_gpus_per_replica
                       + (s.render_gpus if s.enable_render else 0.0), "the beautifier endpoint")
     checkpoint = checkpoint or serve_checkpoint(cfg)
@@ -63,6 +63,9 @@ def run_serve(cfg: PipelineConfig, checkpoint: str | None = None, stop: threadin
             signal.signal(sig, lambda *_: stop.set())
         print(f"bp-ray serve: ready at {url} (POST /v1/beautify, OpenAI API under {url}/v1, docs at {url}/docs); "
               "Ctrl-C stops it", flush=True)
+        if cfg.serve.metrics_port:
+            print(f"bp-ray serve: Prometheus metrics at http://127.0.0.1:{cfg.serve.metrics_port}/metrics",
+                  flush=True)
         stop.wait()
         print("bp-ray serve: shutting down", flush=True)
     finally:
