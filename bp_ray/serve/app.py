@@ -486,8 +486,11 @@ def deployment_options(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         "ingress": {"num_replicas": s.ingress_replicas, "max_ongoing_requests": s.max_ongoing_requests,
                     "max_queued_requests": s.max_queued_requests,
                     "ray_actor_options": {"num_cpus": s.ingress_cpus, **env}},
-        # A generator replica works on the batches the ingress replicas send it, queued beyond that.
-        "generator": {**scaling, "max_ongoing_requests": max(1, s.ingress_replicas), "max_queued_requests": -1,
+        # Batches are bounded by the ingress (replicas x max_concurrent_batches); the headroom lets streamed
+        # requests and health checks run beside a batch instead of queueing behind it (sync methods run on
+        # Serve's thread pool).
+        "generator": {**scaling, "max_ongoing_requests": s.ingress_replicas * s.max_concurrent_batches + 4,
+                      "max_queued_requests": -1,
                       "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica,
                                             **env}},
     }
