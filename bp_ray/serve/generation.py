@@ -9,6 +9,7 @@ batched kernels, as with any batched inference).
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,7 +129,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[
 
 @torch.no_grad()
 def _run_generate(model: Any, tokenizer: Any, rows: Sequence[_Row], texts: Sequence[str],
-                  streamer: Any = None) -> tuple[torch.Tensor, int, list[int]]:
+                  streamer: Any = None) -> tuple[torch.Tensor, list[int]]:
     device = next(model.parameters()).device
     encoded = _encode(tokenizer, texts, device)
     prompt_len = encoded["input_ids"].shape[1]
@@ -138,7 +139,7 @@ def _run_generate(model: Any, tokenizer: Any, rows: Sequence[_Row], texts: Seque
                             max_new_tokens=max(row.max_new_tokens for row in rows) + 1,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                             streamer=streamer)
-    return output[:, prompt_len:], prompt_len, prompt_tokens
+    return output[:, prompt_len:], prompt_tokens
 
 
 def _response_tokens(ids: Sequence[int], eos_token_id: int, limit: int) -> tuple[list[int], str]:
@@ -153,7 +154,7 @@ def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) 
     if not requests:
         return []
     rows = _expand(requests)
-    responses, _, prompt_tokens = _run_generate(model, tokenizer, rows, [requests[r.request].text for r in rows])
+    responses, prompt_tokens = _run_generate(model, tokenizer, rows, [requests[r.request].text for r in rows])
     results = [GenerationResult(prompt_tokens=0) for _ in requests]
     for row, response, used in zip(rows, responses.tolist(), prompt_tokens, strict=True):
         request = requests[row.request]
@@ -195,8 +196,6 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[S
 
     Generation runs on a background thread; this generator decodes as tokens arrive.
     """
-    import threading
-
     rows = _expand([request])
     steps = _StepQueue()
     errors: list[BaseException] = []
