@@ -12,25 +12,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from bp_ray.config import ConfigError, PipelineConfig, available_presets, load_config
 from bp_ray.layout import STAGES, RunLayout
 
 logger = logging.getLogger("bp_ray")
-
-# Stages later issues implement; until then their commands say so instead of pretending to work.
-PENDING = {
-    "eval": "the evaluation harness and report (issue 8)",
-}
-
-PENDING_STAGES = ("eval",)
-
-
-class NotImplementedYet(Exception):
-    """A stage command whose implementation has not landed."""
-
 
 # --- shared options -------------------------------------------------------------------------------------------
 
@@ -239,6 +227,61 @@ def train_progress(manifest: dict) -> str:
     return done if manifest["complete"] else f"{done} (stopped: go on with --resume)"
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bp_ray.eval.run import run_evaluation
+
+    cfg = config_from_args(args)
+    out, _ = stage_folders(cfg, args, "eval", None, "sft")
+    layout = RunLayout(out.parent) if args.out else RunLayout(Path(cfg.output_dir))
+    sft = args.sft or _if_done(layout, "sft")
+    ppo = args.ppo or _if_done(layout, "ppo")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
+    if systems is None:  # the configured systems, less the checkpoints this run does not have
+        systems = [s for s in cfg.eval.systems if {"sft": sft, "ppo": ppo}.get(s, True)]
+    training = {stage: Path(d) for stage, d in (("sft", sft), ("rm", _if_done(layout, "rm")), ("ppo", ppo)) if d}
+    manifest = run_evaluation(cfg, out, sft=Path(sft) if sft else None, ppo=Path(ppo) if ppo else None,
+                              prompts_file=args.prompts, systems=systems, training_dirs=training)
+    print(eval_summary(out))
+    return 0 if manifest else 1
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else value  # results.json writes nan as null
+
+
+def _if_done(layout: RunLayout, stage: str) -> str | None:
+    """A finished stage's folder of the run directory, else None."""
+    return str(layout.stage_dir(stage)) if layout.is_done(stage) else None
+
+
+def eval_summary(out: Path) -> str:
+    """The results table as text, and where the report is."""
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"] + ["words"]
+    lines = [f"eval: {results['prompts']['count']} prompts ({results['prompts']['source']}) x "
+             f"{len(results['seeds'])} seeds, scored against the user prompt",
+             f"  {'system':<10}" + "".join(f"{m:>20}" for m in metrics)]
+    for row in results["table"]:
+        cells = "".join(f"{row[f'{m}_mean']:>11.4g} ± {_number(row[f'{m}_ci']):<6.2g}" for m in metrics)
+        lines.append(f"  {row['system']:<10}{cells}")
+    wins = [c for c in results["comparisons"] if c["baseline"] == "original" and c["metric"] == "reward"]
+    if wins:
+        lines.append("  win rate on reward over original: " + ", ".join(
+            f"{c['system']} {c['win_rate']:.2f} (Wilcoxon p={_number(c['p_wilcoxon']):.2g})" for c in wins))
+    lines.append(f"  report: {out / 'report.html'}")
+    return "\n".join(lines)
+
+
+def example_rewrites(path: Path, count: int = 3) -> str:
+    """A few user prompts with their SFT and PPO rewrites, from an evaluation's rewrites.jsonl."""
+    lines = ["examples (original -> sft -> ppo):"]
+    with path.open() as f:
+        for line, _ in zip(f, range(count), strict=False):
+            row = json.loads(line)
+            lines.append("  " + " -> ".join(repr(row[s]) for s in ("prompt", "sft", "ppo") if s in row))
+    return "\n".join(lines)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from bp_ray.serve.runner import run_serve
 
@@ -285,7 +328,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
-    steps = ["models", "corpus", "data", "rewards", "sft", "rm", "ppo"]
+    steps = ["models", "corpus", "data", "rewards", "sft", "rm", "ppo", "eval"]
     bar = tqdm(steps, desc="pipeline", unit="stage", disable=None)
     for step in bar:
         bar.set_postfix_str(step)
@@ -311,13 +354,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             from bp_ray.train.reward import run_rm
 
             rm_manifest = run_rm(cfg, layout.stage_dir("rewards"), layout.stage_dir("rm"))
-        else:
+        elif step == "ppo":
             from bp_ray.rewards.pipeline import reward_cache_path
             from bp_ray.train.ppo import run_ppo
 
             ppo_manifest = run_ppo(cfg, layout.stage_dir("data"), layout.stage_dir("sft"), layout.stage_dir("rm"),
                                    layout.stage_dir("ppo"),
                                    cache_path=reward_cache_path(cfg, layout.stage_dir("rewards")))
+        else:
+            from bp_ray.eval.run import run_evaluation
+
+            trained = {stage: layout.stage_dir(stage) for stage in ("sft", "rm", "ppo")}
+            run_evaluation(cfg, layout.stage_dir("eval"), sft=trained["sft"], ppo=trained["ppo"],
+                           training_dirs=trained)
     bar.close()
     print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
     if zoo is not None:
@@ -333,8 +382,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     print(sft_summary(sft_manifest))
     print(rm_summary(rm_manifest, layout.stage_dir("rm")))
     print(ppo_summary(ppo_manifest))
-    for stage in PENDING_STAGES:
-        print(f"{stage}: not implemented yet")
+    print(eval_summary(layout.stage_dir("eval")))
+    print(example_rewrites(layout.stage_dir("eval") / "rewrites.jsonl"))
     print(f"done in {time.perf_counter() - start:.1f} s")
     print(f"serve the trained beautifier: bp-ray serve --preset {cfg.preset} --set output_dir={layout.root}   "
           f"(or --model {layout.model_dir('ppo')})")
@@ -350,13 +399,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         size = f"{info['bytes'] / 1e6:8.1f} MB" if "bytes" in info else ""
         print(f"{stage:<8} {info['state']:<8} {size}")
     return 0
-
-
-def pending(name: str) -> Callable[[argparse.Namespace], int]:
-    def command(args: argparse.Namespace) -> int:
-        config_from_args(args)  # still validate what the user passed
-        raise NotImplementedYet(f"bp-ray {name}: not implemented yet: {PENDING[name]}")
-    return command
 
 
 # --- parser ---------------------------------------------------------------------------------------------------
@@ -394,10 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         p.set_defaults(func={"sft": cmd_train_sft, "rm": cmd_train_rm, "ppo": cmd_train_ppo}[name])
 
-    p = sub.add_parser("eval", parents=[_stage_options("sft", "ppo")], help=PENDING["eval"])
-    p.add_argument("--prompts", default=None, metavar="FILE")
-    p.add_argument("--systems", default=None, help="comma-separated: original,tags,sft,ppo,llm")
-    p.set_defaults(func=pending("eval"))
+    p = sub.add_parser("eval", parents=[_stage_options("sft", "ppo")],
+                       help="rewrite user prompts with each system, render with N seeds, score against the user "
+                       "prompt; results.json / results.csv / report.html")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="JSON Lines / CSV / TSV / text file of user "
+                   "prompts (default eval.prompts, else the embedded evaluation set)")
+    p.add_argument("--systems", default=None, help="comma-separated, from original,tags,sft,ppo,llm (default "
+                   "eval.systems, less sft/ppo when the run has no such checkpoint)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", parents=[_config_options()], help="the beautifier endpoint on Ray Serve (foreground "
                        "until Ctrl-C or SIGTERM)")
@@ -463,9 +509,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bp-ray: config error: {exc}", file=sys.stderr)
         return 2
-    except NotImplementedYet as exc:
-        print(str(exc), file=sys.stderr)
-        return 3
     except FileNotFoundError as exc:
         print(f"bp-ray: {exc}", file=sys.stderr)
         return 2

@@ -126,6 +126,10 @@ class RenderConfig:
     num_inference_steps: int = opt(20, ge=1)
     guidance_scale: float = opt(7.5, ge=0)
     scheduler: str = opt("euler_ancestral", choices=("ddim", "euler_ancestral", "euler", "dpm_solver", "pndm"))
+    long_prompts: str = opt("truncate", choices=("truncate", "chunked"))
+    """Prompts over 75 tokens: `truncate` = the text encoder sees the first 77 tokens (BOS + 75 + EOS), as
+    diffusers does; `chunked` = 75-token windows each encoded and concatenated (A1111 / compel), so words past
+    token 75 still steer the image. Prompts of at most 75 tokens render identically in both."""
 
 
 # --- stages -----------------------------------------------------------------------------------------------
@@ -433,9 +437,29 @@ class EvalConfig:
     """Evaluate at most this many prompts; 0 means all."""
     systems: list[str] = field(default_factory=lambda: ["original", "tags", "sft", "ppo"])
     num_seeds: int = opt(4, ge=1)
+    """Every rewritten prompt is rendered with seeds rewards.seed_base .. + num_seeds - 1."""
     render: RenderConfig = field(default_factory=RenderConfig)
     """Paper: Stable Diffusion 1.5, 512x512, 20 steps, Euler ancestral; metrics against the raw prompt."""
     max_new_tokens: int = opt(256, ge=1)
+    temperature: float = opt(0.0, ge=0)
+    """Sampling temperature of the sft / ppo rewrites; 0 is greedy (each system's best guess)."""
+    top_p: float = opt(1.0, gt=0, le=1)
+    generation_seed: int = opt(0, ge=0)
+    """Seed of prompt i's sampled rewrite is generation_seed + i (used only when temperature > 0)."""
+    batch_size: int = opt(16, ge=1)
+    """Prompts per rewrite batch and per render request to the reward service."""
+    num_tags: int = opt(5, ge=1)
+    """The `tags` baseline appends this many of the most frequent style/quality tags of tags_source."""
+    tags_source: str = ""
+    """Prompt file whose tag frequencies pick the `tags` baseline's tags; empty means the embedded corpus."""
+    llm_backend: str = opt("openai", choices=("openai", "local"))
+    """`llm` system: an OpenAI-compatible endpoint (data.openai_* settings) or the local models.rewriter."""
+    llm_instruction: str = (
+        "Rewrite this short image description into a detailed Stable Diffusion prompt with subject, "
+        "setting, style, artist and quality tags. Answer with the prompt only.\nDescription: {prompt}\nPrompt:"
+    )
+    grid_prompts: int = opt(8, ge=0)
+    """Rows of the report's image grid (the first prompts, first seed)."""
 
 
 @dataclass
@@ -676,6 +700,8 @@ def _validate_cross_fields(cfg: PipelineConfig) -> None:
     for key in ("summarise_template", "expand_template"):
         if "{prompt}" not in getattr(cfg.data, key):
             raise ConfigError(f"data.{key} must contain the placeholder {{prompt}}")
+    if "{prompt}" not in cfg.eval.llm_instruction:
+        raise ConfigError("eval.llm_instruction must contain the placeholder {prompt}")
     unknown = sorted(set(cfg.eval.systems) - set(EVAL_SYSTEMS))
     if unknown:
         raise ConfigError(f"eval.systems has unknown system(s) {', '.join(unknown)}; "

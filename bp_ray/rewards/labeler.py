@@ -32,7 +32,12 @@ def model_fingerprint(spec: str, models_cfg) -> str:
 
 def make_render_key(cfg: PipelineConfig) -> RenderKey:
     models, render = cfg.models, cfg.data.render
-    return RenderKey(diffusion_model=model_fingerprint(models.diffusion, models), height=render.height,
+    diffusion_model = model_fingerprint(models.diffusion, models)
+    # Long prompts render differently when chunked: a suffix keeps those scores apart, and appending it only in
+    # that mode leaves every default-mode key (existing caches) unchanged, with no new RenderKey field.
+    if render.long_prompts != "truncate":
+        diffusion_model += f"|long={render.long_prompts}"
+    return RenderKey(diffusion_model=diffusion_model, height=render.height,
                      width=render.width, num_inference_steps=render.num_inference_steps,
                      guidance_scale=render.guidance_scale, scheduler=render.scheduler,
                      pickscore_model=model_fingerprint(models.pickscore, models) + "|" + models.pickscore_processor,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from bp_ray.config import RenderConfig
+from bp_ray.rewards.long_prompts import chunked_prompt_embeds, window_count
 
 
 def seeds_for(num_seeds: int, seed_base: int) -> list[int]:
@@ -16,16 +17,35 @@ def seeds_for(num_seeds: int, seed_base: int) -> list[int]:
 
 @torch.no_grad()
 def render_seeds(pipe, prompts: Sequence[str], seeds: Sequence[int], render: RenderConfig) -> np.ndarray:
-    """(P, S, H, W, 3) uint8 images of P prompts x S seeds, from one pipeline call.
+    """(P, S, H, W, 3) uint8 images of P prompts x S seeds, from one batched pipeline call.
 
     One CPU generator per (prompt, seed) image: image (p, s) is the image of rendering prompt p with seed s
     alone (up to the last float bits of batched kernels), on any device.
+
+    render.long_prompts == "chunked" encodes each prompt whole in 75-token windows (rewards/long_prompts.py), with
+    one pipeline call per window count: an empty window appended to a short prompt changes its image, so prompts
+    only share a call with prompts as long (in windows), and an image never depends on its batch neighbours.
     """
     if not prompts:
         return np.zeros((0, len(seeds), render.height, render.width, 3), dtype=np.uint8)
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts for seed in seeds]
-    images = pipe(list(prompts), num_images_per_prompt=len(seeds), generator=generators, height=render.height,
+    if render.long_prompts == "truncate":
+        return _render(pipe, len(prompts), seeds, render, prompt=list(prompts))
+    pixels = np.zeros((len(prompts), len(seeds), render.height, render.width, 3), dtype=np.uint8)
+    counts = np.asarray(window_count(pipe.tokenizer, prompts))
+    for count in np.unique(counts):
+        group = np.flatnonzero(counts == count)
+        # negative = the empty prompt, diffusers' default; the pipeline repeats both per seed (num_images_per_prompt)
+        embeds, negative_embeds = chunked_prompt_embeds(pipe, [prompts[i] for i in group])
+        pixels[group] = _render(pipe, len(group), seeds, render, prompt_embeds=embeds,
+                                negative_prompt_embeds=negative_embeds)
+    return pixels
+
+
+def _render(pipe, num_prompts: int, seeds: Sequence[int], render: RenderConfig, **text) -> np.ndarray:
+    """(P, S, H, W, 3) uint8 from one pipeline call; text is prompt=[...] or prompt_embeds=/negative_prompt_embeds=."""
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in range(num_prompts) for seed in seeds]
+    images = pipe(**text, num_images_per_prompt=len(seeds), generator=generators, height=render.height,
                   width=render.width, num_inference_steps=render.num_inference_steps,
                   guidance_scale=render.guidance_scale, output_type="np").images
     pixels = np.clip(np.round(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
-    return pixels.reshape(len(prompts), len(seeds), render.height, render.width, 3)
+    return pixels.reshape(num_prompts, len(seeds), render.height, render.width, 3)

@@ -15,8 +15,8 @@ import numpy as np
 from bp_ray.config import PipelineConfig
 from bp_ray.rewards.scoring import combined_reward, seed_stats
 
-LabelFn = Callable[[list[str], list[str]], np.ndarray]
-"""(prompts, intents) -> (P, S, 3) per-seed scores."""
+LabelFn = Callable[[list[str], list[str], bool], tuple[np.ndarray, np.ndarray | None]]
+"""(prompts, intents, keep_pixels) -> (P, S, 3) per-seed scores, and the (P, S, H, W, 3) images when asked for."""
 
 
 class BatchingScorer:
@@ -24,20 +24,26 @@ class BatchingScorer:
 
     def __init__(self, label_fn: LabelFn, alpha: float, max_batch: int, wait_s: float):
         self.label_fn, self.alpha, self.max_batch, self.wait_s = label_fn, alpha, max_batch, wait_s
-        self.pending: list[tuple[list[str], list[str], asyncio.Future]] = []
+        self.pending: list[tuple[list[str], list[str], bool, asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
         self.calls = 0
         self.batches = 0
 
     async def scores(self, prompts: list[str], intents: list[str]) -> np.ndarray:
         """(P, S, 3) per-seed scores of this request."""
+        scores, _ = await self.scores_and_images(prompts, intents, keep_pixels=False)
+        return scores
+
+    async def scores_and_images(self, prompts: list[str], intents: list[str],
+                                keep_pixels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(P, S, 3) per-seed scores of this request and, with keep_pixels, its (P, S, H, W, 3) images."""
         if len(prompts) != len(intents):
             raise ValueError(f"got {len(prompts)} prompts but {len(intents)} intents")
         if not prompts:
-            return np.zeros((0, 0, 3))
+            return np.zeros((0, 0, 3)), None
         self.calls += 1
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((list(prompts), list(intents), future))
+        self.pending.append((list(prompts), list(intents), keep_pixels, future))
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._drain())
         return await future
@@ -62,17 +68,19 @@ class BatchingScorer:
                 size += len(request[0])
             prompts = [p for request in batch for p in request[0]]
             intents = [i for request in batch for i in request[1]]
+            keep_pixels = any(request[2] for request in batch)
             self.batches += 1
             try:
-                scores = await loop.run_in_executor(None, self.label_fn, prompts, intents)
+                scores, pixels = await loop.run_in_executor(None, self.label_fn, prompts, intents, keep_pixels)
             except Exception as exc:  # one failing batch fails its callers, not the service
                 for *_, future in batch:
                     future.set_exception(exc)
                 continue
             start = 0
-            for request_prompts, _, future in batch:
-                future.set_result(scores[start:start + len(request_prompts)])
-                start += len(request_prompts)
+            for request_prompts, _, wants_pixels, future in batch:
+                end = start + len(request_prompts)
+                future.set_result((scores[start:end], pixels[start:end] if wants_pixels else None))
+                start = end
 
 
 class RewardService:
@@ -82,14 +90,23 @@ class RewardService:
         from bp_ray.rewards.labeler import RewardLabeler
 
         self.labeler = RewardLabeler(cfg, cache_path)
-        self.core = BatchingScorer(lambda p, i: self.labeler.label(p, i).scores, cfg.rewards.alpha,
-                                   cfg.rewards.service_max_batch, cfg.rewards.service_batch_wait_s)
+        self.core = BatchingScorer(self._label, cfg.rewards.alpha, cfg.rewards.service_max_batch,
+                                   cfg.rewards.service_batch_wait_s)
+
+    def _label(self, prompts: list[str], intents: list[str], keep_pixels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        labels = self.labeler.label(prompts, intents, keep_pixels=keep_pixels)
+        return labels.scores, labels.pixels
 
     async def score(self, prompts: list[str], intents: list[str]) -> list[float]:
         return await self.core.rewards(prompts, intents)
 
     async def score_detailed(self, prompts: list[str], intents: list[str]) -> np.ndarray:
         return await self.core.scores(prompts, intents)
+
+    async def score_with_images(self, prompts: list[str], intents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-seed scores and the images. Images of prompts served from the cache are zeros: evaluation, which
+        needs every image, runs its service without a cache."""
+        return await self.core.scores_and_images(prompts, intents, keep_pixels=True)
 
     def stats(self) -> dict[str, int]:
         cache = self.labeler.cache.stats() if self.labeler.cache is not None else {}

@@ -46,10 +46,13 @@ def test_every_pair_gives_a_low_and_a_high_row_whose_intent_is_the_low_prompt():
 
 def fake_labeler(calls: list[list[str]]):
     """A deterministic stand-in for rendering + scoring: score = (len(prompt), len(intent), seed index)."""
-    def label(prompts: list[str], intents: list[str]) -> np.ndarray:
+    def label(prompts: list[str], intents: list[str], keep_pixels: bool) -> tuple[np.ndarray, np.ndarray | None]:
         calls.append(list(prompts))
-        return np.array([[[len(p), len(i), s] for s in range(2)] for p, i in zip(prompts, intents, strict=True)],
-                        dtype=float)
+        scores = np.array([[[len(p), len(i), s] for s in range(2)] for p, i in zip(prompts, intents, strict=True)],
+                          dtype=float)
+        # a 1x1 "image" per seed whose pixel is the prompt length, so a test can tell whose images it got
+        pixels = np.broadcast_to(scores[:, :, :1, None, None], (len(prompts), 2, 1, 1, 3)).astype(np.uint8)
+        return scores, pixels if keep_pixels else None
     return label
 
 
@@ -85,10 +88,10 @@ def test_batches_respect_the_size_limit_and_rewards_combine_means():
 def test_a_failing_batch_fails_its_callers_and_the_service_goes_on():
     state = {"fail": True}
 
-    def label(prompts, intents):
+    def label(prompts, intents, keep_pixels):
         if state.pop("fail", False):
             raise RuntimeError("renderer out of memory")
-        return np.zeros((len(prompts), 1, 3))
+        return np.zeros((len(prompts), 1, 3)), None
 
     scorer = BatchingScorer(label, alpha=0.7, max_batch=4, wait_s=0.0)
 
@@ -98,6 +101,20 @@ def test_a_failing_batch_fails_its_callers_and_the_service_goes_on():
         return await scorer.scores(["b"], ["b"])
 
     assert asyncio.run(main()).shape == (1, 1, 3)
+
+
+def test_requests_for_images_get_their_own_images_beside_score_only_requests():
+    calls: list[list[str]] = []
+    scorer = BatchingScorer(fake_labeler(calls), alpha=0.5, max_batch=8, wait_s=0.05)
+
+    async def main():
+        return await asyncio.gather(scorer.scores_and_images(["abc"], ["x"]), scorer.scores(["a", "ab"], ["x", "x"]),
+                                    scorer.scores_and_images(["abcde", "ab"], ["x", "x"]))
+
+    (_, pixels_1), plain, (scores_3, pixels_3) = asyncio.run(main())
+    assert scorer.batches == 1 and plain.shape == (2, 2, 3)
+    assert pixels_1.shape == (1, 2, 1, 1, 3) and pixels_1[0, 0, 0, 0, 0] == 3
+    assert pixels_3[:, 0, 0, 0, 0].tolist() == [5, 2] and scores_3[:, 0, 0].tolist() == [5, 2]
 
 
 def test_mismatched_lengths_are_refused():

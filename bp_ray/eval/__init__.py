@@ -1,0 +1,1 @@
+"""Evaluation: rewrite, render with several seeds, score, and compare systems."""

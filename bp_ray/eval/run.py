@@ -1,0 +1,256 @@
+"""`bp-ray eval`: rewrite user prompts with every system, render them with N seeds through the reward service,
+score every image against the ORIGINAL user prompt, and write results.json / results.csv / report.html.
+
+The Ray part is thin: each system's rewrites run as a Ray task (with the rewriter pool's resources) and the images
+come from one reward service actor; everything else is plain Python on the driver.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from bp_ray.config import PipelineConfig
+from bp_ray.eval import stats
+from bp_ray.eval.prompts import load_eval_prompts
+from bp_ray.eval.systems import CHECKPOINT_SYSTEMS, Rewrites, checkpoint_model_dir, popular_tags, rewrite, tags_pool
+from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.rewards.render import seeds_for
+from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
+
+logger = logging.getLogger(__name__)
+
+IMAGE_METRICS = (*SCORE_NAMES, "reward")
+"""Per image: PickScore, aesthetic, CLIP relevance (all against the user prompt) and the combined reward."""
+PROMPT_METRICS = ("words", "sd_tokens")
+"""Per rewritten prompt: its length in words and in Stable Diffusion text-encoder tokens."""
+BASELINES = ("original", "sft")
+
+
+def eval_render_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The config the reward service renders with: eval's render settings and seeds, PickScore against the
+    user prompt (the intent), as the paper measures."""
+    out = copy.deepcopy(cfg)
+    out.data.render = copy.deepcopy(cfg.eval.render)
+    out.data.num_seeds = cfg.eval.num_seeds
+    out.rewards.pickscore_text = "intent"
+    return out
+
+
+def sd_tokenizer(cfg: PipelineConfig) -> Any:
+    """The tokenizer of the Stable Diffusion text encoder (its model_max_length is the truncation point)."""
+    from transformers import AutoTokenizer
+
+    from bp_ray.models.loading import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(cfg.models.diffusion, cfg.models), subfolder="tokenizer")
+
+
+def long_prompt_report(tokenizer: Any, rewrites: dict[str, Rewrites], mode: str) -> dict[str, Any]:
+    """How many prompts of each system exceed the text encoder's window, and what the renderer does about it."""
+    from bp_ray.rewards.long_prompts import token_lengths
+
+    limit = int(tokenizer.model_max_length)
+    per_system = {}
+    for system, r in rewrites.items():
+        lengths = token_lengths(tokenizer, r.prompts)
+        over = sum(n > limit for n in lengths)
+        per_system[system] = {"over_limit": int(over), "share_over_limit": over / max(len(lengths), 1),
+                              "max_tokens": int(max(lengths, default=0)), "mean_tokens": float(np.mean(lengths))}
+    return {"limit_tokens": limit, "mode": mode, "systems": per_system,
+            "note": "Stable Diffusion sees the first tokens only (truncate) or every token in 75-token windows "
+                    "(chunked, eval.render.long_prompts); the scorers compare images with the user prompt."}
+
+
+def _rewrite_all(cfg: PipelineConfig, prompts: list[str], systems: list[str], checkpoints: dict[str, Path],
+                 tags: list[str]) -> dict[str, Any]:
+    """Ray object refs of every system's Rewrites (checkpoint and LLM systems load models: Ray tasks)."""
+    import ray
+
+    pool = cfg.data.rewriter_pool
+    task = ray.remote(rewrite).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_retries=1)
+    refs = {}
+    for system in systems:
+        if system in (*CHECKPOINT_SYSTEMS, "llm"):
+            refs[system] = task.remote(system, prompts, cfg, checkpoints, tags)
+        else:
+            refs[system] = ray.put(rewrite(system, prompts, cfg, checkpoints, tags))
+    return refs
+
+
+def _render_and_score(cfg: PipelineConfig, prompts: list[str], systems: list[str], rewrite_refs: dict[str, Any],
+                      images_dir: Path) -> tuple[dict[str, Rewrites], dict[str, np.ndarray], dict[str, str]]:
+    """Every system's prompts rendered and scored as soon as its rewrites are ready; (rewrites, (P, S, 3) scores
+    per system, relative image paths of the grid's prompts keyed "system/prompt/seed")."""
+    import ray
+
+    from bp_ray.rewards.service import reward_service
+
+    ev = cfg.eval
+    render_cfg = eval_render_config(cfg)
+    # No cache: evaluation needs every image for the grid, and renders are what is being measured.
+    service = reward_service(render_cfg, None)
+    seeds = seeds_for(ev.num_seeds, cfg.rewards.seed_base)
+    grid = min(ev.grid_prompts, len(prompts))
+    rewrites: dict[str, Rewrites] = {}
+    pending: dict[Any, tuple[str, int, bool]] = {}
+    waiting = {ref: system for system, ref in rewrite_refs.items()}
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        system = waiting.pop(ready[0])
+        rewrites[system] = ray.get(ready[0])
+        logger.info("eval: %s rewrites ready, rendering %d prompts x %d seeds", system, len(prompts), len(seeds))
+        texts = rewrites[system].prompts
+        # The grid's prompts first, with their images; the rest as scores only.
+        chunks = [(0, grid, True)] if grid else []
+        chunks += [(s, min(s + ev.batch_size, len(texts)), False) for s in range(grid, len(texts), ev.batch_size)]
+        for start, end, images in chunks:
+            method = service.score_with_images if images else service.score_detailed
+            pending[method.remote(texts[start:end], prompts[start:end])] = (system, start, images)
+    scores = {system: np.full((len(prompts), len(seeds), 3), np.nan) for system in systems}
+    image_paths: dict[str, str] = {}
+    for ref, (system, start, images) in pending.items():
+        result = ray.get(ref)
+        block, pixels = result if images else (result, None)
+        scores[system][start:start + len(block)] = block
+        for p in range(len(pixels) if pixels is not None else 0):
+            for s, seed in enumerate(seeds):
+                rel = Path("images") / system / f"p{start + p:04d}_s{seed}.png"
+                (images_dir.parent / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[p, s]).save(images_dir.parent / rel)
+                image_paths[f"{system}/{start + p}/{seed}"] = rel.as_posix()
+    ray.kill(service)
+    return rewrites, scores, image_paths
+
+
+def score_table(prompts: list[str], rewrites: dict[str, Rewrites], scores: dict[str, np.ndarray],
+                seeds: list[int], sd_lengths: dict[str, list[int]], alpha: float) -> pd.DataFrame:
+    """Long table, one row per image: prompt_id, system, seed, the image metrics and the prompt metrics."""
+    rows = []
+    for system, per_seed in scores.items():
+        texts = rewrites[system].prompts
+        for p in range(len(prompts)):
+            for s, seed in enumerate(seeds):
+                pick, aesthetic, relevance = per_seed[p, s]
+                rows.append({"prompt_id": p, "system": system, "seed": seed, "pickscore": pick,
+                             "aesthetic": aesthetic, "relevance": relevance,
+                             "reward": float(combined_reward(pick, aesthetic, alpha)),
+                             "words": len(texts[p].split()), "sd_tokens": sd_lengths[system][p]})
+    return pd.DataFrame(rows)
+
+
+def _round(value: Any) -> Any:
+    """Floats to 6 significant digits in results files: bit-level noise of batched kernels is not a result."""
+    if isinstance(value, float):
+        return None if not np.isfinite(value) else float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def training_metric_files(stage_dirs: dict[str, Path]) -> dict[str, Path]:
+    """`metrics.csv` of each training stage folder given (rm has one per head), keyed like "ppo" or "rm/aesthetic"."""
+    found = {}
+    for stage, folder in stage_dirs.items():
+        for csv_path in sorted(Path(folder).glob("**/metrics/metrics.csv")):
+            sub = csv_path.parent.parent.relative_to(folder).as_posix()
+            found[stage if sub == "." else f"{stage}/{sub}"] = csv_path
+    return found
+
+
+def resolve_systems(cfg: PipelineConfig, systems: list[str] | None, checkpoints: dict[str, Path | None]) -> list[str]:
+    systems = list(systems or cfg.eval.systems)
+    missing = [s for s in systems if s in CHECKPOINT_SYSTEMS and not checkpoints.get(s)]
+    if missing:
+        raise FileNotFoundError(f"system(s) {', '.join(missing)} need a checkpoint: pass "
+                                f"{' '.join(f'--{s} DIR' for s in missing)} or leave them out of --systems")
+    if "original" not in systems:
+        systems.insert(0, "original")  # every win rate is against it
+    return list(dict.fromkeys(systems))
+
+
+def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = None, ppo: Path | None = None,
+                   prompts_file: str | None = None, systems: list[str] | None = None,
+                   training_dirs: dict[str, Path] | None = None) -> dict[str, Any]:
+    """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
+    from bp_ray.eval.report import write_report
+    from bp_ray.models.loading import resolve_model
+    from bp_ray.ray_runtime import init_ray
+    from bp_ray.rewards.long_prompts import token_lengths
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUCCESS).unlink(missing_ok=True)
+    checkpoints = {name: checkpoint_model_dir(path) for name, path in (("sft", sft), ("ppo", ppo)) if path}
+    systems = resolve_systems(cfg, systems, checkpoints)
+    prompts, report = load_eval_prompts(cfg, prompts_file)
+    tags = popular_tags(tags_pool(cfg), cfg.eval.num_tags) if "tags" in systems else []
+    for role in ("diffusion", "pickscore", "aesthetic", "clip_relevance", "rewriter"):  # build the tiny zoo once
+        resolve_model(getattr(cfg.models, role), cfg.models)
+    init_ray(cfg.cluster)
+    refs = _rewrite_all(cfg, prompts, systems, checkpoints, tags)
+    rewrites, scores, image_paths = _render_and_score(cfg, prompts, systems, refs, out_dir / "images")
+    rendered_s = time.perf_counter() - start
+
+    tokenizer = sd_tokenizer(cfg)
+    sd_lengths = {system: token_lengths(tokenizer, r.prompts) for system, r in rewrites.items()}
+    seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
+    table = score_table(prompts, rewrites, scores, seeds, sd_lengths, cfg.rewards.alpha)
+    table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
+    per_prompt = stats.per_prompt(table, [*IMAGE_METRICS, *PROMPT_METRICS])
+    summary = stats.system_table(per_prompt, [*IMAGE_METRICS, *PROMPT_METRICS], systems)
+    # "original over sft" only mirrors "sft over original": every system is compared with the baselines after it.
+    comparisons = stats.to_records(c for c in stats.win_table(per_prompt, IMAGE_METRICS, systems, BASELINES)
+                                   if systems.index(c.system) > systems.index(c.baseline))
+    with (out_dir / "rewrites.jsonl").open("w") as f:
+        for p, prompt in enumerate(prompts):
+            f.write(json.dumps({"prompt_id": p, "prompt": prompt, **{s: rewrites[s].prompts[p] for s in systems},
+                                **{f"{s}_error": rewrites[s].failed[p] for s in systems if rewrites[s].failed[p]}})
+                    + "\n")
+    results = _round({
+        "stage": "eval", "preset": cfg.preset, "systems": systems, "metrics": list(IMAGE_METRICS),
+        "prompt_metrics": list(PROMPT_METRICS),
+        "prompts": {"source": Path(prompts_file or cfg.eval.prompts).name if (prompts_file or cfg.eval.prompts)
+                    else "embedded", "count": len(prompts),
+                    "skipped": report.rows_skipped if report else {}},
+        "seeds": seeds, "render": asdict(cfg.eval.render), "alpha": cfg.rewards.alpha, "tags": tags,
+        "generation": {"temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+                       "max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.generation_seed},
+        "table": summary, "comparisons": comparisons,
+        "rewrite_failures": {s: sum(bool(e) for e in rewrites[s].failed) for s in systems},
+        "long_prompts": long_prompt_report(tokenizer, rewrites, cfg.eval.render.long_prompts),
+    })
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+    _write_csv(out_dir / "results.csv", results["table"])
+    metric_files = training_metric_files(training_dirs or {})
+    files = write_report(out_dir, results, prompts, {s: rewrites[s].prompts for s in systems}, per_prompt,
+                         image_paths, metric_files)
+    manifest = {"stage": "eval", "systems": systems, "prompts": len(prompts), "seeds": seeds,
+                "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+                "training_metrics": {k: str(v) for k, v in metric_files.items()},
+                "files": sorted(["results.json", "results.csv", "scores.csv", "rewrites.jsonl", *files]),
+                "config_hash": cfg.hash("eval", "models", "rewards"),
+                "render_s": round(rendered_s, 2), "wall_time_s": round(time.perf_counter() - start, 2)}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
+    return manifest
