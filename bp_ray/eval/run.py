@@ -44,6 +44,9 @@ def eval_render_config(cfg: PipelineConfig) -> PipelineConfig:
     out.data.render = copy.deepcopy(cfg.eval.render)
     out.data.num_seeds = cfg.eval.num_seeds
     out.rewards.pickscore_text = "intent"
+    # One request per batch: a batch then holds one fixed chunk of one system's prompts whatever order the systems
+    # finish in, so the same seeds give bit-identical images (batched kernels differ in the last bits).
+    out.rewards.service_max_batch = 1
     return out
 
 
@@ -210,6 +213,7 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
     init_ray(cfg.cluster)
     refs = _rewrite_all(cfg, prompts, systems, checkpoints, tags)
     rewrites, scores, image_paths = _render_and_score(cfg, prompts, systems, refs, out_dir / "images")
+    rewrites = {system: rewrites[system] for system in systems}  # in the order asked for, not the order finished
     rendered_s = time.perf_counter() - start
 
     tokenizer = sd_tokenizer(cfg)
