@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from bp_ray.cli import PENDING, main
+from bp_ray.cli import main
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +53,16 @@ def test_config_errors_exit_2_with_a_message_not_a_traceback(capsys, argv, messa
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [
-    ["eval"],
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "--systems", "original,ppo"], "system(s) ppo need a checkpoint: pass --ppo DIR"),
+    (["eval", "--sft", "missing-sft", "--systems", "original,sft"], "no Hugging Face model at missing-sft"),
+    (["eval", "--prompts", "missing.jsonl", "--systems", "original"], "prompt source not found: missing.jsonl"),
+    (["eval", "--set", "eval.llm_instruction=rewrite"], "eval.llm_instruction must contain the placeholder"),
 ])
-def test_pending_stages_say_so_and_fail(capsys, argv):
-    code, out, err = run_cli(capsys, *argv)
-    assert code == 3 and out == ""
-    assert "not implemented yet" in err
-    assert " ".join(argv[:2]) in PENDING or argv[0] in PENDING
+def test_eval_with_missing_inputs_says_what_is_missing(capsys, tmp_path, argv, message):
+    code, out, err = run_cli(capsys, *argv, "--out", str(tmp_path / "eval"))
+    assert code == 2 and out == ""
+    assert message in err and "Traceback" not in err
 
 
 def test_client_without_an_endpoint_says_it_cannot_reach_it(capsys):
@@ -73,7 +75,7 @@ def test_client_without_an_endpoint_says_it_cannot_reach_it(capsys):
 def test_stage_commands_share_the_option_convention(capsys):
     for argv in (["eval", "--sft", "x", "--ppo", "y"],):
         code, _, err = run_cli(capsys, *argv, "--preset", "tiny", "--set", "seed=1", "--out", "o")
-        assert code == 3, err  # parsed fine, then reported as pending
+        assert code == 2 and "no Hugging Face model at x" in err, err  # parsed fine, then the input is checked
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -101,13 +103,18 @@ def test_pipeline_runs_every_landed_stage_and_status_reports_it(capsys, tmp_path
                            "--set", "sft.epochs=1", "--set", "rm.epochs=1", "--set", "rm.heads=shared_backbone",
                            "--set", "ppo.total_steps=2",
                            "--set", "ppo.checkpoint_every=2", "--set", "ppo.rollout_batch_size=8",
-                           "--set", "ppo.eval_prompts=4")
+                           "--set", "ppo.eval_prompts=4", "--set", "eval.num_prompts=4", "--set", "eval.num_seeds=1",
+                           "--set", "eval.grid_prompts=2")
     assert code == 0
     assert "models: tiny zoo at" in out and "corpus: 60 rows" in out
     assert "data: " in out and "pairs" in out
     assert "sft: " in out and "held-out loss" in out and "rm: shared_backbone" in out
     assert "ppo: 2/2 steps" in out and "held-out reward" in out
-    assert "eval: not implemented yet" in out  # nothing pretends to have run
+    assert "eval: 4 prompts (embedded) x 1 seeds" in out and f"report: {run / 'eval' / 'report.html'}" in out
+    assert "examples (original -> sft -> ppo):" in out
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert [row["system"] for row in results["table"]] == ["original", "tags", "sft", "ppo"]
+    assert (run / "eval" / "plots" / "curves_ppo.png").exists() and (run / "eval" / "plots" / "curves_sft.png").exists()
     assert f"bp-ray serve --preset tiny --set output_dir={run}" in out
     assert (run / "sft" / "model" / "model.safetensors").exists()
     assert (run / "rm" / "shared" / "model" / "model.safetensors").exists()
@@ -117,7 +124,7 @@ def test_pipeline_runs_every_landed_stage_and_status_reports_it(capsys, tmp_path
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()}
     assert lines["corpus"] == "done" and lines["data"] == "done" and lines["rewards"] == "done"
     assert lines["sft"] == "done" and lines["rm"] == "done" and lines["ppo"] == "done"
-    assert lines["eval"] == "missing"
+    assert lines["eval"] == "done"
 
 
 def test_status_of_a_missing_run_is_a_clear_error(capsys, tmp_path):
