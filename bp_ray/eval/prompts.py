@@ -39,7 +39,8 @@ def load_eval_prompts(cfg: PipelineConfig, path: str | Path | None = None) -> tu
     limit = cfg.eval.num_prompts or None
     if path:
         table, report = read_prompts(path, limit=limit)
-        prompts = [p.strip() for p in table["prompt"].tolist()]
+        prompts = [p.strip() for p in table["prompt"].tolist() if p.strip()]
+        report.skip("empty_prompt", len(table) - len(prompts))  # nothing to rewrite or to score against
         if not prompts:
             raise ValueError(f"{path}: no usable prompts (skipped: {report.rows_skipped})")
         return prompts, report
