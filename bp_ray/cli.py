@@ -13,10 +13,23 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from bp_ray.config import ConfigError, PipelineConfig, available_presets, load_config
 from bp_ray.layout import STAGES, RunLayout
+from bp_ray.summaries import (
+    corpus_summary,
+    data_summary,
+    eval_summary,
+    example_rewrites,
+    ppo_summary,
+    rewards_summary,
+    rm_summary,
+    sft_summary,
+    stage_summary,
+    zoo_summary,
+)
 
 logger = logging.getLogger("bp_ray")
 
@@ -100,7 +113,7 @@ def cmd_data_corpus(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else RunLayout(Path(cfg.output_dir)).stage_dir("corpus")
     summary = write_corpus_for(cfg, out)
-    print(_corpus_line(summary))
+    print(corpus_summary(asdict(summary)))
     return 0
 
 
@@ -112,12 +125,6 @@ def write_corpus_for(cfg: PipelineConfig, out: Path):
     return write_corpus(out, spec)
 
 
-def _corpus_line(summary) -> str:
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.kind_counts.items()))
-    return (f"corpus: {summary.num_rows} rows ({kinds}), {summary.num_images} images in {summary.num_parts} "
-            f"part(s), {summary.bytes_on_disk / 1e6:.1f} MB at {summary.out_dir}")
-
-
 def cmd_data_generate(args: argparse.Namespace) -> int:
     from bp_ray.data.pipeline import run_data_generation
 
@@ -127,14 +134,6 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
                                    fresh=args.fresh)
     print(data_summary(manifest, out))
     return 0
-
-
-def data_summary(manifest: dict, out: Path) -> str:
-    per_source = ", ".join(f"{name} {info['out']}/{info['candidates']}" for name, info in manifest["pairs"].items())
-    quality = manifest["quality"]
-    return (f"data: {manifest['pairs_out']} pairs ({per_source} kept/candidates) from {manifest['rows_in']} rows "
-            f"(low {quality['low']}, high {quality['high']}, neither {quality['neither']}; dropped "
-            f"{sum(manifest['rows_dropped'].values())}) in {manifest['wall_time_s']} s -> {out}")
 
 
 def cmd_rewards_label(args: argparse.Namespace) -> int:
@@ -157,12 +156,6 @@ def stage_folders(cfg: PipelineConfig, args: argparse.Namespace, stage: str, giv
     return out, out.parent / input_stage if args.out else layout.stage_dir(input_stage)
 
 
-def rewards_summary(manifest: dict, out: Path) -> str:
-    return (f"rewards: {manifest['rows']} prompts of {manifest['pairs']} pairs x {manifest['num_seeds']} seeds "
-            f"({manifest['prompts_rendered']} rendered, {manifest['prompts_from_cache']} from the cache) in "
-            f"{manifest['wall_time_s']} s -> {out}")
-
-
 def cmd_train_sft(args: argparse.Namespace) -> int:
     from bp_ray.train.sft import run_sft
 
@@ -170,13 +163,6 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     out, pairs = stage_folders(cfg, args, "sft", args.pairs, "data")
     print(sft_summary(run_sft(cfg, pairs, out, resume=args.resume)))
     return 0
-
-
-def sft_summary(manifest: dict) -> str:
-    final = manifest["final_metrics"]
-    return (f"sft: {train_progress(manifest)} on {manifest['pairs']} pairs ({manifest['held_out_pairs']} held out), "
-            f"train loss {final['loss/train']:.3f}, held-out loss {final.get('loss/eval', float('nan')):.3f} in "
-            f"{manifest['wall_time_s']} s -> {manifest['model']}")
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
@@ -187,17 +173,6 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     manifest = run_rm(cfg, labels, out, resume=args.resume)
     print(rm_summary(manifest, out))
     return 0
-
-
-def rm_summary(manifest: dict, out: Path) -> str:
-    metrics = manifest["final_metrics"]
-    heads = "; ".join(
-        f"{head}: held-out MSE {metrics[f'rm/{head}/mse']:.4g} vs predict-the-mean "
-        f"{metrics[f'rm/{head}/mean_baseline_mse']:.4g}, Pearson {metrics[f'rm/{head}/pearson']:.3f}, "
-        f"Spearman {metrics[f'rm/{head}/spearman']:.3f}"
-        for head in ("pickscore", "aesthetic") if f"rm/{head}/mse" in metrics)
-    state = "" if manifest["complete"] else " (stopped: go on with --resume)"
-    return f"rm: {manifest['heads']} on {manifest['label_rows']} labelled prompts{state}; {heads} -> {out}"
 
 
 def cmd_train_ppo(args: argparse.Namespace) -> int:
@@ -213,18 +188,6 @@ def cmd_train_ppo(args: argparse.Namespace) -> int:
                        cache_path=reward_cache_path(cfg, rewards))
     print(ppo_summary(manifest))
     return 0
-
-
-def ppo_summary(manifest: dict) -> str:
-    final, initial = manifest["final_metrics"], manifest.get("initial_eval", {})
-    before = f"{initial['eval/reward']:.4g} (SFT) -> " if "eval/reward" in initial else ""
-    return (f"ppo: {train_progress(manifest)}, held-out reward {before}{final['eval/reward']:.4g}, KL "
-            f"{final['kl']:.3g} (coef {manifest['kl_coef']:.3g}) in {manifest['wall_time_s']} s -> {manifest['model']}")
-
-
-def train_progress(manifest: dict) -> str:
-    done = f"{manifest['steps']}/{manifest['total_steps']} steps"
-    return done if manifest["complete"] else f"{done} (stopped: go on with --resume)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -245,41 +208,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if manifest else 1
 
 
-def _number(value: float | None) -> float:
-    return float("nan") if value is None else value  # results.json writes nan as null
-
-
 def _if_done(layout: RunLayout, stage: str) -> str | None:
     """A finished stage's folder of the run directory, else None."""
     return str(layout.stage_dir(stage)) if layout.is_done(stage) else None
-
-
-def eval_summary(out: Path) -> str:
-    """The results table as text, and where the report is."""
-    results = json.loads((out / "results.json").read_text())
-    metrics = results["metrics"] + ["words"]
-    lines = [f"eval: {results['prompts']['count']} prompts ({results['prompts']['source']}) x "
-             f"{len(results['seeds'])} seeds, scored against the user prompt",
-             f"  {'system':<10}" + "".join(f"{m:>20}" for m in metrics)]
-    for row in results["table"]:
-        cells = "".join(f"{row[f'{m}_mean']:>11.4g} ± {_number(row[f'{m}_ci']):<6.2g}" for m in metrics)
-        lines.append(f"  {row['system']:<10}{cells}")
-    wins = [c for c in results["comparisons"] if c["baseline"] == "original" and c["metric"] == "reward"]
-    if wins:
-        lines.append("  win rate on reward over original: " + ", ".join(
-            f"{c['system']} {c['win_rate']:.2f} (Wilcoxon p={_number(c['p_wilcoxon']):.2g})" for c in wins))
-    lines.append(f"  report: {out / 'report.html'}")
-    return "\n".join(lines)
-
-
-def example_rewrites(path: Path, count: int = 3) -> str:
-    """A few user prompts with their SFT and PPO rewrites, from an evaluation's rewrites.jsonl."""
-    lines = ["examples (original -> sft -> ppo):"]
-    with path.open() as f:
-        for line, _ in zip(f, range(count), strict=False):
-            row = json.loads(line)
-            lines.append("  " + " -> ".join(repr(row[s]) for s in ("prompt", "sft", "ppo") if s in row))
-    return "\n".join(lines)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -316,10 +247,10 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """The main job: every stage that exists, in order, on one run directory."""
+    """The main job: every stage in order on one run directory; done stages are skipped, a cut-off one resumes."""
     from tqdm import tqdm
 
-    from bp_ray.models.tiny_zoo import default_zoo_dir, ensure_tiny_zoo
+    from bp_ray.pipeline import PIPELINE_STAGES, run_pipeline
 
     cfg = config_from_args(args)
     if args.out:
@@ -328,66 +259,76 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
-    steps = ["models", "corpus", "data", "rewards", "sft", "rm", "ppo", "eval"]
-    bar = tqdm(steps, desc="pipeline", unit="stage", disable=None)
-    for step in bar:
-        bar.set_postfix_str(step)
-        if step == "models":
-            uses_tiny = any(str(v).startswith("tiny:") for v in cfg.models.__dict__.values())
-            zoo = ensure_tiny_zoo(cfg.models) if uses_tiny else None
-        elif step == "corpus":
-            corpus = write_corpus_for(cfg, layout.stage_dir("corpus"))
-            layout.mark_done("corpus", {"rows": corpus.num_rows, "config_hash": cfg.hash("data")})
-        elif step == "data":
-            from bp_ray.data.pipeline import run_data_generation
+    zoo = _ensure_zoo(cfg)
+    folder = layout.stage_dir
 
-            data_manifest = run_data_generation(cfg, layout.stage_dir("data"), layout.stage_dir("corpus"))
-        elif step == "rewards":
-            from bp_ray.rewards.pipeline import run_reward_labels
+    def corpus(resume: bool) -> dict:
+        manifest = asdict(write_corpus_for(cfg, folder("corpus")))  # itself skips a corpus that is up to date
+        layout.manifest("corpus").write_text(json.dumps(manifest, indent=2))
+        return manifest
 
-            rewards_manifest = run_reward_labels(cfg, layout.stage_dir("data"), layout.stage_dir("rewards"))
-        elif step == "sft":
-            from bp_ray.train.sft import run_sft
+    def data(resume: bool) -> dict:
+        from bp_ray.data.pipeline import run_data_generation
 
-            sft_manifest = run_sft(cfg, layout.stage_dir("data"), layout.stage_dir("sft"))
-        elif step == "rm":
-            from bp_ray.train.reward import run_rm
+        return run_data_generation(cfg, folder("data"), folder("corpus"), fresh=not resume)
 
-            rm_manifest = run_rm(cfg, layout.stage_dir("rewards"), layout.stage_dir("rm"))
-        elif step == "ppo":
-            from bp_ray.rewards.pipeline import reward_cache_path
-            from bp_ray.train.ppo import run_ppo
+    def rewards(resume: bool) -> dict:
+        from bp_ray.rewards.pipeline import run_reward_labels
 
-            ppo_manifest = run_ppo(cfg, layout.stage_dir("data"), layout.stage_dir("sft"), layout.stage_dir("rm"),
-                                   layout.stage_dir("ppo"),
-                                   cache_path=reward_cache_path(cfg, layout.stage_dir("rewards")))
-        else:
-            from bp_ray.eval.run import run_evaluation
+        return run_reward_labels(cfg, folder("data"), folder("rewards"))  # the reward cache is its resume
 
-            trained = {stage: layout.stage_dir(stage) for stage in ("sft", "rm", "ppo")}
-            run_evaluation(cfg, layout.stage_dir("eval"), sft=trained["sft"], ppo=trained["ppo"],
-                           training_dirs=trained)
+    def sft(resume: bool) -> dict:
+        from bp_ray.train.sft import run_sft
+
+        return run_sft(cfg, folder("data"), folder("sft"), resume=resume)
+
+    def rm(resume: bool) -> dict:
+        from bp_ray.train.reward import run_rm
+
+        return run_rm(cfg, folder("rewards"), folder("rm"), resume=resume)
+
+    def ppo(resume: bool) -> dict:
+        from bp_ray.rewards.pipeline import reward_cache_path
+        from bp_ray.train.ppo import run_ppo
+
+        return run_ppo(cfg, folder("data"), folder("sft"), folder("rm"), folder("ppo"), resume=resume,
+                       cache_path=reward_cache_path(cfg, folder("rewards")))
+
+    def evaluate(resume: bool) -> dict:
+        from bp_ray.eval.run import run_evaluation
+
+        trained = {stage: folder(stage) for stage in ("sft", "rm", "ppo")}
+        return run_evaluation(cfg, folder("eval"), sft=trained["sft"], ppo=trained["ppo"], training_dirs=trained)
+
+    bar = tqdm(total=len(PIPELINE_STAGES), desc="pipeline", unit="stage", disable=None)
+
+    def on_stage(stage: str) -> None:
+        bar.set_postfix_str(stage)
+        bar.update(0 if stage == PIPELINE_STAGES[0] else 1)
+
+    runs = run_pipeline(cfg, {"corpus": corpus, "data": data, "rewards": rewards, "sft": sft, "rm": rm,
+                              "ppo": ppo, "eval": evaluate}, layout, on_stage)
+    bar.update(1)
     bar.close()
     print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
-    if zoo is not None:
-        manifest = json.loads((zoo / "zoo.json").read_text())
-        params = sum(manifest["parameters"].values())
-        print(f"models: tiny zoo at {zoo} ({manifest['bytes'] / 1e6:.1f} MB, {params:,} parameters, "
-              f"roles {', '.join(manifest['parameters'])})")
-    else:
-        print(f"models: from the hub / local paths (zoo cache {default_zoo_dir(cfg.models)} not needed)")
-    print(_corpus_line(corpus))
-    print(data_summary(data_manifest, layout.stage_dir("data")))
-    print(rewards_summary(rewards_manifest, layout.stage_dir("rewards")))
-    print(sft_summary(sft_manifest))
-    print(rm_summary(rm_manifest, layout.stage_dir("rm")))
-    print(ppo_summary(ppo_manifest))
-    print(eval_summary(layout.stage_dir("eval")))
-    print(example_rewrites(layout.stage_dir("eval") / "rewrites.jsonl"))
+    print(zoo_summary(cfg, zoo))
+    for run in runs:
+        line = stage_summary(run.stage, run.manifest, folder(run.stage))
+        when = "skipped: done earlier with this config" if run.action == "skipped" else \
+            f"{run.action} in {run.seconds:.1f} s"
+        print(f"{line}\n  [{run.stage} {when}]" if run.stage == "eval" else f"{line}   [{when}]")
+    print(example_rewrites(folder("eval") / "rewrites.jsonl"))
     print(f"done in {time.perf_counter() - start:.1f} s")
     print(f"serve the trained beautifier: bp-ray serve --preset {cfg.preset} --set output_dir={layout.root}   "
           f"(or --model {layout.model_dir('ppo')})")
     return 0
+
+
+def _ensure_zoo(cfg: PipelineConfig) -> Path | None:
+    from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+
+    uses_tiny = any(str(v).startswith("tiny:") for v in cfg.models.__dict__.values())
+    return ensure_tiny_zoo(cfg.models) if uses_tiny else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

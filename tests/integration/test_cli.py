@@ -96,37 +96,6 @@ def test_data_corpus_writes_the_diffusiondb_layout(capsys, tmp_path):
     assert len(frame) == 50 and {"prompt", "seed", "image_name", "prompt_nsfw"} <= set(frame.columns)
 
 
-def test_pipeline_runs_every_landed_stage_and_status_reports_it(capsys, tmp_path, tiny_models_cfg):
-    run = tmp_path / "run"
-    code, out, _ = run_cli(capsys, "pipeline", "--preset", "tiny", "--out", str(run),
-                           "--set", f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "--set", "data.corpus_rows=60",
-                           "--set", "sft.epochs=1", "--set", "rm.epochs=1", "--set", "rm.heads=shared_backbone",
-                           "--set", "ppo.total_steps=2",
-                           "--set", "ppo.checkpoint_every=2", "--set", "ppo.rollout_batch_size=8",
-                           "--set", "ppo.eval_prompts=4", "--set", "eval.num_prompts=4", "--set", "eval.num_seeds=1",
-                           "--set", "eval.grid_prompts=2")
-    assert code == 0
-    assert "models: tiny zoo at" in out and "corpus: 60 rows" in out
-    assert "data: " in out and "pairs" in out
-    assert "sft: " in out and "held-out loss" in out and "rm: shared_backbone" in out
-    assert "ppo: 2/2 steps" in out and "held-out reward" in out
-    assert "eval: 4 prompts (embedded) x 1 seeds" in out and f"report: {run / 'eval' / 'report.html'}" in out
-    assert "examples (original -> sft -> ppo):" in out
-    results = json.loads((run / "eval" / "results.json").read_text())
-    assert [row["system"] for row in results["table"]] == ["original", "tags", "sft", "ppo"]
-    assert (run / "eval" / "plots" / "curves_ppo.png").exists() and (run / "eval" / "plots" / "curves_sft.png").exists()
-    assert f"bp-ray serve --preset tiny --set output_dir={run}" in out
-    assert (run / "sft" / "model" / "model.safetensors").exists()
-    assert (run / "rm" / "shared" / "model" / "model.safetensors").exists()
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["corpus_rows"] == 60
-    code, out, _ = run_cli(capsys, "status", str(run))
-    assert code == 0
-    lines = {line.split()[0]: line.split()[1] for line in out.splitlines()}
-    assert lines["corpus"] == "done" and lines["data"] == "done" and lines["rewards"] == "done"
-    assert lines["sft"] == "done" and lines["rm"] == "done" and lines["ppo"] == "done"
-    assert lines["eval"] == "done"
-
-
 def test_status_of_a_missing_run_is_a_clear_error(capsys, tmp_path):
     code, _, err = run_cli(capsys, "status", str(tmp_path / "nope"))
     assert code == 2 and "no run directory" in err

@@ -1,0 +1,113 @@
+"""One-line summaries of finished stages, read from their manifests: what the stage commands and the pipeline
+print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bp_ray.config import PipelineConfig
+
+
+def zoo_summary(cfg: PipelineConfig, zoo: Path | None) -> str:
+    from bp_ray.models.tiny_zoo import default_zoo_dir
+
+    if zoo is None:
+        return f"models: from the hub / local paths (zoo cache {default_zoo_dir(cfg.models)} not needed)"
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    params = sum(manifest["parameters"].values())
+    return (f"models: tiny zoo at {zoo} ({manifest['bytes'] / 1e6:.1f} MB, {params:,} parameters, "
+            f"roles {', '.join(manifest['parameters'])})")
+
+
+def corpus_summary(summary: dict) -> str:
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary["kind_counts"].items()))
+    return (f"corpus: {summary['num_rows']} rows ({kinds}), {summary['num_images']} images in "
+            f"{summary['num_parts']} part(s), {summary['bytes_on_disk'] / 1e6:.1f} MB at {summary['out_dir']}")
+
+
+def data_summary(manifest: dict, out: Path) -> str:
+    per_source = ", ".join(f"{name} {info['out']}/{info['candidates']}" for name, info in manifest["pairs"].items())
+    quality = manifest["quality"]
+    return (f"data: {manifest['pairs_out']} pairs ({per_source} kept/candidates) from {manifest['rows_in']} rows "
+            f"(low {quality['low']}, high {quality['high']}, neither {quality['neither']}; dropped "
+            f"{sum(manifest['rows_dropped'].values())}) in {manifest['wall_time_s']} s -> {out}")
+
+
+def rewards_summary(manifest: dict, out: Path) -> str:
+    return (f"rewards: {manifest['rows']} prompts of {manifest['pairs']} pairs x {manifest['num_seeds']} seeds "
+            f"({manifest['prompts_rendered']} rendered, {manifest['prompts_from_cache']} from the cache) in "
+            f"{manifest['wall_time_s']} s -> {out}")
+
+
+def train_progress(manifest: dict) -> str:
+    done = f"{manifest['steps']}/{manifest['total_steps']} steps"
+    return done if manifest["complete"] else f"{done} (stopped: go on with --resume)"
+
+
+def sft_summary(manifest: dict) -> str:
+    final = manifest["final_metrics"]
+    return (f"sft: {train_progress(manifest)} on {manifest['pairs']} pairs ({manifest['held_out_pairs']} held out), "
+            f"train loss {final['loss/train']:.3f}, held-out loss {final.get('loss/eval', float('nan')):.3f} in "
+            f"{manifest['wall_time_s']} s -> {manifest['model']}")
+
+
+def rm_summary(manifest: dict, out: Path) -> str:
+    metrics = manifest["final_metrics"]
+    heads = "; ".join(
+        f"{head}: held-out MSE {metrics[f'rm/{head}/mse']:.4g} vs predict-the-mean "
+        f"{metrics[f'rm/{head}/mean_baseline_mse']:.4g}, Pearson {metrics[f'rm/{head}/pearson']:.3f}, "
+        f"Spearman {metrics[f'rm/{head}/spearman']:.3f}"
+        for head in ("pickscore", "aesthetic") if f"rm/{head}/mse" in metrics)
+    state = "" if manifest["complete"] else " (stopped: go on with --resume)"
+    return f"rm: {manifest['heads']} on {manifest['label_rows']} labelled prompts{state}; {heads} -> {out}"
+
+
+def ppo_summary(manifest: dict) -> str:
+    final, initial = manifest["final_metrics"], manifest.get("initial_eval", {})
+    before = f"{initial['eval/reward']:.4g} (SFT) -> " if "eval/reward" in initial else ""
+    return (f"ppo: {train_progress(manifest)}, held-out reward {before}{final['eval/reward']:.4g}, KL "
+            f"{final['kl']:.3g} (coef {manifest['kl_coef']:.3g}) in {manifest['wall_time_s']} s -> {manifest['model']}")
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else value  # results.json writes nan as null
+
+
+def eval_summary(out: Path) -> str:
+    """The results table as text, and where the report is."""
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"] + ["words"]
+    lines = [f"eval: {results['prompts']['count']} prompts ({results['prompts']['source']}) x "
+             f"{len(results['seeds'])} seeds, scored against the user prompt",
+             f"  {'system':<10}" + "".join(f"{m:>20}" for m in metrics)]
+    for row in results["table"]:
+        cells = "".join(f"{row[f'{m}_mean']:>11.4g} ± {_number(row[f'{m}_ci']):<6.2g}" for m in metrics)
+        lines.append(f"  {row['system']:<10}{cells}")
+    wins = [c for c in results["comparisons"] if c["baseline"] == "original" and c["metric"] == "reward"]
+    if wins:
+        lines.append("  win rate on reward over original: " + ", ".join(
+            f"{c['system']} {c['win_rate']:.2f} (Wilcoxon p={_number(c['p_wilcoxon']):.2g})" for c in wins))
+    lines.append(f"  report: {out / 'report.html'}")
+    return "\n".join(lines)
+
+
+def example_rewrites(path: Path, count: int = 3) -> str:
+    """A few user prompts with their SFT and PPO rewrites, from an evaluation's rewrites.jsonl."""
+    lines = ["examples (original -> sft -> ppo):"]
+    with path.open() as f:
+        for line, _ in zip(f, range(count), strict=False):
+            row = json.loads(line)
+            lines.append("  " + " -> ".join(repr(row[s]) for s in ("prompt", "sft", "ppo") if s in row))
+    return "\n".join(lines)
+
+
+def stage_summary(stage: str, manifest: dict, out: Path) -> str:
+    """The one-line (eval: a table) summary of a finished stage, from its manifest."""
+    if stage == "corpus":
+        return corpus_summary(manifest)
+    if stage in ("data", "rewards", "rm"):
+        return {"data": data_summary, "rewards": rewards_summary, "rm": rm_summary}[stage](manifest, out)
+    if stage in ("sft", "ppo"):
+        return {"sft": sft_summary, "ppo": ppo_summary}[stage](manifest)
+    return eval_summary(out)
