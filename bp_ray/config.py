@@ -115,6 +115,8 @@ class ActorPoolConfig:
     num_cpus: float = opt(1.0, ge=0)
     num_gpus: float = opt(0.0, ge=0)
     batch_size: int = opt(16, ge=1)
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per actor, e.g. {"a100_node": 1}, to pin a pool to a node type."""
 
 
 @dataclass
@@ -600,6 +602,10 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(key, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} expects a mapping, e.g. {{name: value}}, got {value!r}")
+        return {str(k): _convert(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         items = value
         if isinstance(value, str):

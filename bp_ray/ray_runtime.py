@@ -52,4 +52,5 @@ def actor_pool_args(pool: ActorPoolConfig) -> dict[str, Any]:
     import ray
 
     return {"compute": ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "batch_size": pool.batch_size}
+            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "batch_size": pool.batch_size,
+            **({"resources": dict(pool.resources)} if pool.resources else {})}

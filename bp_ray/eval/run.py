@@ -81,7 +81,8 @@ def _rewrite_all(cfg: PipelineConfig, prompts: list[str], systems: list[str], ch
     import ray
 
     pool = cfg.data.rewriter_pool
-    task = ray.remote(rewrite).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_retries=1)
+    task = ray.remote(rewrite).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+                                       resources=dict(pool.resources) or None, max_retries=1)
     refs = {}
     for system in systems:
         if system in (*CHECKPOINT_SYSTEMS, "llm"):

@@ -121,5 +121,5 @@ def reward_service(cfg: PipelineConfig, cache_path: str | None, num_gpus: float 
     pool = cfg.data.scorer_pool
     actor = ray.remote(RewardService).options(num_cpus=pool.num_cpus if num_cpus is None else num_cpus,
                                               num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
-                                              max_concurrency=64)
+                                              resources=dict(pool.resources) or None, max_concurrency=64)
     return actor.remote(cfg, cache_path)
