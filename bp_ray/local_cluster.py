@@ -1,0 +1,142 @@
+"""A multi-node Ray cluster on one machine, to see how the data job behaves on many nodes without a cluster.
+
+A head with no CPUs (as on a real cluster, nothing but the driver runs there) and worker raylets, each a separate
+node with its own CPUs and a custom resource standing in for a GPU node type. The data job's actor pools ask
+for a share of that resource, so they can only run on worker nodes. `python -m bp_ray.local_cluster SCENARIO OUT`
+runs one scenario and prints a JSON report; the tests and benchmarks/multinode_data.py read it.
+
+    spread  two worker nodes from the start: where did each pool's actors run, how fast
+    one     the same job on one worker node (the throughput baseline)
+    churn   two worker nodes; one is removed mid-job and another added: does every row come out exactly once,
+            and do the pools use the new node
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+GPU_NODE = "gpu_node"
+"""The custom resource a worker node offers (1 per node, like one GPU) and each pool actor asks a quarter of."""
+POOLS = ("captioner_pool", "rewriter_pool", "aesthetic_pool")
+WORKER_CPUS = 2
+
+
+def scenario_config(out: Path, zoo_dir: str | None, rows: int) -> Any:
+    from bp_ray.config import load_config
+
+    overrides = [f"data.corpus_rows={rows}", "data.max_new_tokens=16", "data.caption_max_new_tokens=8",
+                 "data.captioner_pool.max_actors=3", "data.rewriter_pool.max_actors=3",
+                 *(f"data.{pool}.batch_size=8" for pool in POOLS),
+                 *(f"data.{pool}.resources={{{GPU_NODE}: 0.25}}" for pool in POOLS), f"output_dir={out}"]
+    if zoo_dir:
+        overrides.append(f"models.zoo_dir={zoo_dir}")
+    return load_config("tiny", overrides)
+
+
+def _worker(cluster: Any) -> Any:
+    return cluster.add_node(num_cpus=WORKER_CPUS, resources={GPU_NODE: 1.0})
+
+
+def actor_nodes() -> dict[str, list[str]]:
+    """Data-pool actor class -> node ids its actors ran on (dead actors included), from Ray's state API."""
+    from ray.util.state import list_actors
+
+    placed: dict[str, list[str]] = defaultdict(list)
+    for actor in list_actors(detail=True, limit=10_000, raise_on_missing_output=False):
+        name = actor.class_name or ""
+        if name.startswith("MapWorker("):
+            placed[name].append(actor.node_id)
+    return dict(placed)
+
+
+def exactly_once(cfg: Any, out: Path) -> dict[str, Any]:
+    """Every candidate pair the rows must propose was committed once, and the output holds no repeat."""
+    import pandas as pd
+
+    from bp_ray.data import columns as C
+    from bp_ray.data import work_store
+    from bp_ray.data.pairs import build_candidates
+    from bp_ray.data.pipeline import prepare_rows, read_source
+
+    table, _, _ = read_source(cfg, out.parent / "corpus")
+    rows, _ = prepare_rows(table, cfg.data)
+    frame = rows.assign(**{C.CAPTION: "", C.SUMMARY: "", C.EXPANSION: "", C.GEN_ERROR: ""})
+    expected = set(build_candidates(frame, cfg.data)[C.PAIR_ID])
+    committed = work_store.read_committed(out / "work")
+    pairs = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))], ignore_index=True)
+    return {"expected": len(expected), "committed": len(committed),
+            "committed_unique": bool(committed[C.PAIR_ID].is_unique),
+            "all_committed": set(committed[C.PAIR_ID]) == expected, "output_unique": bool(pairs[C.PAIR_ID].is_unique),
+            "pairs_out": len(pairs)}
+
+
+def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -> dict[str, Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from bp_ray.data import work_store
+    from bp_ray.data.pipeline import run_data_generation
+    from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+    from bp_ray.ray_runtime import WORKER_ENV
+
+    cfg = scenario_config(out, zoo_dir, rows)
+    ensure_tiny_zoo(cfg.models)  # before any actor races to build it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = {"worker-1": _worker(cluster)}
+    if scenario in ("spread", "churn"):
+        nodes["worker-2"] = _worker(cluster)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
+    events: list[str] = []
+    data_dir = out / "data"
+
+    def churn() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(work_store.committed_files(data_dir / "work")) < 2:
+            time.sleep(0.1)
+        cluster.remove_node(nodes["worker-2"])
+        events.append(f"removed worker-2 after {len(work_store.committed_files(data_dir / 'work'))} batches")
+        nodes["worker-3"] = _worker(cluster)
+        events.append(f"added worker-3 after {len(work_store.committed_files(data_dir / 'work'))} batches")
+
+    chaos = threading.Thread(target=churn, daemon=True) if scenario == "churn" else None
+    try:
+        started = time.perf_counter()
+        if chaos:
+            chaos.start()
+        manifest = run_data_generation(cfg, data_dir)
+        seconds = time.perf_counter() - started
+        if chaos:
+            chaos.join(timeout=60)
+        names = {node.node_id: name for name, node in nodes.items()}
+        placed = {cls: sorted({names.get(n, "head") for n in ids}) for cls, ids in actor_nodes().items()}
+        return {"scenario": scenario, "worker_nodes": sorted(nodes), "events": events, "rows": manifest["rows_in"],
+                "rows_processed": manifest["rows_to_process"], "seconds": round(seconds, 2),
+                "rows_per_s": round(manifest["rows_to_process"] / seconds, 2), "actors_on": placed,
+                "check": exactly_once(cfg, data_dir)}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("scenario", choices=("spread", "one", "churn"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--zoo-dir", default=None)
+    parser.add_argument("--rows", type=int, default=240)
+    args = parser.parse_args(argv)
+    report = run(args.scenario, args.out, args.zoo_dir, args.rows)
+    print("REPORT " + json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

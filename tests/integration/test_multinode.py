@@ -1,0 +1,43 @@
+"""The data job on a real multi-node Ray cluster built on this machine (`bp_ray/local_cluster.py`): a head and
+worker raylets with a custom resource standing in for GPU node types. Each scenario runs in its own process,
+because it owns its own Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def run_scenario(scenario: str, out, zoo_dir: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "bp_ray.local_cluster", scenario, str(out), "--zoo-dir", zoo_dir],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])
+
+
+def assert_every_pair_exactly_once(report: dict) -> None:
+    check = report["check"]
+    assert check["committed_unique"] and check["all_committed"] and check["output_unique"], check
+    assert check["pairs_out"] > 0
+
+
+def test_the_pools_spread_over_both_worker_nodes(tiny_models_cfg, tmp_path):
+    report = run_scenario("spread", tmp_path, tiny_models_cfg.zoo_dir)
+    assert_every_pair_exactly_once(report)
+    nodes = {node for placed in report["actors_on"].values() for node in placed}
+    assert nodes == {"worker-1", "worker-2"}, report["actors_on"]  # never the head: it has no CPU and no gpu_node
+    assert len(report["actors_on"]) == 3  # captioner, rewriter and aesthetic pools
+
+
+def test_a_node_removed_and_one_added_mid_job_lose_and_repeat_nothing(tiny_models_cfg, tmp_path):
+    report = run_scenario("churn", tmp_path, tiny_models_cfg.zoo_dir)
+    assert [e.split()[0] for e in report["events"]] == ["removed", "added"], report["events"]
+    assert_every_pair_exactly_once(report)
+    used = {node for placed in report["actors_on"].values() for node in placed}
+    assert "worker-3" in used, report["actors_on"]  # the autoscaling pools took the new node
