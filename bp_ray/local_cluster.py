@@ -7,8 +7,8 @@ runs one scenario and prints a JSON report; the tests and benchmarks/multinode_d
 
     spread  two worker nodes from the start: where did each pool's actors run, how fast
     one     the same job on one worker node (the throughput baseline)
-    churn   two worker nodes; one is removed mid-job and another added: does every row come out exactly once,
-            and do the pools use the new node
+    churn   two worker nodes; once the pools hold actors on both, one is removed mid-job and another added:
+            does every row come out exactly once, and do the pools use the new node
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 GPU_NODE = "gpu_node"
-"""The custom resource a worker node offers (1 per node, like one GPU) and each pool actor asks a quarter of."""
+"""The custom resource standing in for a GPU: a worker node offers 1 (the node added mid-churn offers 2) and every
+pool actor needs 1, so each node holds one actor, as a one-GPU node holds one model."""
 POOLS = ("captioner_pool", "rewriter_pool", "aesthetic_pool")
+"""The data job's pools (the aesthetic one runs only when data.aesthetic_threshold is set; not in `tiny`)."""
 WORKER_CPUS = 2
 
 
@@ -32,16 +34,15 @@ def scenario_config(out: Path, zoo_dir: str | None, rows: int) -> Any:
     from bp_ray.config import load_config
 
     overrides = [f"data.corpus_rows={rows}", "data.max_new_tokens=16", "data.caption_max_new_tokens=8",
-                 "data.captioner_pool.max_actors=3", "data.rewriter_pool.max_actors=3",
-                 *(f"data.{pool}.batch_size=8" for pool in POOLS),
-                 *(f"data.{pool}.resources={{{GPU_NODE}: 0.25}}" for pool in POOLS), f"output_dir={out}"]
+                 *(f"data.{pool}.batch_size=8" for pool in POOLS), *(f"data.{pool}.max_actors=2" for pool in POOLS),
+                 *(f"data.{pool}.resources={{{GPU_NODE}: 1}}" for pool in POOLS), f"output_dir={out}"]
     if zoo_dir:
         overrides.append(f"models.zoo_dir={zoo_dir}")
     return load_config("tiny", overrides)
 
 
-def _worker(cluster: Any) -> Any:
-    return cluster.add_node(num_cpus=WORKER_CPUS, resources={GPU_NODE: 1.0})
+def _worker(cluster: Any, gpus: float = 1.0) -> Any:
+    return cluster.add_node(num_cpus=WORKER_CPUS, resources={GPU_NODE: gpus})
 
 
 def actor_nodes() -> dict[str, list[str]]:
@@ -51,7 +52,7 @@ def actor_nodes() -> dict[str, list[str]]:
     placed: dict[str, list[str]] = defaultdict(list)
     for actor in list_actors(detail=True, limit=10_000, raise_on_missing_output=False):
         name = actor.class_name or ""
-        if name.startswith("MapWorker("):
+        if name.startswith("MapWorker(") and actor.node_id:  # an actor still pending has no node
             placed[name].append(actor.node_id)
     return dict(placed)
 
@@ -88,35 +89,60 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
 
     cfg = scenario_config(out, zoo_dir, rows)
     ensure_tiny_zoo(cfg.models)  # before any actor races to build it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # shutdown_at_exit=False: shut down once, below; Ray's exit hook would try again on half-removed nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0}, shutdown_at_exit=False)
     nodes = {"worker-1": _worker(cluster)}
     if scenario in ("spread", "churn"):
         nodes["worker-2"] = _worker(cluster)
+    names = {node.node_id: name for name, node in nodes.items()}
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
-    events: list[str] = []
     data_dir = out / "data"
+    result: dict[str, Any] = {}
 
-    def churn() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(work_store.committed_files(data_dir / "work")) < 2:
-            time.sleep(0.1)
-        cluster.remove_node(nodes["worker-2"])
-        events.append(f"removed worker-2 after {len(work_store.committed_files(data_dir / 'work'))} batches")
-        nodes["worker-3"] = _worker(cluster)
-        events.append(f"added worker-3 after {len(work_store.committed_files(data_dir / 'work'))} batches")
+    def job() -> None:
+        try:
+            result["manifest"] = run_data_generation(cfg, data_dir)
+        except BaseException as exc:  # handed to the main thread, which reports it
+            result["error"] = exc
 
-    chaos = threading.Thread(target=churn, daemon=True) if scenario == "churn" else None
+    def committed() -> int:
+        return len(work_store.committed_files(data_dir / "work"))
+
+    events: list[str] = []
     try:
         started = time.perf_counter()
-        if chaos:
-            chaos.start()
-        manifest = run_data_generation(cfg, data_dir)
+        # The job runs beside, the cluster changes here: adding a node installs signal handlers (main thread only).
+        worker = threading.Thread(target=job, daemon=True)
+        worker.start()
+        # A restarted actor keeps its id and Ray reports only its latest node: sample placements as the job runs.
+        seen: dict[str, set[str]] = defaultdict(set)
+
+        def sample() -> set[str]:
+            for cls, ids in actor_nodes().items():
+                seen[cls].update(ids)
+            return {n for ids in seen.values() for n in ids}
+
+        if scenario == "churn":
+            # Remove a node that holds actors, once the pools have spread over both and some work is committed.
+            deadline = time.monotonic() + 120
+            while worker.is_alive() and time.monotonic() < deadline and (committed() < 2 or len(sample()) < 2):
+                time.sleep(0.5)
+            cluster.remove_node(nodes["worker-2"])
+            events.append(f"removed worker-2 after {committed()} batches")
+            # Two slots: the removed node's actor and any scale-up waiting for room both fit, so no pool starves.
+            nodes["worker-3"] = _worker(cluster, gpus=2.0)
+            names[nodes["worker-3"].node_id] = "worker-3"
+            events.append(f"added worker-3 after {committed()} batches")
+        while worker.is_alive():
+            sample()
+            worker.join(timeout=0.5)
         seconds = time.perf_counter() - started
-        if chaos:
-            chaos.join(timeout=60)
-        names = {node.node_id: name for name, node in nodes.items()}
-        placed = {cls: sorted({names.get(n, "head") for n in ids}) for cls, ids in actor_nodes().items()}
+        if "error" in result:
+            raise result["error"]
+        manifest = result["manifest"]
+        sample()
+        placed = {cls: sorted({names.get(n, n) for n in ids}) for cls, ids in seen.items()}
         return {"scenario": scenario, "worker_nodes": sorted(nodes), "events": events, "rows": manifest["rows_in"],
                 "rows_processed": manifest["rows_to_process"], "seconds": round(seconds, 2),
                 "rows_per_s": round(manifest["rows_to_process"] / seconds, 2), "actors_on": placed,

@@ -27,17 +27,11 @@ def assert_every_pair_exactly_once(report: dict) -> None:
     assert check["pairs_out"] > 0
 
 
-def test_the_pools_spread_over_both_worker_nodes(tiny_models_cfg, tmp_path):
-    report = run_scenario("spread", tmp_path, tiny_models_cfg.zoo_dir)
-    assert_every_pair_exactly_once(report)
-    nodes = {node for placed in report["actors_on"].values() for node in placed}
-    assert nodes == {"worker-1", "worker-2"}, report["actors_on"]  # never the head: it has no CPU and no gpu_node
-    assert len(report["actors_on"]) == 3  # captioner, rewriter and aesthetic pools
-
-
-def test_a_node_removed_and_one_added_mid_job_lose_and_repeat_nothing(tiny_models_cfg, tmp_path):
+def test_pools_spread_over_the_worker_nodes_and_survive_a_node_leaving_and_one_joining(tiny_models_cfg, tmp_path):
     report = run_scenario("churn", tmp_path, tiny_models_cfg.zoo_dir)
     assert [e.split()[0] for e in report["events"]] == ["removed", "added"], report["events"]
     assert_every_pair_exactly_once(report)
     used = {node for placed in report["actors_on"].values() for node in placed}
-    assert "worker-3" in used, report["actors_on"]  # the autoscaling pools took the new node
+    # spread over both first workers (never the head: no CPU, no gpu_node), then onto the node that joined
+    assert used == {"worker-1", "worker-2", "worker-3"}, report["actors_on"]
+    assert {cls.split("(")[-1].rstrip(")") for cls in report["actors_on"]} == {"Captioner", "PromptRewriter"}
