@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -25,11 +26,24 @@ def init_ray(cluster: ClusterConfig, metrics_export_port: int = 0) -> None:
     env_vars = dict(WORKER_ENV)
     if os.environ.get("BP_RAY_CACHE"):
         env_vars["BP_RAY_CACHE"] = os.environ["BP_RAY_CACHE"]
+    # Under `ray job submit`, Ray refuses to merge a variable that the job's runtime env sets too: the job's wins.
+    env_vars = {k: v for k, v in env_vars.items() if k not in _job_env_vars()}
     kwargs: dict[str, Any] = {} if address else {"num_cpus": cluster.num_cpus or None, "include_dashboard": False}
     if metrics_export_port and not address:
         kwargs["_metrics_export_port"] = metrics_export_port
     ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, **kwargs)
     logger.info("ray: %s", "joined " + address if address else "started a local instance")
+
+
+def _job_env_vars() -> set[str]:
+    """Environment variables the submitted job's runtime env sets (empty outside `ray job submit`)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
 
 
 def require_resources(cluster: ClusterConfig, cpus: float, gpus: float, what: str) -> None:
