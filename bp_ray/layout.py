@@ -11,7 +11,9 @@
       eval/                results.json, results.csv, report.html, images/        (bp-ray eval)
 
 Each stage reads only earlier stages' folders and writes `manifest.json` (config, counts, timings) and, when it
-finished, `_SUCCESS.json`; so each stage reruns alone and `bp-ray status` can summarise a run.
+finished, `_SUCCESS.json`; so each stage reruns alone and `bp-ray status` can summarise a run. `bp-ray pipeline`
+also writes `_STARTED.json` when it starts a stage and adds the stage's fingerprint to `_SUCCESS.json`, which is
+how a rerun knows what to skip, resume or redo (bp_ray/pipeline.py).
 """
 
 from __future__ import annotations
