@@ -211,22 +211,12 @@ p-values are two-sided, for the paired differences.</p>
 Rendering mode: {html.escape(long['mode'])}.</p>
 <h2>Images</h2>
 <p class="note">Rows are user prompts, columns systems; each cell shows every seed and the rendered prompt.</p>
-{_grid(prompts, texts, _existing(out_dir, results), results['seeds'], results['systems'])}
+{_grid(prompts, texts, image_paths, results['seeds'], results['systems'])}
 <h2>Training curves</h2>
 {curve_html}
 </body></html>
 """
     (out_dir / REPORT).write_text(page, encoding="utf-8")
     written.append(REPORT)
-    written += sorted(set(_existing(out_dir, results).values()))
+    written += sorted(image_paths.values())
     return written
-
-
-def _existing(out_dir: Path, results: dict[str, Any]) -> dict[str, str]:
-    """The grid's image paths (images/<system>/p<prompt>_s<seed>.png) that exist, keyed system/prompt/seed."""
-    found = {}
-    for system in results["systems"]:
-        for path in sorted((out_dir / "images" / system).glob("p*_s*.png")):
-            prompt, seed = path.stem[1:].split("_s")
-            found[f"{system}/{int(prompt)}/{int(seed)}"] = path.relative_to(out_dir).as_posix()
-    return found

@@ -11,6 +11,7 @@ import copy
 import csv
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -93,18 +94,31 @@ def _rewrite_all(cfg: PipelineConfig, prompts: list[str], systems: list[str], ch
 
 
 def _render_and_score(cfg: PipelineConfig, prompts: list[str], systems: list[str], rewrite_refs: dict[str, Any],
-                      images_dir: Path) -> tuple[dict[str, Rewrites], dict[str, np.ndarray], dict[str, str]]:
+                      out_dir: Path) -> tuple[dict[str, Rewrites], dict[str, np.ndarray], dict[str, str]]:
     """Every system's prompts rendered and scored as soon as its rewrites are ready; (rewrites, (P, S, 3) scores
     per system, relative image paths of the grid's prompts keyed "system/prompt/seed")."""
     import ray
 
     from bp_ray.rewards.service import reward_service
 
-    ev = cfg.eval
     render_cfg = eval_render_config(cfg)
     # No cache: evaluation needs every image for the grid, and renders are what is being measured.
     service = reward_service(render_cfg, None)
-    seeds = seeds_for(ev.num_seeds, cfg.rewards.seed_base)
+    try:
+        rewrites, pending = _submit_renders(service, cfg, prompts, rewrite_refs)
+        scores, image_paths = _collect_renders(pending, prompts, systems, cfg, out_dir)
+    finally:
+        ray.kill(service)
+    return rewrites, scores, image_paths
+
+
+def _submit_renders(service: Any, cfg: PipelineConfig, prompts: list[str],
+                    rewrite_refs: dict[str, Any]) -> tuple[dict[str, Rewrites], dict[Any, tuple[str, int, bool]]]:
+    """Send each system's prompts to the service as soon as its rewrites are ready, in fixed chunks (the grid's
+    prompts first, with their images); returns the rewrites and the pending requests (system, start, images)."""
+    import ray
+
+    ev = cfg.eval
     grid = min(ev.grid_prompts, len(prompts))
     rewrites: dict[str, Rewrites] = {}
     pending: dict[Any, tuple[str, int, bool]] = {}
@@ -113,14 +127,22 @@ def _render_and_score(cfg: PipelineConfig, prompts: list[str], systems: list[str
         ready, _ = ray.wait(list(waiting), num_returns=1)
         system = waiting.pop(ready[0])
         rewrites[system] = ray.get(ready[0])
-        logger.info("eval: %s rewrites ready, rendering %d prompts x %d seeds", system, len(prompts), len(seeds))
+        logger.info("eval: %s rewrites ready, rendering %d prompts x %d seeds", system, len(prompts), ev.num_seeds)
         texts = rewrites[system].prompts
-        # The grid's prompts first, with their images; the rest as scores only.
         chunks = [(0, grid, True)] if grid else []
         chunks += [(s, min(s + ev.batch_size, len(texts)), False) for s in range(grid, len(texts), ev.batch_size)]
         for start, end, images in chunks:
             method = service.score_with_images if images else service.score_detailed
             pending[method.remote(texts[start:end], prompts[start:end])] = (system, start, images)
+    return rewrites, pending
+
+
+def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[str], systems: list[str],
+                     cfg: PipelineConfig, out_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(P, S, 3) scores per system, and the grid's images saved under out_dir/images keyed "system/prompt/seed"."""
+    import ray
+
+    seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
     scores = {system: np.full((len(prompts), len(seeds), 3), np.nan) for system in systems}
     image_paths: dict[str, str] = {}
     for ref, (system, start, images) in pending.items():
@@ -130,11 +152,10 @@ def _render_and_score(cfg: PipelineConfig, prompts: list[str], systems: list[str
         for p in range(len(pixels) if pixels is not None else 0):
             for s, seed in enumerate(seeds):
                 rel = Path("images") / system / f"p{start + p:04d}_s{seed}.png"
-                (images_dir.parent / rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels[p, s]).save(images_dir.parent / rel)
+                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[p, s]).save(out_dir / rel)
                 image_paths[f"{system}/{start + p}/{seed}"] = rel.as_posix()
-    ray.kill(service)
-    return rewrites, scores, image_paths
+    return scores, image_paths
 
 
 def score_table(prompts: list[str], rewrites: dict[str, Rewrites], scores: dict[str, np.ndarray],
@@ -205,6 +226,8 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUCCESS).unlink(missing_ok=True)
+    for old in ("images", "plots"):  # a grid or plot of an earlier evaluation must not show in this report
+        shutil.rmtree(out_dir / old, ignore_errors=True)
     checkpoints = {name: checkpoint_model_dir(path) for name, path in (("sft", sft), ("ppo", ppo)) if path}
     systems = resolve_systems(cfg, systems, checkpoints)
     prompts, report = load_eval_prompts(cfg, prompts_file)
@@ -213,7 +236,7 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
         resolve_model(getattr(cfg.models, role), cfg.models)
     init_ray(cfg.cluster)
     refs = _rewrite_all(cfg, prompts, systems, checkpoints, tags)
-    rewrites, scores, image_paths = _render_and_score(cfg, prompts, systems, refs, out_dir / "images")
+    rewrites, scores, image_paths = _render_and_score(cfg, prompts, systems, refs, out_dir)
     rewrites = {system: rewrites[system] for system in systems}  # in the order asked for, not the order finished
     rendered_s = time.perf_counter() - start
 
