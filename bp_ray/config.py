@@ -461,7 +461,7 @@ class EvalConfig:
         "setting, style, artist and quality tags. Answer with the prompt only.\nDescription: {prompt}\nPrompt:"
     )
     grid_prompts: int = opt(8, ge=0)
-    """Rows of the report's image grid (the first prompts, first seed)."""
+    """Rows of the report's image grid: the first prompts, every seed."""
 
 
 @dataclass

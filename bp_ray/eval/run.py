@@ -60,14 +60,11 @@ def sd_tokenizer(cfg: PipelineConfig) -> Any:
     return AutoTokenizer.from_pretrained(resolve_model(cfg.models.diffusion, cfg.models), subfolder="tokenizer")
 
 
-def long_prompt_report(tokenizer: Any, rewrites: dict[str, Rewrites], mode: str) -> dict[str, Any]:
-    """How many prompts of each system exceed the text encoder's window, and what the renderer does about it."""
-    from bp_ray.rewards.long_prompts import token_lengths
-
-    limit = int(tokenizer.model_max_length)
+def long_prompt_report(limit: int, sd_lengths: dict[str, list[int]], mode: str) -> dict[str, Any]:
+    """How many prompts of each system exceed the text encoder's window of `limit` tokens, and what the renderer
+    does about it; `sd_lengths` are each system's prompt lengths in that encoder's tokens."""
     per_system = {}
-    for system, r in rewrites.items():
-        lengths = token_lengths(tokenizer, r.prompts)
+    for system, lengths in sd_lengths.items():
         over = sum(n > limit for n in lengths)
         per_system[system] = {"over_limit": int(over), "share_over_limit": over / max(len(lengths), 1),
                               "max_tokens": int(max(lengths, default=0)), "mean_tokens": float(np.mean(lengths))}
@@ -266,7 +263,8 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
                        "max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.generation_seed},
         "table": summary, "comparisons": comparisons,
         "rewrite_failures": {s: sum(bool(e) for e in rewrites[s].failed) for s in systems},
-        "long_prompts": long_prompt_report(tokenizer, rewrites, cfg.eval.render.long_prompts),
+        "long_prompts": long_prompt_report(int(tokenizer.model_max_length), sd_lengths,
+                                           cfg.eval.render.long_prompts),
     })
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     _write_csv(out_dir / "results.csv", results["table"])
