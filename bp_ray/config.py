@@ -65,6 +65,38 @@ class TinyZooConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The miniature world that `bp-ray models build-world` trains the tiny models in (see bp_ray/world)."""
+
+    seed: int = 0
+    """Seed of the world's scenes and of every model's training; the same seed builds the same files."""
+    train_scenes: int = opt(6000, ge=100)
+    """Scenes (image + plain + detailed description) the vision models and SD train on."""
+    heldout_scenes: int = opt(400, ge=20)
+    """Scenes of another seed, never trained on, that the build's quality figures are measured on."""
+    lm_steps: int = opt(600, ge=0)
+    lm_batch_size: int = opt(32, ge=1)
+    lm_lr: float = opt(2.0e-3, gt=0)
+    captioner_steps: int = opt(800, ge=0)
+    captioner_batch_size: int = opt(32, ge=1)
+    captioner_lr: float = opt(1.0e-3, gt=0)
+    clip_steps: int = opt(800, ge=0)
+    clip_batch_size: int = opt(64, ge=2)
+    clip_lr: float = opt(1.0e-3, gt=0)
+    aesthetic_steps: int = opt(600, ge=0)
+    aesthetic_batch_size: int = opt(64, ge=1)
+    aesthetic_lr: float = opt(1.0e-3, gt=0)
+    vae_steps: int = opt(600, ge=0)
+    vae_batch_size: int = opt(32, ge=1)
+    vae_lr: float = opt(1.0e-3, gt=0)
+    unet_steps: int = opt(1500, ge=0)
+    unet_batch_size: int = opt(32, ge=1)
+    unet_lr: float = opt(1.0e-3, gt=0)
+    caption_dropout: float = opt(0.1, ge=0, le=1)
+    """Share of SD training captions replaced by the empty prompt, so classifier-free guidance works."""
+
+
+@dataclass
 class ModelsConfig:
     """Model for every role: a Hugging Face id, a local directory, or `tiny:<name>` from the tiny zoo."""
 
@@ -92,6 +124,7 @@ class ModelsConfig:
     """Weights dtype for inference roles."""
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     tiny: TinyZooConfig = field(default_factory=TinyZooConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
 
 @dataclass
