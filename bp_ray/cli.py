@@ -85,16 +85,32 @@ def cmd_models_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_build_world(args: argparse.Namespace) -> int:
+    from bp_ray.world.zoo import build_world_zoo, world_zoo_dir
+
+    cfg = config_from_args(args)
+    root = Path(args.out) if args.out else world_zoo_dir(cfg.models)
+    summary = build_world_zoo(root, cfg.models.tiny, cfg.models.world, force=args.force)
+    verb = f"built and trained in {summary.seconds:.1f} s" if summary.built else "up to date (cached)"
+    print(f"world zoo {verb}: {summary.path} ({summary.bytes / 1e6:.1f} MB)")
+    manifest = json.loads((root / "zoo.json").read_text())
+    for role, count in summary.parameters.items():
+        seconds = manifest["seconds"].get(role, manifest["seconds"].get("pickscore") if role == "clip" else None)
+        timing = f"  trained in {seconds:.1f} s" if seconds is not None else ""
+        print(f"  {role:<10} {count:>10,} parameters{timing}" + ("  (a copy of pickscore)" if role == "clip" else ""))
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from bp_ray.models.loading import TINY_PREFIX
+    from bp_ray.models.loading import ZOO_PREFIXES
     from bp_ray.models.tiny_zoo import default_zoo_dir
 
     cfg = config_from_args(args)
-    zoo = default_zoo_dir(cfg.models) / "tiny"
     for role in ("policy", "rewriter", "rm_backbone", "captioner", "diffusion", "pickscore", "aesthetic",
                  "clip_relevance"):
         spec = getattr(cfg.models, role)
-        where = f"  -> {zoo / spec[len(TINY_PREFIX):]}" if spec.startswith(TINY_PREFIX) else ""
+        prefix = next((p for p in ZOO_PREFIXES if spec.startswith(p)), None)
+        where = f"  -> {default_zoo_dir(cfg.models) / prefix[:-1] / spec[len(prefix):]}" if prefix else ""
         print(f"{role:<15} {spec}{where}")
     return 0
 
@@ -118,11 +134,10 @@ def cmd_data_corpus(args: argparse.Namespace) -> int:
 
 
 def write_corpus_for(cfg: PipelineConfig, out: Path):
-    from bp_ray.data.corpus import CorpusSpec, write_corpus
+    from bp_ray.data.corpus import write_corpus
+    from bp_ray.data.pipeline import corpus_spec
 
-    spec = CorpusSpec(num_rows=cfg.data.corpus_rows, seed=cfg.data.corpus_seed,
-                      image_size=cfg.models.tiny.image_size)
-    return write_corpus(out, spec)
+    return write_corpus(out, corpus_spec(cfg))
 
 
 def cmd_data_generate(args: argparse.Namespace) -> int:
@@ -325,10 +340,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _ensure_zoo(cfg: PipelineConfig) -> Path | None:
-    from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+    """Build the zoos the config names before Ray starts, so actors never race to build them."""
+    from bp_ray.models.loading import ZOO_PREFIXES, zoo_root
 
-    uses_tiny = any(str(v).startswith("tiny:") for v in cfg.models.__dict__.values())
-    return ensure_tiny_zoo(cfg.models) if uses_tiny else None
+    specs = [str(v) for v in cfg.models.__dict__.values()]
+    roots = [zoo_root(p, cfg.models) for p in ZOO_PREFIXES if any(s.startswith(p) for s in specs)]
+    return roots[0] if roots else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -419,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="zoo folder (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date zoo exists")
     p.set_defaults(func=cmd_models_build_tiny)
+    p = models_sub.add_parser("build-world", parents=[_config_options()],
+                              help="build the tiny zoo's models and train each in the miniature world (cached)")
+    p.add_argument("--out", default=None, metavar="DIR", help="zoo folder (default: the cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date zoo exists")
+    p.set_defaults(func=cmd_models_build_world)
     p = models_sub.add_parser("list", parents=[_config_options()], help="the model of every role")
     p.set_defaults(func=cmd_models_list)
     p = models_sub.add_parser("convert-aesthetic", help="LAION aesthetic .pth -> safetensors scorer folder")

@@ -74,7 +74,7 @@ class WorldConfig:
     """Scenes (image + plain + detailed description) the vision models and SD train on."""
     heldout_scenes: int = opt(400, ge=20)
     """Scenes of another seed, never trained on, that the build's quality figures are measured on."""
-    lm_steps: int = opt(600, ge=0)
+    lm_steps: int = opt(1000, ge=0)
     lm_batch_size: int = opt(32, ge=1)
     lm_lr: float = opt(2.0e-3, gt=0)
     captioner_steps: int = opt(800, ge=0)
@@ -180,6 +180,9 @@ class DataConfig:
 
     source: str = "corpus"
     """`corpus` (the embedded generated DiffusionDB-shaped corpus), a DiffusionDB folder, or a prompt file."""
+    corpus_kind: str = opt("prompts", choices=("prompts", "world"))
+    """What the embedded corpus's plain and rich prompts describe: `prompts` (subjects, settings, artists and
+    tags of DiffusionDB) or `world` (miniature-world scenes, with the world's renders as images)."""
     corpus_rows: int = opt(2000, ge=10)
     corpus_seed: int = 0
     limit: int = opt(0, ge=0)
@@ -495,6 +498,9 @@ class EvalConfig:
     )
     grid_prompts: int = opt(8, ge=0)
     """Rows of the report's image grid: the first prompts, every seed."""
+    world_truth: bool = False
+    """Also judge every image by the miniature world's ground truth (true_aesthetic, colour_match), computed from
+    pixels by code; for the world preset, whose prompts describe world scenes."""
 
 
 @dataclass
@@ -557,12 +563,26 @@ def load_config(preset: str | None = "tiny", overrides: Sequence[str] = (),
     else:
         layer = _parse_yaml(preset_text(preset or "tiny"), f"preset {preset}")
         layer.setdefault("preset", preset)
+    for base in _base_layers(layer):
+        _apply_mapping(cfg, base, prefix="")
     _apply_mapping(cfg, layer, prefix="")
     for item in overrides:
         key, value = _split_override(item)
         set_value(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def _base_layers(layer: dict[str, Any], depth: int = 0) -> list[dict[str, Any]]:
+    """The presets a layer builds on (`base: <preset>`, popped from it), outermost first."""
+    base = layer.pop("base", None)
+    if base is None:
+        return []
+    if depth > 4:
+        raise ConfigError(f"preset bases nest too deeply (at {base!r})")
+    parent = _parse_yaml(preset_text(str(base)), f"preset {base}")
+    parent.pop("preset", None)
+    return [*_base_layers(parent, depth + 1), parent]
 
 
 def _parse_yaml(text: str, origin: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ INPUTS = {"corpus": (), "data": ("corpus",), "rewards": ("data",), "sft": ("data
 # Resources and service batching change how fast a stage runs, not what it writes, except for training, where
 # the number of workers changes the batches, so the training sections count whole.
 CONFIG_KEYS = {
-    "corpus": ("seed", "data.corpus_rows", "data.corpus_seed", "models.tiny.image_size"),
+    "corpus": ("seed", "data.corpus_rows", "data.corpus_seed", "data.corpus_kind", "models.tiny.image_size"),
     "data": ("seed", "data", "-data.render", "-data.num_seeds", "-data.renderer_pool", "-data.scorer_pool",
              "-data.captioner_pool", "-data.rewriter_pool", "-data.aesthetic_pool", "models"),
     "rewards": ("data.render", "data.num_seeds", "rewards", "-rewards.service_max_batch",
@@ -45,7 +45,7 @@ CONFIG_KEYS = {
     "ppo": ("ppo", "sft.instruction", "rewards", "-rewards.service_max_batch", "-rewards.service_batch_wait_s",
             "models"),
     "eval": ("eval", "sft.instruction", "rewards.alpha", "rewards.seed_base", "models", "data.openai_base_url",
-             "data.openai_model", "data.openai_api", "data.corpus_rows", "data.corpus_seed"),
+             "data.openai_model", "data.openai_api", "data.corpus_rows", "data.corpus_seed", "data.corpus_kind"),
 }
 
 

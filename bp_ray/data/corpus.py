@@ -29,6 +29,7 @@ from tqdm import tqdm
 from bp_ray.data import columns as C
 from bp_ray.data import prompt_text
 from bp_ray.data.vocab import Vocab, load_vocab
+from bp_ray.world.scenes import parse_description, render_scene, sample_scene
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class CorpusSpec:
     political_fraction: float = 0.01
     malformed_fraction: float = 0.02
     """Empty, whitespace-only, over 1,000 characters, junk, unbalanced weights, control characters."""
+    world: bool = False
+    """Plain and rich prompts describe miniature-world scenes (bp_ray.world), and their images are the world's
+    renders of them, so models trained in the world can caption, score and learn from the corpus."""
 
     def __post_init__(self) -> None:
         fractions = [getattr(self, f"{kind}_fraction") for kind in KINDS if kind != "rich"]
@@ -101,9 +105,9 @@ class CorpusSummary:
     out_dir: str = ""
 
 
-def generate_prompts(num_rows: int, seed: int, spec: CorpusSpec | None = None) -> list[str]:
+def generate_prompts(num_rows: int, seed: int, spec: CorpusSpec | None = None, world: bool = False) -> list[str]:
     """Just the prompt texts of the corpus for (num_rows, seed), e.g. to train a tokenizer."""
-    spec = replace(spec or CorpusSpec(), num_rows=num_rows, seed=seed)
+    spec = replace(spec or CorpusSpec(), num_rows=num_rows, seed=seed, world=world or (spec is not None and spec.world))
     prompts, _, _ = _generate_prompt_rows(spec, load_vocab())
     return prompts
 
@@ -129,6 +133,12 @@ def render_row_image(prompt: str, seed: int, size: int) -> Image.Image:
     radius = 0.15 + 0.25 * digest[8] / 255
     pixels[(xs - cx) ** 2 + (ys - cy) ** 2 < radius**2] = disc
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # (H, W, 3) uint8 -> RGB
+
+
+def render_world_row(prompt: str, seed: int, size: int) -> Image.Image | None:
+    """The world's render of a prompt that describes a world scene; None for any other prompt."""
+    scene = parse_description(prompt)
+    return Image.fromarray(render_scene(scene, seed, size)) if scene.objects else None
 
 
 def write_corpus(out_dir: Path, spec: CorpusSpec) -> CorpusSummary:
@@ -160,7 +170,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec) -> CorpusSummary:
 
     # 2. one zip per part, holding the images and part-XXXXXX.json as DiffusionDB ships them
     if spec.with_images:
-        written += _write_image_parts(out_dir / IMAGES_DIR, rows, spec.image_size)
+        written += _write_image_parts(out_dir / IMAGES_DIR, rows, spec.image_size, spec.world)
 
     # 3. summary + manifest, last, so its presence means the corpus is complete
     summary = CorpusSummary(
@@ -201,7 +211,10 @@ def _generate_prompt_rows(spec: CorpusSpec, vocab: Vocab) -> tuple[list[str], li
 
     # 1. every row that is not a copy
     for i, kind in enumerate(kinds):
-        if kind == "plain":
+        if kind in ("plain", "rich") and spec.world:
+            scene = sample_scene(rng)
+            prompts[i] = scene.plain() if kind == "plain" else scene.detailed()
+        elif kind == "plain":
             prompts[i] = prompt_text.plain_prompt(rng, vocab)
         elif kind == "rich":
             prompts[i] = prompt_text.rich_prompt(rng, vocab)
@@ -291,7 +304,7 @@ def _metadata_rows(spec: CorpusSpec, prompts: list[str], kinds: list[str],
     })
 
 
-def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int) -> list[Path]:
+def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int, world: bool = False) -> list[Path]:
     """images/part-XXXXXX.zip with each row's PNG and part-XXXXXX.json ({name: {p, se, c, st, sa}})."""
     images_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -307,7 +320,8 @@ def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int) -> list[
                 strict=True,
             ):
                 buffer = BytesIO()
-                render_row_image(prompt, int(seed), size).save(buffer, format="PNG")
+                image = render_world_row(prompt, int(seed), size) if world else None
+                (image or render_row_image(prompt, int(seed), size)).save(buffer, format="PNG")
                 archive.writestr(_zip_entry(image_name), buffer.getvalue())
                 index[image_name] = {"p": prompt, "se": int(seed), "c": float(cfg), "st": int(step),
                                      "sa": C.SAMPLER_NAMES[int(sampler)]}

@@ -82,14 +82,21 @@ def prepare_rows(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, di
     return selected.loc[:, columns].reset_index(drop=True), counts
 
 
+def corpus_spec(cfg: PipelineConfig):
+    """The embedded corpus a config asks for (data.corpus_*), with images the size of the zoo's."""
+    from bp_ray.data.corpus import CorpusSpec
+
+    return CorpusSpec(num_rows=cfg.data.corpus_rows, seed=cfg.data.corpus_seed,
+                      image_size=cfg.models.tiny.image_size, world=cfg.data.corpus_kind == "world")
+
+
 def read_source(cfg: PipelineConfig, corpus_dir: Path) -> tuple[pd.DataFrame, ReadReport, str]:
     """The configured prompt source as a prompt table; `corpus` is generated on first use (idempotent)."""
     data = cfg.data
     if data.source == "corpus":
-        from bp_ray.data.corpus import CorpusSpec, write_corpus
+        from bp_ray.data.corpus import write_corpus
 
-        write_corpus(corpus_dir, CorpusSpec(num_rows=data.corpus_rows, seed=data.corpus_seed,
-                                            image_size=cfg.models.tiny.image_size))
+        write_corpus(corpus_dir, corpus_spec(cfg))
         path = corpus_dir
     else:
         path = Path(data.source)

@@ -32,6 +32,23 @@ def embedded_eval_prompts(exclude: set[str] | frozenset[str] = frozenset(), size
     return out
 
 
+def world_eval_prompts(size: int = EMBEDDED_SET_SIZE) -> list[str]:
+    """Distinct plain descriptions of miniature-world scenes from the evaluation seed, one- and two-object ones
+    interleaved. The world has only 18 one-object descriptions, so these can repeat a training prompt's text;
+    what is held out is the scene and every render seed."""
+    from bp_ray.world.scenes import sample_scenes
+
+    singles: list[str] = []
+    pairs: list[str] = []
+    for scene in sample_scenes(size * 20, EMBEDDED_SEED):
+        bucket = singles if len(scene.objects) == 1 else pairs
+        if scene.plain() not in bucket:
+            bucket.append(scene.plain())
+    mixed = [p for two in zip(singles, pairs, strict=False) for p in two]
+    mixed += singles[len(pairs):] + pairs[len(singles):]
+    return mixed[:size]
+
+
 def load_eval_prompts(cfg: PipelineConfig, path: str | Path | None = None) -> tuple[list[str], ReadReport | None]:
     """(prompts, read report) from `path` / eval.prompts, else the embedded set held out from the corpus; at most
     eval.num_prompts (0 = all), in file order."""
@@ -44,6 +61,9 @@ def load_eval_prompts(cfg: PipelineConfig, path: str | Path | None = None) -> tu
         if not prompts:
             raise ValueError(f"{path}: no usable prompts (skipped: {report.rows_skipped})")
         return prompts, report
+    if cfg.data.corpus_kind == "world":
+        prompts = world_eval_prompts()
+        return (prompts[:limit] if limit else prompts), None
     from bp_ray.data.corpus import generate_prompts
 
     corpus = generate_prompts(cfg.data.corpus_rows, cfg.data.corpus_seed)

@@ -16,7 +16,8 @@ from bp_ray.train.metrics import read_metrics
 REPORT = "report.html"
 PLOTS_DIR = "plots"
 METRIC_LABELS = {"pickscore": "PickScore", "aesthetic": "Aesthetic", "relevance": "CLIP relevance",
-                 "reward": "Reward", "words": "Words", "sd_tokens": "SD tokens"}
+                 "reward": "Reward", "words": "Words", "sd_tokens": "SD tokens",
+                 "true_aesthetic": "True aesthetic (world)", "colour_match": "Colour match (world)"}
 CURVES = {
     "ppo": ("reward/combined", "eval/reward", "kl", "kl_coef", "loss/policy", "loss/value"),
     "sft": ("loss/train", "loss/eval"),

@@ -24,7 +24,15 @@ from PIL import Image
 from bp_ray.config import PipelineConfig
 from bp_ray.eval import stats
 from bp_ray.eval.prompts import load_eval_prompts
-from bp_ray.eval.systems import CHECKPOINT_SYSTEMS, Rewrites, checkpoint_model_dir, popular_tags, rewrite, tags_pool
+from bp_ray.eval.systems import (
+    CHECKPOINT_SYSTEMS,
+    Rewrites,
+    checkpoint_model_dir,
+    popular_tags,
+    rewrite,
+    tag_vocabulary,
+    tags_pool,
+)
 from bp_ray.layout import MANIFEST, SUCCESS
 from bp_ray.rewards.render import seeds_for
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
@@ -32,6 +40,9 @@ from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
 logger = logging.getLogger(__name__)
 
 IMAGE_METRICS = (*SCORE_NAMES, "reward")
+WORLD_METRICS = ("true_aesthetic", "colour_match")
+"""With eval.world_truth: the world's ground-truth aesthetic of each image, and 1/0 whether it shows the colours
+the user prompt asks for (bp_ray.world.truth), judged from pixels by code, not by a model."""
 """Per image: PickScore, aesthetic, CLIP relevance (all against the user prompt) and the combined reward."""
 PROMPT_METRICS = ("words", "sd_tokens")
 """Per rewritten prompt: its length in words and in Stable Diffusion text-encoder tokens."""
@@ -127,7 +138,9 @@ def _submit_renders(service: Any, cfg: PipelineConfig, prompts: list[str],
         logger.info("eval: %s rewrites ready, rendering %d prompts x %d seeds", system, len(prompts), ev.num_seeds)
         texts = rewrites[system].prompts
         chunks = [(0, grid, True)] if grid else []
-        chunks += [(s, min(s + ev.batch_size, len(texts)), False) for s in range(grid, len(texts), ev.batch_size)]
+        # Ground truth is computed from pixels here, so with it every chunk brings its images back.
+        chunks += [(s, min(s + ev.batch_size, len(texts)), ev.world_truth)
+                   for s in range(grid, len(texts), ev.batch_size)]
         for start, end, images in chunks:
             method = service.score_with_images if images else service.score_detailed
             pending[method.remote(texts[start:end], prompts[start:end])] = (system, start, images)
@@ -140,19 +153,41 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
     import ray
 
     seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
-    scores = {system: np.full((len(prompts), len(seeds), 3), np.nan) for system in systems}
+    width = len(SCORE_NAMES) + (len(WORLD_METRICS) if cfg.eval.world_truth else 0)
+    scores = {system: np.full((len(prompts), len(seeds), width), np.nan) for system in systems}
+    grid = min(cfg.eval.grid_prompts, len(prompts))
     image_paths: dict[str, str] = {}
     for ref, (system, start, images) in pending.items():
         result = ray.get(ref)
         block, pixels = result if images else (result, None)
-        scores[system][start:start + len(block)] = block
-        for p in range(len(pixels) if pixels is not None else 0):
+        scores[system][start:start + len(block), :, :len(SCORE_NAMES)] = block
+        if cfg.eval.world_truth:
+            scores[system][start:start + len(block), :, len(SCORE_NAMES):] = world_truth_scores(
+                pixels, prompts[start:start + len(block)])
+        for p in range(min(len(pixels), grid - start) if pixels is not None else 0):
             for s, seed in enumerate(seeds):
                 rel = Path("images") / system / f"p{start + p:04d}_s{seed}.png"
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[p, s]).save(out_dir / rel)
                 image_paths[f"{system}/{start + p}/{seed}"] = rel.as_posix()
     return scores, image_paths
+
+
+def world_truth_scores(pixels: np.ndarray, requests: list[str]) -> np.ndarray:
+    """(P, S, 2): ground-truth aesthetic and colour match (1/0; NaN when a request names no coloured shape) of
+    (P, S, H, W, 3) images, each judged against its user request."""
+    from bp_ray.world.truth import colours_match, true_aesthetic
+
+    out = np.full((*pixels.shape[:2], len(WORLD_METRICS)), np.nan)
+    for p, request in enumerate(requests):
+        for s in range(pixels.shape[1]):
+            match = colours_match(pixels[p, s], request)
+            out[p, s] = (true_aesthetic(pixels[p, s]), np.nan if match is None else float(match))
+    return out
+
+
+def image_metrics(cfg: PipelineConfig) -> tuple[str, ...]:
+    return (*IMAGE_METRICS, *WORLD_METRICS) if cfg.eval.world_truth else IMAGE_METRICS
 
 
 def score_table(prompts: list[str], rewrites: dict[str, Rewrites], scores: dict[str, np.ndarray],
@@ -163,10 +198,11 @@ def score_table(prompts: list[str], rewrites: dict[str, Rewrites], scores: dict[
         texts = rewrites[system].prompts
         for p in range(len(prompts)):
             for s, seed in enumerate(seeds):
-                pick, aesthetic, relevance = per_seed[p, s]
+                pick, aesthetic, relevance, *world = per_seed[p, s]
                 rows.append({"prompt_id": p, "system": system, "seed": seed, "pickscore": pick,
                              "aesthetic": aesthetic, "relevance": relevance,
                              "reward": float(combined_reward(pick, aesthetic, alpha)),
+                             **dict(zip(WORLD_METRICS, world, strict=False)),
                              "words": len(texts[p].split()), "sd_tokens": sd_lengths[system][p]})
     return pd.DataFrame(rows)
 
@@ -228,7 +264,7 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
     checkpoints = {name: checkpoint_model_dir(path) for name, path in (("sft", sft), ("ppo", ppo)) if path}
     systems = resolve_systems(cfg, systems, checkpoints)
     prompts, report = load_eval_prompts(cfg, prompts_file)
-    tags = popular_tags(tags_pool(cfg), cfg.eval.num_tags) if "tags" in systems else []
+    tags = popular_tags(tags_pool(cfg), cfg.eval.num_tags, tag_vocabulary(cfg)) if "tags" in systems else []
     for role in ("diffusion", "pickscore", "aesthetic", "clip_relevance", "rewriter"):  # build the tiny zoo once
         resolve_model(getattr(cfg.models, role), cfg.models)
     init_ray(cfg.cluster)
@@ -242,10 +278,11 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
     seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
     table = score_table(prompts, rewrites, scores, seeds, sd_lengths, cfg.rewards.alpha)
     table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
-    per_prompt = stats.per_prompt(table, [*IMAGE_METRICS, *PROMPT_METRICS])
-    summary = stats.system_table(per_prompt, [*IMAGE_METRICS, *PROMPT_METRICS], systems)
+    metrics = image_metrics(cfg)
+    per_prompt = stats.per_prompt(table, [*metrics, *PROMPT_METRICS])
+    summary = stats.system_table(per_prompt, [*metrics, *PROMPT_METRICS], systems)
     # "original over sft" only mirrors "sft over original": every system is compared with the baselines after it.
-    comparisons = stats.to_records(c for c in stats.win_table(per_prompt, IMAGE_METRICS, systems, BASELINES)
+    comparisons = stats.to_records(c for c in stats.win_table(per_prompt, metrics, systems, BASELINES)
                                    if systems.index(c.system) > systems.index(c.baseline))
     with (out_dir / "rewrites.jsonl").open("w") as f:
         for p, prompt in enumerate(prompts):
@@ -253,7 +290,7 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
                                 **{f"{s}_error": rewrites[s].failed[p] for s in systems if rewrites[s].failed[p]}})
                     + "\n")
     results = _round({
-        "stage": "eval", "preset": cfg.preset, "systems": systems, "metrics": list(IMAGE_METRICS),
+        "stage": "eval", "preset": cfg.preset, "systems": systems, "metrics": list(metrics),
         "prompt_metrics": list(PROMPT_METRICS),
         "prompts": {"source": Path(prompts_file or cfg.eval.prompts).name if (prompts_file or cfg.eval.prompts)
                     else "embedded", "count": len(prompts),

@@ -38,12 +38,16 @@ def _segments(prompt: str) -> list[str]:
     return [s.strip().lower() for s in re.split(r"[,|]", prompt) if s.strip()]
 
 
-def popular_tags(pool: Iterable[str], k: int) -> list[str]:
-    """The k style/quality/lighting/artist tags of the vocabulary that occur in most prompts of `pool`
-    (ties by vocabulary order, so the choice is deterministic)."""
-    vocab = load_vocab()
-    terms = tag_terms(vocab)
-    order = {t.lower(): i for i, t in enumerate((*vocab.quality, *vocab.styles, *vocab.lighting, *vocab.artists))}
+def popular_tags(pool: Iterable[str], k: int, vocabulary: Sequence[str] | None = None) -> list[str]:
+    """The k tags of `vocabulary` (default: the style/quality/lighting/artist tags of the shipped vocabulary) that
+    occur in most prompts of `pool` (ties by vocabulary order, so the choice is deterministic)."""
+    if vocabulary is None:
+        vocab = load_vocab()
+        terms = tag_terms(vocab)
+        vocabulary = (*vocab.quality, *vocab.styles, *vocab.lighting, *vocab.artists)
+    else:
+        terms = {t.lower() for t in vocabulary}
+    order = {t.lower(): i for i, t in enumerate(vocabulary)}
     counts: Counter[str] = Counter()
     for prompt in pool:
         counts.update({s for s in _segments(prompt) if s in terms})
@@ -70,7 +74,16 @@ def tags_pool(cfg: PipelineConfig) -> list[str]:
         return table["prompt"].tolist()
     from bp_ray.data.corpus import generate_prompts
 
-    return generate_prompts(cfg.data.corpus_rows, cfg.data.corpus_seed)
+    return generate_prompts(cfg.data.corpus_rows, cfg.data.corpus_seed, world=cfg.data.corpus_kind == "world")
+
+
+def tag_vocabulary(cfg: PipelineConfig) -> Sequence[str] | None:
+    """The tags the `tags` baseline may pick: the world's style phrases in a world corpus, else the vocabulary's."""
+    if cfg.data.corpus_kind == "world":
+        from bp_ray.world.scenes import STYLE_WORDS
+
+        return STYLE_WORDS
+    return None
 
 
 def checkpoint_model_dir(path: str | Path) -> Path:

@@ -4,6 +4,7 @@ through the library's own `from_pretrained` path (never `trust_remote_code`)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from bp_ray.config import ModelsConfig
 logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
+WORLD_PREFIX = "world:"
+ZOO_PREFIXES = (TINY_PREFIX, WORLD_PREFIX)
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -43,17 +46,29 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def resolve_model(spec: str, models_cfg: ModelsConfig | None = None) -> str:
-    """`tiny:<role>` -> that role's folder in the tiny zoo (built on first use); anything else unchanged."""
-    if not spec.startswith(TINY_PREFIX):
-        return spec
-    from bp_ray.models.tiny_zoo import ZOO_ROLES, ensure_tiny_zoo
+def zoo_root(prefix: str, models_cfg: ModelsConfig) -> Path:
+    """Folder of the `tiny:` or `world:` zoo, built (and for the world, trained) on first use."""
+    if prefix == WORLD_PREFIX:
+        from bp_ray.world.zoo import ensure_world_zoo
 
-    role = spec[len(TINY_PREFIX):]
+        return ensure_world_zoo(models_cfg)
+    from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+
+    return ensure_tiny_zoo(models_cfg)
+
+
+def resolve_model(spec: str, models_cfg: ModelsConfig | None = None) -> str:
+    """`tiny:<role>` / `world:<role>` -> that role's folder in the tiny or world zoo; anything else unchanged."""
+    prefix = next((p for p in ZOO_PREFIXES if spec.startswith(p)), None)
+    if prefix is None:
+        return spec
+    from bp_ray.models.tiny_zoo import ZOO_ROLES
+
+    role = spec[len(prefix):]
     if role not in ZOO_ROLES:
-        raise ValueError(f"unknown tiny model {spec!r}; the tiny zoo has: "
-                         f"{', '.join(TINY_PREFIX + r for r in ZOO_ROLES)}")
-    return str(ensure_tiny_zoo(models_cfg or ModelsConfig()) / role)
+        raise ValueError(f"unknown zoo model {spec!r}; the {prefix[:-1]} zoo has: "
+                         f"{', '.join(prefix + r for r in ZOO_ROLES)}")
+    return str(zoo_root(prefix, models_cfg or ModelsConfig()) / role)
 
 
 def load_causal_lm(spec: str, models_cfg: ModelsConfig | None = None, device: str = "auto",

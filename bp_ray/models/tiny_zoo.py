@@ -90,16 +90,7 @@ def _exclusive(lock_path: Path):
 
 def build_tiny_zoo(root: Path, tiny: TinyZooConfig, force: bool = False) -> ZooSummary:
     """Build every role into `root` (atomically: a half-built zoo is never visible). Deterministic for a seed."""
-    root = Path(root)
-    with _exclusive(root.parent / f".{root.name}.lock"):
-        if not force and _is_current(root, tiny):
-            recorded = json.loads((root / MANIFEST).read_text())
-            return ZooSummary(str(root), False, 0.0, recorded["bytes"], recorded["parameters"])
-        quiet_hf_progress()
-        start = time.perf_counter()
-        staging = root.parent / f".{root.name}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    def build(staging: Path) -> dict:
         texts = _tokenizer_texts(tiny)
         builders: dict[str, Callable[[Path, TinyZooConfig, list[str]], int]] = {
             "bloom": build_tiny_bloom, "blip": build_tiny_blip, "sd": build_tiny_sd,
@@ -110,15 +101,34 @@ def build_tiny_zoo(root: Path, tiny: TinyZooConfig, force: bool = False) -> ZooS
         for offset, (role, builder) in enumerate(roles):
             torch.manual_seed(tiny.seed * 1000 + offset)  # distinct, reproducible weights per role
             parameters[role] = builder(staging / role, tiny, texts)
+        return {"key": zoo_key(tiny), "config": asdict(tiny), "builder": BUILDER_VERSION, "parameters": parameters}
+
+    return build_zoo(root, lambda: _is_current(root, tiny), build, force)
+
+
+def build_zoo(root: Path, is_current: Callable[[], bool], build: Callable[[Path], dict],
+              force: bool = False) -> ZooSummary:
+    """Run `build(staging)` under a lock and move its folder to `root` only when complete, with build()'s manifest
+    (plus size and time) as zoo.json; reuse `root` when is_current() says it is up to date."""
+    root = Path(root)
+    with _exclusive(root.parent / f".{root.name}.lock"):
+        if not force and is_current():
+            recorded = json.loads((root / MANIFEST).read_text())
+            return ZooSummary(str(root), False, 0.0, recorded["bytes"], recorded["parameters"])
+        quiet_hf_progress()
+        start = time.perf_counter()
+        staging = root.parent / f".{root.name}.building"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        manifest = build(staging)
         seconds = time.perf_counter() - start
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
-        manifest = {"key": zoo_key(tiny), "config": asdict(tiny), "builder": BUILDER_VERSION,
-                    "parameters": parameters, "bytes": size, "build_seconds": round(seconds, 2)}
+        manifest.update(bytes=size, build_seconds=round(seconds, 2))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
-        logger.info("built tiny zoo in %.1f s (%.1f MB) at %s", seconds, size / 1e6, root)
-        return ZooSummary(str(root), True, seconds, size, parameters)
+        logger.info("built %s zoo in %.1f s (%.1f MB) at %s", root.name, seconds, size / 1e6, root)
+        return ZooSummary(str(root), True, seconds, size, manifest["parameters"])
 
 
 def _tokenizer_texts(tiny: TinyZooConfig) -> list[str]:
