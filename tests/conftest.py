@@ -33,3 +33,21 @@ def tiny_models_cfg(tmp_path_factory):
     cfg.zoo_dir = str(tmp_path_factory.mktemp("zoo"))
     ensure_tiny_zoo(cfg)
     return cfg
+
+
+QUICK_WORLD = {"train_scenes": 300, "heldout_scenes": 40, "lm_steps": 40, "captioner_steps": 20, "clip_steps": 20,
+               "aesthetic_steps": 20, "vae_steps": 20, "unet_steps": 30}
+"""World budgets that build a whole world zoo in well under a minute: enough to prove every trainer runs and
+learns; the real budgets are measured by benchmarks/world_quality.py."""
+
+
+@pytest.fixture(scope="session")
+def world_models_cfg(tmp_path_factory):
+    """ModelsConfig of the world preset with a quickly trained world zoo, built once per session."""
+    from bp_ray.config import load_config
+    from bp_ray.world.zoo import ensure_world_zoo
+
+    cfg = load_config("world", [f"models.world.{key}={value}" for key, value in QUICK_WORLD.items()]).models
+    cfg.zoo_dir = str(tmp_path_factory.mktemp("world-zoo"))
+    ensure_world_zoo(cfg)
+    return cfg

@@ -65,9 +65,9 @@ def train_world_lm(folder: Path, texts: list[str], world: WorldConfig, heldout: 
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
-            stats["train_loss_first"] = float(loss)
+            stats["train_loss_first"] = loss.item()
     stats["seconds"] = time.perf_counter() - start
-    stats["train_loss_last"] = float(loss) if world.lm_steps else float("nan")
+    stats["train_loss_last"] = loss.item() if world.lm_steps else float("nan")
     stats["heldout_loss_after"] = lm_loss(model, tokenizer, heldout, max_length)
     model.eval()
     model.save_pretrained(folder)

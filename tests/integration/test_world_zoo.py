@@ -1,0 +1,61 @@
+"""`bp-ray models build-world`: every role is built, trained, recorded and loadable through `world:` specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bp_ray.models.tiny_zoo import ZOO_ROLES
+
+
+def test_world_zoo_trains_every_role_and_loads_through_world_specs(world_models_cfg):
+    from bp_ray.models.loading import load_captioner, load_causal_lm, load_clip_relevance, resolve_model
+    from bp_ray.world.zoo import ensure_world_zoo, world_zoo_dir
+
+    root = world_zoo_dir(world_models_cfg)
+    manifest = json.loads((root / "zoo.json").read_text())
+    assert set(manifest["parameters"]) == set(ZOO_ROLES)
+    assert all(manifest["parameters"][role] > 0 for role in ZOO_ROLES)
+    assert {"bloom", "blip", "pickscore", "aesthetic", "sd"} <= set(manifest["seconds"])
+    lm = manifest["training"]["bloom"]
+    assert lm["heldout_loss_after"] < lm["heldout_loss_before"] - 1.0  # 40 steps already learn the words
+    before = (root / "zoo.json").stat().st_mtime_ns
+    assert ensure_world_zoo(world_models_cfg) == root and (root / "zoo.json").stat().st_mtime_ns == before  # cached
+    assert resolve_model("world:sd", world_models_cfg) == str(root / "sd")
+
+    model, tokenizer = load_causal_lm("world:bloom", world_models_cfg, device="cpu")
+    assert tokenizer.padding_side == "left" and model.config.model_type == "bloom"
+    captioner, processor = load_captioner("world:blip", world_models_cfg, device="cpu")
+    assert captioner.config.model_type == "blip"
+    scorer = load_clip_relevance(world_models_cfg, device="cpu")
+    assert scorer is not None
+    # One contrastive CLIP serves both image-text roles.
+    for name in ("model.safetensors", "config.json"):
+        assert (root / "clip" / name).read_bytes() == (root / "pickscore" / name).read_bytes()
+
+
+def test_world_zoo_rebuilds_when_its_config_changes(world_models_cfg, tmp_path):
+    from dataclasses import replace
+
+    from bp_ray.world.zoo import _is_current, world_zoo_dir
+
+    root = world_zoo_dir(world_models_cfg)
+    assert _is_current(root, world_models_cfg.tiny, world_models_cfg.world)
+    assert not _is_current(root, world_models_cfg.tiny, replace(world_models_cfg.world, lm_steps=41))
+    assert not _is_current(Path(tmp_path), world_models_cfg.tiny, world_models_cfg.world)
+
+
+def test_world_truth_scores_judge_renders_against_the_request():
+    from bp_ray.eval.run import WORLD_METRICS, world_truth_scores
+    from bp_ray.world.scenes import render_text
+
+    good = render_text("a red circle, dark background, high contrast, sharp, smooth, centered", 1)
+    bad = render_text("a blue square, low contrast, blurry, grainy", 1)
+    pixels = np.stack([np.stack([good, bad])] * 2)  # (P=2, S=2, H, W, 3)
+    scores = world_truth_scores(pixels, ["a red circle", "a cat on a sofa"])
+    assert scores.shape == (2, 2, len(WORLD_METRICS))
+    assert scores[0, 0, 0] > scores[0, 1, 0] + 3  # true aesthetic: the crisp render far above the murky one
+    assert scores[0, 0, 1] == 1.0 and scores[0, 1, 1] == 0.0  # red asked: red drawn, then blue drawn
+    assert np.isnan(scores[1, :, 1]).all()  # a request naming no coloured shape has no colour verdict
