@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 
 from bp_ray.models.tiny_zoo import ZOO_ROLES
+from tests.conftest import QUICK_WORLD
 
 
 def test_world_zoo_trains_every_role_and_loads_through_world_specs(world_models_cfg):
@@ -59,3 +62,28 @@ def test_world_truth_scores_judge_renders_against_the_request():
     assert scores[0, 0, 0] > scores[0, 1, 0] + 3  # true aesthetic: the crisp render far above the murky one
     assert scores[0, 0, 1] == 1.0 and scores[0, 1, 1] == 0.0  # red asked: red drawn, then blue drawn
     assert np.isnan(scores[1, :, 1]).all()  # a request naming no coloured shape has no colour verdict
+
+
+@pytest.mark.integration
+def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg, tmp_path):
+    """The world preset's evaluation: world prompts, world tags, and ground truth for every image, grid or not."""
+    from bp_ray.config import load_config
+    from bp_ray.eval.prompts import world_eval_prompts
+    from bp_ray.eval.run import run_evaluation
+    from bp_ray.world.scenes import STYLE_WORDS
+
+    cfg = load_config("world", [f"models.zoo_dir={world_models_cfg.zoo_dir}", "eval.num_prompts=5",
+                                "eval.num_seeds=2", "eval.grid_prompts=2", "eval.batch_size=2",
+                                *[f"models.world.{k}={v}" for k, v in QUICK_WORLD.items()]])
+    run_evaluation(cfg, tmp_path, systems=["original", "tags"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["metrics"][-2:] == ["true_aesthetic", "colour_match"]
+    assert set(results["tags"]) <= set(STYLE_WORDS)
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == 2 * 5 * 2 and scores["true_aesthetic"].between(0, 10).all()
+    assert set(scores["colour_match"].unique()) <= {0.0, 1.0}  # every world prompt names a coloured shape
+    rewrites = [json.loads(line) for line in (tmp_path / "rewrites.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rewrites] == world_eval_prompts()[:5]
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 2 * 2 * 2  # only the grid's images are kept
+    for row in results["table"]:
+        assert 0 <= row["true_aesthetic_mean"] <= 10 and 0 <= row["colour_match_mean"] <= 1
