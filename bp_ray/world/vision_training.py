@@ -35,8 +35,6 @@ SHAPE_PRETRAIN_SHARE = 0.6
 """Share of captioner_steps / clip_steps in which the vision tower learns shapes alone, before its main task."""
 SHAPE_PRETRAIN_BATCH_SIZE = 64
 """Images per shape-pretraining step (a vision-only step costs a fraction of a captioning / contrastive one)."""
-VISION_INIT_STD = 0.02
-"""ViT's usual init scale, for a BLIP vision tower that arrives (all but) zero."""
 MAX_LOGIT_SCALE = math.log(100.0)
 """CLIP's temperature cap (as in the original CLIP training), so the scale cannot run away."""
 
@@ -184,27 +182,6 @@ def _two_stage_stats(total_steps: int, pretrain: dict[str, float], main: dict[st
 
 # --- captioner --------------------------------------------------------------------------------------------
 
-def _redraw_if_degenerate(vision: torch.nn.Module) -> bool:
-    """Re-draw a BLIP vision tower whose weights are all but zero; True when it did.
-
-    BlipVisionConfig defaults to initializer_range=1e-10 (real BLIP is never trained from scratch), so a
-    random-init tiny BLIP has a vision tower of ~1e-10 weights whose channels all get nearly the same gradient
-    (held-out shape accuracy after 2000 shape-pretraining steps: 0.65 as built, 0.75 re-drawn). A tower built at
-    a sane scale is kept as it is.
-    """
-    if vision.embeddings.patch_embedding.weight.abs().max() > 1e-6:
-        return False
-    with torch.no_grad():
-        for module in vision.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                torch.nn.init.trunc_normal_(module.weight, std=VISION_INIT_STD)
-                if module.bias is not None:
-                    module.bias.zero_()
-        torch.nn.init.trunc_normal_(vision.embeddings.position_embedding, std=VISION_INIT_STD)
-        torch.nn.init.trunc_normal_(vision.embeddings.class_embedding, std=VISION_INIT_STD)
-    return True
-
-
 def train_world_captioner(folder: Path, samples: WorldSamples, world: WorldConfig) -> dict[str, float]:
     """BLIP in `folder` learns image -> plain description on both renders of every scene; saved back in place.
 
@@ -216,7 +193,6 @@ def train_world_captioner(folder: Path, samples: WorldSamples, world: WorldConfi
     torch.manual_seed(world.seed)
     model = BlipForConditionalGeneration.from_pretrained(folder)
     processor = BlipProcessor.from_pretrained(folder)
-    redrawn = _redraw_if_degenerate(model.vision_model)
     pixels = processor(images=_pil(_both_renders(samples)), return_tensors="pt")["pixel_values"]
     tokens = processor.tokenizer(samples.plain + samples.plain, padding="longest", return_tensors="pt")
     input_ids = tokens["input_ids"].clone()
@@ -249,8 +225,7 @@ def train_world_captioner(folder: Path, samples: WorldSamples, world: WorldConfi
     model.eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return {**_two_stage_stats(world.captioner_steps, pretrain, main, caption_losses),
-            "vision_redrawn": float(redrawn)}
+    return _two_stage_stats(world.captioner_steps, pretrain, main, caption_losses)
 
 
 def _objects(text: str) -> list[tuple[str, str]]:

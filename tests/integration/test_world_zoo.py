@@ -30,7 +30,7 @@ def test_world_zoo_trains_every_role_and_loads_through_world_specs(world_models_
 
     model, tokenizer = load_causal_lm("world:bloom", world_models_cfg, device="cpu")
     assert tokenizer.padding_side == "left" and model.config.model_type == "bloom"
-    captioner, processor = load_captioner("world:blip", world_models_cfg, device="cpu")
+    captioner, _ = load_captioner("world:blip", world_models_cfg, device="cpu")
     assert captioner.config.model_type == "blip"
     scorer = load_clip_relevance(world_models_cfg, device="cpu")
     assert scorer is not None
