@@ -88,11 +88,11 @@ class WorldConfig:
     aesthetic_steps: int = opt(8000, ge=0)
     aesthetic_batch_size: int = opt(64, ge=1)
     aesthetic_lr: float = opt(1.0e-3, gt=0)
-    vae_steps: int = opt(800, ge=0)
+    vae_steps: int = opt(1000, ge=0)
     """SD's AutoencoderKL, trained first (world/sd_training.py); ~1.5 min on 2 cores."""
     vae_batch_size: int = opt(32, ge=1)
     vae_lr: float = opt(2.0e-3, gt=0)
-    unet_steps: int = opt(4000, ge=0)
+    unet_steps: int = opt(4500, ge=0)
     """SD's UNet and text encoder, trained on the VAE's latents; ~4 min on 2 cores."""
     unet_batch_size: int = opt(32, ge=1)
     unet_lr: float = opt(1.0e-3, gt=0)
