@@ -66,7 +66,7 @@ def resolve_model(spec: str, models_cfg: ModelsConfig | None = None) -> str:
 
     role = spec[len(prefix):]
     if role not in ZOO_ROLES:
-        raise ValueError(f"unknown zoo model {spec!r}; the {prefix[:-1]} zoo has: "
+        raise ValueError(f"unknown {prefix[:-1]} model {spec!r}; the {prefix[:-1]} zoo has: "
                          f"{', '.join(prefix + r for r in ZOO_ROLES)}")
     return str(zoo_root(prefix, models_cfg or ModelsConfig()) / role)
 
