@@ -55,25 +55,26 @@ def zoo_key(tiny: TinyZooConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 """Bump when a builder changes what it writes, so cached zoos are rebuilt."""
 
 
 def ensure_tiny_zoo(models_cfg: ModelsConfig) -> Path:
     """Path of an up-to-date tiny zoo, building it if missing or built from another config."""
     root = default_zoo_dir(models_cfg) / "tiny"
-    if _is_current(root, models_cfg.tiny):
+    if is_current(root, zoo_key(models_cfg.tiny)):
         return root
     build_tiny_zoo(root, models_cfg.tiny)
     return root
 
 
-def _is_current(root: Path, tiny: TinyZooConfig) -> bool:
+def is_current(root: Path, key: str) -> bool:
+    """Whether `root` holds a complete zoo whose manifest records `key` (the hash of what built it)."""
     manifest = root / MANIFEST
     if not manifest.exists():
         return False
     recorded = json.loads(manifest.read_text())
-    return recorded.get("key") == zoo_key(tiny) and all((root / role).is_dir() for role in ZOO_ROLES)
+    return recorded.get("key") == key and all((root / role).is_dir() for role in ZOO_ROLES)
 
 
 @contextmanager
@@ -103,7 +104,7 @@ def build_tiny_zoo(root: Path, tiny: TinyZooConfig, force: bool = False) -> ZooS
             parameters[role] = builder(staging / role, tiny, texts)
         return {"key": zoo_key(tiny), "config": asdict(tiny), "builder": BUILDER_VERSION, "parameters": parameters}
 
-    return build_zoo(root, lambda: _is_current(root, tiny), build, force)
+    return build_zoo(root, lambda: is_current(root, zoo_key(tiny)), build, force)
 
 
 def build_zoo(root: Path, is_current: Callable[[], bool], build: Callable[[Path], dict],

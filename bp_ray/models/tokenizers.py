@@ -6,17 +6,20 @@ byte-level BPE for BLOOM, CLIP's BPE with `</w>` word ends, and BERT WordPiece f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import BertTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
+
+from bp_ray.models.bpe import build_vocab, count_words, learn_merges
 
 BLOOM_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 CLIP_MAX_LENGTH = 77
 """Token window of CLIP text encoders (SD and the scorers truncate here)."""
+_WORD_END = "</w>"
+_CONTINUES = "##"
 
 # CLIP's own pre-tokenizer pattern (openai/CLIP simple_tokenizer), so words split as in the real one.
 _CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -37,30 +40,38 @@ def train_bloom_tokenizer(texts: Sequence[str], vocab_size: int, model_max_lengt
 
 
 def train_clip_tokenizer(texts: Sequence[str], vocab_size: int) -> CLIPTokenizer:
-    """CLIP-style BPE (lower-cased, byte-level alphabet, `</w>` word ends), 77-token window."""
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    """CLIP-style BPE (lower-cased, byte-level alphabet, `</w>` word ends), 77-token window, same for same texts."""
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(pattern=Regex(_CLIP_PATTERN), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CLIP_SPECIALS),
-                                  end_of_word_suffix="</w>", show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+
+    def split(text: str) -> list[str]:
+        return [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+
+    words = count_words(texts, split, lambda word: (*word[:-1], word[-1] + _WORD_END))
+    ends = {word[-1] for word in words}
+    base = len(CLIP_SPECIALS) + len(pre_tokenizers.ByteLevel.alphabet()) + len(ends)
+    merges = learn_merges(words, max(vocab_size - base, 0))
+    vocab, merges = build_vocab(CLIP_SPECIALS, [*pre_tokenizers.ByteLevel.alphabet(), *ends], merges, vocab_size)
     # Passing vocab/merges directly: CLIPTokenizer(vocab_file=...) can silently build a 2-token vocab.
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, pad_token="<|endoftext|>",
-                         model_max_length=CLIP_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", model_max_length=CLIP_MAX_LENGTH)
 
 
 def train_bert_tokenizer(texts: Sequence[str], vocab_size: int) -> BertTokenizer:
-    """Lower-cased WordPiece with BLIP's decoder start token [DEC]."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS),
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return BertTokenizer(vocab=tok.get_vocab(), bos_token="[DEC]", model_max_length=512)
+    """Lower-cased WordPiece with BLIP's decoder start token [DEC], same for same texts."""
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+
+    def split(text: str) -> list[str]:
+        return [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+
+    def join(left: str, right: str) -> str:
+        return left + right.removeprefix(_CONTINUES)
+
+    words = count_words(texts, split, lambda word: (word[0], *(_CONTINUES + c for c in word[1:])))
+    alphabet = {symbol for word in words for symbol in word}
+    merges = learn_merges(words, max(vocab_size - len(BERT_SPECIALS) - len(alphabet), 0), join)
+    vocab, _ = build_vocab(BERT_SPECIALS, alphabet, merges, vocab_size, join)
+    return BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=512)

@@ -18,12 +18,12 @@ import torch
 
 from bp_ray.config import ModelsConfig, TinyZooConfig, WorldConfig
 from bp_ray.models import tiny_zoo
-from bp_ray.models.tiny_zoo import MANIFEST, ZOO_ROLES, ZooSummary, build_zoo, default_zoo_dir
+from bp_ray.models.tiny_zoo import ZOO_ROLES, ZooSummary, build_zoo, default_zoo_dir, is_current
 
 logger = logging.getLogger(__name__)
 
 WORLD_PREFIX = "world:"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bump when a trainer changes what it writes, so cached world zoos are rebuilt."""
 
 
@@ -36,18 +36,10 @@ def world_zoo_dir(models_cfg: ModelsConfig) -> Path:
     return default_zoo_dir(models_cfg) / "world"
 
 
-def _is_current(root: Path, tiny: TinyZooConfig, world: WorldConfig) -> bool:
-    manifest = root / MANIFEST
-    if not manifest.exists():
-        return False
-    recorded = json.loads(manifest.read_text())
-    return recorded.get("key") == world_key(tiny, world) and all((root / role).is_dir() for role in ZOO_ROLES)
-
-
 def ensure_world_zoo(models_cfg: ModelsConfig) -> Path:
     """Path of an up-to-date world zoo, building (and training) it if missing or built from another config."""
     root = world_zoo_dir(models_cfg)
-    if not _is_current(root, models_cfg.tiny, models_cfg.world):
+    if not is_current(root, world_key(models_cfg.tiny, models_cfg.world)):
         build_world_zoo(root, models_cfg.tiny, models_cfg.world)
     return root
 
@@ -102,4 +94,4 @@ def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: 
                 "builder": BUILDER_VERSION, "parameters": parameters,
                 "seconds": {k: round(v, 2) for k, v in seconds.items()}, "training": stats}
 
-    return build_zoo(root, lambda: _is_current(root, tiny, world), build, force)
+    return build_zoo(root, lambda: is_current(root, world_key(tiny, world)), build, force)

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.integration
 
 
 def _weights_digest(folder: Path) -> dict[str, str]:
+    """Weights, configs and tokenizer files (the manifest holds build times, so it is left out)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*.safetensors"))}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
 def _images(n: int, size: int = 40) -> list[Image.Image]:

@@ -42,12 +42,28 @@ def test_world_zoo_trains_every_role_and_loads_through_world_specs(world_models_
 def test_world_zoo_rebuilds_when_its_config_changes(world_models_cfg, tmp_path):
     from dataclasses import replace
 
-    from bp_ray.world.zoo import _is_current, world_zoo_dir
+    from bp_ray.models.tiny_zoo import is_current
+    from bp_ray.world.zoo import world_key, world_zoo_dir
 
-    root = world_zoo_dir(world_models_cfg)
-    assert _is_current(root, world_models_cfg.tiny, world_models_cfg.world)
-    assert not _is_current(root, world_models_cfg.tiny, replace(world_models_cfg.world, lm_steps=41))
-    assert not _is_current(Path(tmp_path), world_models_cfg.tiny, world_models_cfg.world)
+    root, tiny, world = world_zoo_dir(world_models_cfg), world_models_cfg.tiny, world_models_cfg.world
+    assert is_current(root, world_key(tiny, world))
+    assert not is_current(root, world_key(tiny, replace(world, lm_steps=41)))
+    assert not is_current(Path(tmp_path), world_key(tiny, world))
+
+
+def test_world_zoo_build_is_deterministic_for_a_seed(world_models_cfg, tmp_path):
+    """Weights, configs and tokenizers come out byte for byte the same from a second build."""
+    import hashlib
+
+    from bp_ray.models.tiny_zoo import MANIFEST
+    from bp_ray.world.zoo import build_world_zoo, world_zoo_dir
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+    assert build_world_zoo(tmp_path / "world", world_models_cfg.tiny, world_models_cfg.world).built
+    assert digest(tmp_path / "world") == digest(world_zoo_dir(world_models_cfg))
 
 
 def test_world_truth_scores_judge_renders_against_the_request():
