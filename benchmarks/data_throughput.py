@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
 from bp_ray.data.captions import Captioner

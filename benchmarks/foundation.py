@@ -36,7 +36,7 @@ def measure_install(workdir: Path) -> dict:
 
 
 def measure_zoo(workdir: Path) -> dict:
-    from bp_ray.config import load_config
+    from bp_ray.config_loader import load_config
     from bp_ray.models.tiny_zoo import build_tiny_zoo
 
     tiny = load_config("tiny").models.tiny

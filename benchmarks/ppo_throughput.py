@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data.subject_pairs import write_subject_pairs
 from bp_ray.models.tiny_zoo import ensure_tiny_zoo

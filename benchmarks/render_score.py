@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data.corpus import generate_prompts
 from bp_ray.models.tiny_zoo import ensure_tiny_zoo

@@ -25,7 +25,8 @@ import httpx
 import numpy as np
 import torch
 
-from bp_ray.config import PipelineConfig, load_config
+from bp_ray.config import PipelineConfig
+from bp_ray.config_loader import load_config
 from bp_ray.models.loading import load_causal_lm, resolve_model
 from bp_ray.serve.generation import beautify_input
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data.subject_pairs import write_subject_pairs
 from bp_ray.models.loading import load_causal_lm

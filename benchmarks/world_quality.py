@@ -101,7 +101,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from bp_ray.config import load_config
+    from bp_ray.config_loader import load_config
     from bp_ray.world.zoo import build_world_zoo, world_zoo_dir
 
     cfg = load_config("world", args.set)

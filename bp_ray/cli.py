@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from bp_ray.config import ConfigError, PipelineConfig, available_presets, load_config
+from bp_ray.config import ConfigError, PipelineConfig
+from bp_ray.config_loader import available_presets, load_config
 from bp_ray.layout import STAGES, RunLayout
 from bp_ray.summaries import (
     corpus_summary,

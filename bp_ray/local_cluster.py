@@ -31,7 +31,7 @@ WORKER_CPUS = 2
 
 
 def scenario_config(out: Path, zoo_dir: str | None, rows: int) -> Any:
-    from bp_ray.config import load_config
+    from bp_ray.config_loader import load_config
 
     overrides = [f"data.corpus_rows={rows}", "data.max_new_tokens=16", "data.caption_max_new_tokens=8",
                  *(f"data.{pool}.batch_size=8" for pool in POOLS), *(f"data.{pool}.max_actors=2" for pool in POOLS),

@@ -105,9 +105,10 @@ class CorpusSummary:
     out_dir: str = ""
 
 
-def generate_prompts(num_rows: int, seed: int, spec: CorpusSpec | None = None, world: bool = False) -> list[str]:
-    """Just the prompt texts of the corpus for (num_rows, seed), e.g. to train a tokenizer."""
-    spec = replace(spec or CorpusSpec(), num_rows=num_rows, seed=seed, world=world or (spec is not None and spec.world))
+def generate_prompts(num_rows: int, seed: int, spec: CorpusSpec | None = None) -> list[str]:
+    """Just the prompt texts of the corpus for (num_rows, seed), e.g. to train a tokenizer; `spec` gives the rest
+    (the world's scenes instead of DiffusionDB-like prompts, for one)."""
+    spec = replace(spec or CorpusSpec(), num_rows=num_rows, seed=seed)
     prompts, _, _ = _generate_prompt_rows(spec, load_vocab())
     return prompts
 

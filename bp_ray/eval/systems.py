@@ -73,8 +73,9 @@ def tags_pool(cfg: PipelineConfig) -> list[str]:
         table, _ = read_prompts(cfg.eval.tags_source)
         return table["prompt"].tolist()
     from bp_ray.data.corpus import generate_prompts
+    from bp_ray.data.pipeline import corpus_spec
 
-    return generate_prompts(cfg.data.corpus_rows, cfg.data.corpus_seed, world=cfg.data.corpus_kind == "world")
+    return generate_prompts(cfg.data.corpus_rows, cfg.data.corpus_seed, corpus_spec(cfg))
 
 
 def tag_vocabulary(cfg: PipelineConfig) -> Sequence[str] | None:

@@ -221,15 +221,37 @@ def build_tiny_clip(out: Path, tiny: TinyZooConfig, texts: list[str]) -> int:
     return _count(model)
 
 
-def build_tiny_sd(out: Path, tiny: TinyZooConfig, texts: list[str]) -> int:
-    """Stable Diffusion: UNet2DConditionModel + AutoencoderKL + CLIP text encoder + DDIM, in diffusers format."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def sd_text_side(tiny: TinyZooConfig, texts: list[str]):
+    """(tokenizer, text encoder, scheduler) of a tiny SD: a CLIP BPE trained on `texts`, a random CLIP text
+    encoder, and SD 1.x's DDIM noise schedule, so swapping in Euler/DPM schedulers behaves as with the real model."""
+    from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from bp_ray.models.tokenizers import train_clip_tokenizer
 
     tokenizer = train_clip_tokenizer(texts, tiny.clip_vocab_size)
     text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(tiny, tokenizer)))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return tokenizer, text_encoder, scheduler
+
+
+def save_sd_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler) -> int:
+    """Write a diffusers StableDiffusionPipeline folder (safetensors, no safety checker); returns its parameters."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return _count(unet) + _count(vae) + _count(text_encoder)
+
+
+def build_tiny_sd(out: Path, tiny: TinyZooConfig, texts: list[str]) -> int:
+    """Stable Diffusion: UNet2DConditionModel + AutoencoderKL + CLIP text encoder + DDIM, in diffusers format."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tokenizer, text_encoder, scheduler = sd_text_side(tiny, texts)
     channels = list(tiny.sd_block_channels)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=tiny.sd_latent_channels,
                         block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * len(channels),
@@ -242,14 +264,7 @@ def build_tiny_sd(out: Path, tiny: TinyZooConfig, texts: list[str]) -> int:
         down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(channels) - 1),
         up_block_types=["CrossAttnUpBlock2D"] * (len(channels) - 1) + ["UpBlock2D"],
         cross_attention_dim=tiny.clip_hidden_size, attention_head_dim=8)
-    # SD 1.x's noise schedule, so swapping in Euler/DPM schedulers behaves as with the real model.
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return _count(unet) + _count(vae) + _count(text_encoder)
+    return save_sd_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler)
 
 
 def tiny_open_clip_config(tiny: TinyZooConfig) -> dict:

@@ -25,7 +25,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from bp_ray import __version__
-from bp_ray.config import PipelineConfig, load_config
+from bp_ray.config import PipelineConfig
+from bp_ray.config_loader import load_config
 from bp_ray.layout import RunLayout
 from bp_ray.serve import schemas as S
 from bp_ray.serve.errors import ERRORS, ApiError, Limits, install_error_handlers

@@ -19,7 +19,6 @@ scenes are flat shapes, so a 3-block VAE (8x8x4 latent) keeps what matters and t
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from bp_ray.config import RenderConfig, TinyZooConfig, WorldConfig
 from bp_ray.world.samples import WorldSamples
 from bp_ray.world.scenes import BAD_STYLES, COLOURS, GOOD_STYLES, Scene, WorldObject, parse_description
+from bp_ray.world.schedule import warmup_cosine
 from bp_ray.world.truth import colours_match, dominant_colour, true_aesthetic
 
 VAE_CHANNELS = (16, 32, 64)
@@ -53,6 +53,9 @@ OFFSET_NOISE = 0.1
 in the noise at t=999, so without it the seed, not the prompt, chose a dark or light background."""
 EMA_DECAY = 0.998
 """The UNet and text encoder saved are an exponential moving average of the trained weights (~500-step window)."""
+LR_WARMUP = 50
+LR_FLOOR = 0.1
+"""The LR ends at a tenth of its peak, not zero: short runs still end on small, careful steps."""
 LOG_EVERY = 50
 """Losses are reported as means over windows of this many steps (one step's loss is too noisy to compare)."""
 
@@ -91,14 +94,6 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
-    """Linear warmup, then cosine down to a tenth: short runs still end on small, careful steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _log_progress(phase: str, step: int, steps: int, losses: list[float]) -> None:
     if (step + 1) % (4 * LOG_EVERY) == 0 or step + 1 == steps:
         logger.info("world sd %s step %d/%d loss %.4f", phase, step + 1, steps, np.mean(losses[-LOG_EVERY:]))
@@ -117,7 +112,7 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float,
     losses = []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = lr * warmup_cosine(step, steps, LR_WARMUP, floor=LR_FLOOR)
         batch = pixels[torch.randint(len(pixels), (batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -190,7 +185,7 @@ def train_unet(unet, text_encoder, noise_scheduler, latent_mean: torch.Tensor, l
     losses = []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = lr * warmup_cosine(step, steps, LR_WARMUP, floor=LR_FLOOR)
         index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
         latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator)
         variant = torch.randint(caption_ids.shape[1], (batch_size,), generator=generator)
@@ -222,21 +217,18 @@ def train_unet(unet, text_encoder, noise_scheduler, latent_mean: torch.Tensor, l
     return losses
 
 
-def train_world_sd(folder: Path, samples: WorldSamples, world: WorldConfig, tiny: TinyZooConfig) -> dict[str, float]:
-    """Train the SD pipeline folder written by `build_tiny_sd` on world samples and save it back in place.
+def build_world_sd(folder: Path, samples: WorldSamples, world: WorldConfig, tiny: TinyZooConfig,
+                   texts: list[str]) -> dict[str, float]:
+    """Build the world SD (the tiny zoo's tokenizer, text encoder and scheduler; VAE and UNet in the world
+    architecture from world.seed), train it on world samples and save it as a diffusers pipeline folder.
 
-    Keeps the folder's tokenizer, text encoder (trained further) and scheduler; the VAE and UNet are rebuilt in the
-    world architecture (VAE_CHANNELS, UNET_CHANNELS) from world.seed. Deterministic for a seed on one machine.
+    Deterministic for a seed on one machine. Returns the training figures.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from bp_ray.models.tiny_zoo import save_sd_pipeline, sd_text_side
 
-    folder = Path(folder)
+    tokenizer, text_encoder, scheduler = sd_text_side(tiny, texts)
     torch.manual_seed(world.seed)
     generator = torch.Generator().manual_seed(world.seed)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     vae = world_vae(tiny)
     unet = world_unet(tiny, text_encoder.config.hidden_size)
 
@@ -261,10 +253,7 @@ def train_world_sd(folder: Path, samples: WorldSamples, world: WorldConfig, tiny
                              world.caption_dropout, generator)
     unet_seconds = time.perf_counter() - start
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    save_sd_pipeline(Path(folder), vae, text_encoder, tokenizer, unet, scheduler)
     vae_first, vae_last = _window_means(vae_losses) if vae_losses else (float("nan"), float("nan"))
     unet_first, unet_last = _window_means(unet_losses) if unet_losses else (float("nan"), float("nan"))
     return {"vae_steps": float(world.vae_steps), "vae_seconds": vae_seconds, "vae_loss_first": vae_first,

@@ -26,6 +26,7 @@ from PIL import Image
 from bp_ray.config import DataConfig, WorldConfig
 from bp_ray.world.samples import WorldSamples
 from bp_ray.world.scenes import SHAPES, parse_description
+from bp_ray.world.schedule import warmup_cosine
 
 LAST_LOSS_STEPS = 20
 """`last_loss` averages this many final steps: one minibatch's loss is noisy."""
@@ -80,24 +81,13 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator, hflip: bool = Tru
     return pixels
 
 
-def _warmup_cosine(steps: int) -> Callable[[int], float]:
-    """LR factor: linear warmup over the first 5% of steps, then cosine decay to zero."""
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
-
-
 def _train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[np.ndarray], torch.Tensor], num_rows: int,
                 steps: int, batch_size: int, lr: float, seed: int,
                 after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """AdamW with warmup + cosine over seeded minibatches of row indices; loss_fn(rows) -> scalar loss."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps, warmup))
     losses = []
     start = time.perf_counter()
     for rows in _batches(num_rows, min(batch_size, num_rows), steps, seed):

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: 
     """Build the tiny architectures and train each in the world; zoo.json records every model's time and stats."""
     from bp_ray.world.lm_training import train_world_lm
     from bp_ray.world.samples import heldout_seed, make_samples, world_texts
-    from bp_ray.world.sd_training import train_world_sd
+    from bp_ray.world.sd_training import build_world_sd
     from bp_ray.world.vision_training import train_world_aesthetic, train_world_captioner, train_world_clip
 
     def build(staging: Path) -> dict:
@@ -72,19 +73,28 @@ def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: 
         lm_heldout = world_texts(heldout_seed(world.seed), num_scenes=200, corpus_rows=200)
         seconds = {"samples": time.perf_counter() - start}
         stats: dict[str, dict] = {}
+
+        def tiny_then(builder: Callable[[Path, TinyZooConfig, list[str]], int],
+                      train: Callable[[Path], dict]) -> Callable[[Path], dict]:
+            def make(out: Path) -> dict:
+                builder(out, tiny, texts)
+                return train(out)
+            return make
+
         steps = [
-            ("bloom", tiny_zoo.build_tiny_bloom, lambda out: train_world_lm(out, texts, world, lm_heldout)),
-            ("blip", tiny_zoo.build_tiny_blip, lambda out: train_world_captioner(out, samples, world)),
-            ("pickscore", tiny_zoo.build_tiny_clip, lambda out: train_world_clip(out, samples, world)),
-            ("aesthetic", tiny_zoo.build_tiny_aesthetic, lambda out: train_world_aesthetic(out, samples, world)),
-            ("sd", tiny_zoo.build_tiny_sd, lambda out: train_world_sd(out, samples, world, tiny)),
+            ("bloom", tiny_then(tiny_zoo.build_tiny_bloom, lambda out: train_world_lm(out, texts, world, lm_heldout))),
+            ("blip", tiny_then(tiny_zoo.build_tiny_blip, lambda out: train_world_captioner(out, samples, world))),
+            ("pickscore", tiny_then(tiny_zoo.build_tiny_clip, lambda out: train_world_clip(out, samples, world))),
+            ("aesthetic", tiny_then(tiny_zoo.build_tiny_aesthetic,
+                                    lambda out: train_world_aesthetic(out, samples, world))),
+            # the world SD has its own VAE and UNet architecture, so it is built by its trainer
+            ("sd", lambda out: build_world_sd(out, samples, world, tiny, texts)),
         ]
-        for offset, (role, builder, train) in enumerate(steps):
+        for offset, (role, make) in enumerate(steps):
             begin = time.perf_counter()
             torch.manual_seed(world.seed * 1000 + offset)
-            builder(staging / role, tiny, texts)
-            logger.info("world zoo: training %s", role)
-            stats[role] = train(staging / role)
+            logger.info("world zoo: building and training %s", role)
+            stats[role] = make(staging / role)
             seconds[role] = time.perf_counter() - begin
             logger.info("world zoo: %s trained in %.1f s", role, seconds[role])
         # One contrastive CLIP serves both image-text roles, as one CLIP would on a real cluster.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
 from bp_ray.data.pairs import PAIR_DROP_REASONS, build_candidates

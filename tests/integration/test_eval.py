@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.eval.browser import find_chromium, render_page
 from bp_ray.eval.run import run_evaluation
 from bp_ray.eval.systems import popular_tags, tags_pool

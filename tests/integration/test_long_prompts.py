@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.models.loading import load_diffusion
 from bp_ray.rewards.cache import RenderKey
 from bp_ray.rewards.labeler import make_render_key, model_fingerprint

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.models import loading
 from bp_ray.models.tiny_zoo import MANIFEST, ZOO_ROLES, build_tiny_zoo, ensure_tiny_zoo
 

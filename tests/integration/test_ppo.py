@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.train.ppo import run_ppo
 from bp_ray.train.reward import run_rm
 from bp_ray.train.sft import run_sft

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.models.reward_model import LearnedReward
 from bp_ray.train.reward import run_rm
 from bp_ray.train.reward_data import HEAD_FILE

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.rewards.labeler import RewardLabeler
 from bp_ray.rewards.pipeline import read_pairs, run_reward_labels

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data.prompt_io import read_prompts
 from bp_ray.data.rewrite import build_instructions, generate_local

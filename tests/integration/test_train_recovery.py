@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.train.sft import run_sft
 from tests.integration.ray_train_faults import worker_killer
 from tests.integration.train_inputs import corpus_pairs, model_weights

@@ -83,7 +83,7 @@ def test_world_truth_scores_judge_renders_against_the_request():
 @pytest.mark.integration
 def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg, tmp_path):
     """The world preset's evaluation: world prompts, world tags, and ground truth for every image, grid or not."""
-    from bp_ray.config import load_config
+    from bp_ray.config_loader import load_config
     from bp_ray.eval.prompts import world_eval_prompts
     from bp_ray.eval.run import run_evaluation
     from bp_ray.world.scenes import STYLE_WORDS

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from bp_ray.cli import build_parser
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.layout import STAGES, RunLayout
 from tests.conftest import REPO, shared_path
 

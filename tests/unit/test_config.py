@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bp_ray.config import PAPER_INSTRUCTION, ConfigError, PipelineConfig, available_presets, load_config
+from bp_ray.config import PAPER_INSTRUCTION, ConfigError, PipelineConfig
+from bp_ray.config_loader import available_presets, load_config
 
 
 @pytest.mark.parametrize("preset", available_presets())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.data.corpus import generate_prompts
 from bp_ray.eval.prompts import embedded_eval_prompts, load_eval_prompts
 from bp_ray.eval.systems import checkpoint_model_dir, popular_tags, with_tags

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bp_ray.config import load_config
+from bp_ray.config_loader import load_config
 from bp_ray.layout import RunLayout
 from bp_ray.pipeline import PIPELINE_STAGES, fingerprints, plan, run_pipeline
 

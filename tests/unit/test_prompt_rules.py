@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bp_ray.config import DataConfig, load_config
+from bp_ray.config import DataConfig
+from bp_ray.config_loader import load_config
 from bp_ray.data.corpus import generate_prompts
 from bp_ray.data.prompt_io import read_prompts
 from bp_ray.data.prompt_rules import (

@@ -103,7 +103,7 @@ def test_world_corpus_stores_the_world_render_of_each_prompt(tmp_path):
 
     write_corpus(tmp_path, CorpusSpec(num_rows=60, seed=1, world=True))
     rows = pd.read_parquet(tmp_path / "metadata.parquet")
-    assert rows["prompt"].tolist() == generate_prompts(60, 1, world=True)
+    assert rows["prompt"].tolist() == generate_prompts(60, 1, CorpusSpec(world=True))
     described = [i for i, p in enumerate(rows["prompt"]) if parse_description(p).objects]
     assert len(described) > 40  # plain and rich rows are world scenes; nsfw, political and junk rows stay
     with zipfile.ZipFile(tmp_path / "images" / "part-000001.zip") as archive:
@@ -113,7 +113,7 @@ def test_world_corpus_stores_the_world_render_of_each_prompt(tmp_path):
 
 
 def test_world_preset_builds_on_tiny():
-    from bp_ray.config import load_config
+    from bp_ray.config_loader import load_config
 
     world, tiny = load_config("world"), load_config("tiny")
     assert world.preset == "world" and world.models.diffusion == "world:sd"
@@ -122,7 +122,7 @@ def test_world_preset_builds_on_tiny():
 
 
 def test_world_eval_prompts_and_tags():
-    from bp_ray.config import load_config
+    from bp_ray.config_loader import load_config
     from bp_ray.eval.prompts import load_eval_prompts, world_eval_prompts
     from bp_ray.eval.systems import popular_tags, tag_vocabulary, tags_pool
 

@@ -1,0 +1,252 @@
+"""Loading a configuration: dataclass defaults <- configs/<preset>.yaml <- "section.key=value" overrides.
+
+A preset may build on another (`base: tiny`). Overrides are converted to each field's type; `validate()` checks
+every field's choices and bounds and the rules that span sections, and raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bp_ray.config import EVAL_SYSTEMS, ConfigError, PipelineConfig
+
+
+def available_presets() -> list[str]:
+    """Names of the YAML presets shipped in bp_ray/configs/."""
+    folder = resources.files("bp_ray") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(preset: str) -> str:
+    if preset not in available_presets():
+        raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available_presets())}")
+    return (resources.files("bp_ray") / "configs" / f"{preset}.yaml").read_text()
+
+
+def load_config(preset: str | None = "tiny", overrides: Sequence[str] = (),
+                config_file: str | Path | None = None) -> PipelineConfig:
+    """Dataclass defaults <- configs/<preset>.yaml (or `config_file`) <- "section.key=value" overrides.
+
+    Unknown keys, wrong types and impossible values raise ConfigError naming the key.
+    """
+    cfg = PipelineConfig()
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layer = _parse_yaml(path.read_text(), str(path))
+    else:
+        layer = _parse_yaml(preset_text(preset or "tiny"), f"preset {preset}")
+        layer.setdefault("preset", preset)
+    for base in _base_layers(layer):
+        _apply_mapping(cfg, base, prefix="")
+    _apply_mapping(cfg, layer, prefix="")
+    for item in overrides:
+        key, value = _split_override(item)
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _base_layers(layer: dict[str, Any], depth: int = 0) -> list[dict[str, Any]]:
+    """The presets a layer builds on (`base: <preset>`, popped from it), outermost first."""
+    base = layer.pop("base", None)
+    if base is None:
+        return []
+    if depth > 4:
+        raise ConfigError(f"preset bases nest too deeply (at {base!r})")
+    parent = _parse_yaml(preset_text(str(base)), f"preset {base}")
+    parent.pop("preset", None)
+    return [*_base_layers(parent, depth + 1), parent]
+
+
+def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_mapping(node: Any, mapping: Mapping[str, Any], prefix: str) -> None:
+    for key, value in mapping.items():
+        _set_path(node, str(key).split("."), value, prefix)
+
+
+def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
+    """Set `section.key` on a config tree, converting `value` to the field's declared type."""
+    _set_path(cfg, dotted_key.split("."), value, prefix="")
+
+
+def _set_path(node: Any, path: list[str], value: Any, prefix: str) -> None:
+    name, rest = path[0], path[1:]
+    key = f"{prefix}{name}"
+    field_map = {f.name: f for f in fields(node)}
+    if name not in field_map:
+        raise ConfigError(_unknown_key_message(key, name, list(field_map)))
+    current = getattr(node, name)
+    if is_dataclass(current):
+        if rest:
+            _set_path(current, rest, value, prefix=f"{key}.")
+        elif isinstance(value, Mapping):
+            _apply_mapping(current, value, prefix=f"{key}.")
+        else:
+            raise ConfigError(f"{key} is a section, not a value; set its keys, e.g. "
+                              f"{key}.{fields(current)[0].name}=...")
+        return
+    if rest:
+        raise ConfigError(f"{key} is a value, not a section: cannot set {key}.{'.'.join(rest)}")
+    setattr(node, name, _convert(key, value, _field_type(type(node), field_map[name])))
+
+
+def _unknown_key_message(shown: str, name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {shown!r}{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if is_null and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(key, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} expects a mapping, e.g. {{name: value}}, got {value!r}")
+        return {str(k): _convert(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if origin is list:
+        items = value
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(items, list):
+            raise ConfigError(f"{key} expects a list (YAML list or comma-separated), got {value!r}")
+        return [_convert(f"{key}[{i}]", v, args[0]) for i, v in enumerate(items)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field's choices and bounds, then cross-field rules; raise ConfigError on the first problem."""
+    for f in fields(cfg):
+        key = f"{prefix}{f.name}"
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            validate(value, prefix=f"{key}.")
+            continue
+        meta = f.metadata
+        if value is None:
+            continue
+        if meta.get("choices") and isinstance(value, list):
+            wrong = [item for item in value if item not in meta["choices"]]
+            if wrong or not value:
+                raise ConfigError(f"{key}={value!r} is not allowed; choose a non-empty list of: "
+                                  f"{', '.join(str(c) for c in meta['choices'])}")
+        elif meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: "
+                              f"{', '.join(str(c) for c in meta['choices'])}")
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise ConfigError(f"{key}={value!r} must be >= {meta['ge']}")
+        if meta.get("gt") is not None and value <= meta["gt"]:
+            raise ConfigError(f"{key}={value!r} must be > {meta['gt']}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise ConfigError(f"{key}={value!r} must be <= {meta['le']}")
+    if isinstance(cfg, PipelineConfig):
+        _validate_cross_fields(cfg)
+
+
+def _validate_cross_fields(cfg: PipelineConfig) -> None:
+    pools = {name: getattr(cfg.data, name) for name in ("captioner_pool", "rewriter_pool", "aesthetic_pool",
+                                                         "renderer_pool", "scorer_pool")}
+    for name, pool in pools.items():
+        if pool.min_actors > pool.max_actors:
+            raise ConfigError(f"data.{name}.min_actors={pool.min_actors} exceeds "
+                              f"data.{name}.max_actors={pool.max_actors}")
+    data = cfg.data
+    # The split must never call one prompt both low and high.
+    if data.low_max_tags >= data.high_min_tags:
+        raise ConfigError(f"data.low_max_tags={data.low_max_tags} must be below data.high_min_tags="
+                          f"{data.high_min_tags}")
+    if data.low_max_segments >= data.high_min_segments:
+        raise ConfigError(f"data.low_max_segments={data.low_max_segments} must be below "
+                          f"data.high_min_segments={data.high_min_segments}")
+    for key in ("pair_low_words", "pair_high_words"):
+        bounds = getattr(data, key)
+        if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1]:
+            raise ConfigError(f"data.{key}={bounds} must be [min, max] with 0 <= min <= max")
+    if cfg.serve.default_max_new_tokens > cfg.serve.max_new_tokens:
+        raise ConfigError(f"serve.default_max_new_tokens={cfg.serve.default_max_new_tokens} exceeds "
+                          f"serve.max_new_tokens={cfg.serve.max_new_tokens}")
+    if cfg.serve.min_replicas > cfg.serve.max_replicas:
+        raise ConfigError(f"serve.min_replicas={cfg.serve.min_replicas} exceeds "
+                          f"serve.max_replicas={cfg.serve.max_replicas}")
+    if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
+        raise ConfigError(f"ppo.minibatch_size={cfg.ppo.minibatch_size} exceeds "
+                          f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size}")
+    for render_key, render in (("data.render", cfg.data.render), ("eval.render", cfg.eval.render),
+                               ("serve.render", cfg.serve.render)):
+        if render.height % 8 or render.width % 8:
+            raise ConfigError(f"{render_key}.height and .width must be multiples of 8 "
+                              f"(got {render.height}x{render.width})")
+    if "{raw}" not in cfg.sft.instruction:
+        raise ConfigError("sft.instruction must contain the placeholder {raw} (where the user prompt goes)")
+    for key in ("summarise_template", "expand_template"):
+        if "{prompt}" not in getattr(cfg.data, key):
+            raise ConfigError(f"data.{key} must contain the placeholder {{prompt}}")
+    if "{prompt}" not in cfg.eval.llm_instruction:
+        raise ConfigError("eval.llm_instruction must contain the placeholder {prompt}")
+    unknown = sorted(set(cfg.eval.systems) - set(EVAL_SYSTEMS))
+    if unknown:
+        raise ConfigError(f"eval.systems has unknown system(s) {', '.join(unknown)}; "
+                          f"choose from: {', '.join(EVAL_SYSTEMS)}")
