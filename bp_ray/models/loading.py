@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
 WORLD_PREFIX = "world:"
 ZOO_PREFIXES = (TINY_PREFIX, WORLD_PREFIX)
+GGUF_PREFIX = "gguf:"
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -58,7 +59,12 @@ def zoo_root(prefix: str, models_cfg: ModelsConfig) -> Path:
 
 
 def resolve_model(spec: str, models_cfg: ModelsConfig | None = None) -> str:
-    """`tiny:<role>` / `world:<role>` -> that role's folder in the tiny or world zoo; anything else unchanged."""
+    """`tiny:<role>` / `world:<role>` -> that role's folder in the tiny or world zoo; `gguf:<name>` -> the folder
+    imported from that GGUF file; anything else unchanged."""
+    if spec.startswith(GGUF_PREFIX):
+        from bp_ray.models.gguf_import import ensure_gguf_model
+
+        return str(ensure_gguf_model(spec[len(GGUF_PREFIX):], models_cfg or ModelsConfig()))
     prefix = next((p for p in ZOO_PREFIXES if spec.startswith(p)), None)
     if prefix is None:
         return spec
