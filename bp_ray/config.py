@@ -210,6 +210,9 @@ class DataConfig:
     """Pair source (ii): an LLM summarises a high prompt into a low one."""
     use_expansions: bool = True
     """Pair source (iii): an LLM expands a low prompt into a high one."""
+    use_stripped: bool = False
+    """Pair source (iv), no model: a high-quality prompt without its vocabulary style / quality tags and artist
+    credits (its first low_max_segments segments that are left) becomes its low prompt."""
     llm_backend: str = opt("local", choices=("local", "openai"))
     """`local`: models.rewriter in an actor pool; `openai`: any OpenAI-compatible endpoint."""
     openai_base_url: str = "http://127.0.0.1:8000/v1"

@@ -10,9 +10,11 @@ import pandas as pd
 from bp_ray.config import DataConfig
 from bp_ray.data import columns as C
 from bp_ray.data.prompt_rules import content_flag, dedup_key, within_bounds
-from bp_ray.data.vocab import Vocab
+from bp_ray.data.tag_strip import strip_tags
+from bp_ray.data.vocab import Vocab, load_vocab, tag_terms
 
-SOURCES = ("caption", "summary", "expansion")
+SOURCES = ("caption", "summary", "expansion", "stripped")
+LLM_SOURCES = ("summary", "expansion")
 PAIR_DROP_REASONS = ("generation_failed", "nsfw_keyword", "political_keyword", "length", "same_low_high",
                      "aesthetic", "duplicate")
 
@@ -25,11 +27,15 @@ def pair_id(row_id: str, source: str) -> str:
 def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     """Every pair the enabled sources propose for these rows (PAIR_COLUMNS + gen_error), before cleaning.
 
-    caption: (BLIP caption, original high prompt); summary: (LLM summary, high); expansion: (low, LLM expansion).
+    caption: (BLIP caption, original high prompt); summary: (LLM summary, high); expansion: (low, LLM expansion);
+    stripped: (high without its vocabulary tags and artist credits, high).
     """
     # A stage the graph skipped (no images to caption, say) added no column: nothing was generated there.
     missing = {column: "" for column in (C.CAPTION, C.SUMMARY, C.EXPANSION, C.GEN_ERROR) if column not in rows}
     rows = rows.assign(**missing)
+    if cfg.use_stripped:
+        terms = tag_terms(load_vocab())
+        rows = rows.assign(**{C.STRIPPED: [strip_tags(p, terms, cfg.low_max_segments) for p in rows[C.PROMPT]]})
     is_high, is_low = rows[C.QUALITY] == "high", rows[C.QUALITY] == "low"
     parts = []
     if cfg.use_captions:
@@ -38,6 +44,8 @@ def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         parts.append(_candidates(rows[is_high], "summary", C.SUMMARY, C.PROMPT))
     if cfg.use_expansions:
         parts.append(_candidates(rows[is_low], "expansion", C.PROMPT, C.EXPANSION))
+    if cfg.use_stripped:
+        parts.append(_candidates(rows[is_high], "stripped", C.STRIPPED, C.PROMPT))
     if not parts:
         return pd.DataFrame(columns=[*C.PAIR_COLUMNS, C.GEN_ERROR])
     return pd.concat(parts, ignore_index=True)
@@ -45,8 +53,8 @@ def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
 
 def _candidates(rows: pd.DataFrame, source: str, low_column: str, high_column: str) -> pd.DataFrame:
     aesthetic = rows[C.AESTHETIC] if C.AESTHETIC in rows else pd.Series(np.nan, index=rows.index)
-    # A caption never comes from the LLM, so an LLM error on the same row must not drop it.
-    gen_error = "" if source == "caption" else rows.get(C.GEN_ERROR, pd.Series("", index=rows.index))
+    # Only summaries and expansions come from the LLM, so an LLM error on the same row must not drop the others.
+    gen_error = rows.get(C.GEN_ERROR, pd.Series("", index=rows.index)) if source in LLM_SOURCES else ""
     return pd.DataFrame({
         C.PAIR_ID: [pair_id(r, source) for r in rows[C.ROW_ID]],
         C.PAIR_SOURCE: source,

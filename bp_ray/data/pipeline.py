@@ -68,7 +68,7 @@ def prepare_rows(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, di
     quality = rows[C.QUALITY].where(usable)
     has_image = rows[C.IMAGE_REF] != ""
     low_used = (quality == "low") & cfg.use_expansions
-    high_used = (quality == "high") & (cfg.use_summaries | (cfg.use_captions & has_image))
+    high_used = (quality == "high") & (cfg.use_summaries | cfg.use_stripped | (cfg.use_captions & has_image))
     counts = {
         "rows_in": len(rows),
         "rows_dropped": dict(Counter(r for r in reason if r)),

@@ -8,7 +8,7 @@ import hashlib
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
@@ -169,7 +169,7 @@ _WEIGHTS = re.compile(
 _HAS_NEGATIVE = re.compile(r"(?<!\S)--no\b|\bnegative\s+prompt\s*:", re.IGNORECASE)
 # "by <name>" reads as an artist credit only at the start of a segment or right after an art word:
 # "a cat by a river" and "surrounded by trees" are not credits. Names are one or two words.
-_ART_WORDS = frozenset({
+ART_WORDS = frozenset({
     "art", "artwork", "painting", "painted", "illustration", "illustrated", "drawing", "drawn", "sketch",
     "photo", "photograph", "photographed", "photography", "render", "rendered", "poster", "design", "designed",
     "style",
@@ -223,7 +223,7 @@ def _trie_regex(terms: Iterable[str]) -> str:
 
 
 @lru_cache(maxsize=64)
-def _compiled_terms(terms: frozenset[str] | tuple[str, ...]) -> re.Pattern[str]:
+def compiled_terms(terms: frozenset[str] | tuple[str, ...]) -> re.Pattern[str]:
     """One regex per term set, matching lower-cased text on \\w boundaries (so "8k," and "ukiyo-e" match)."""
     unique = {" ".join(t.lower().split()) for t in terms if t and t.strip()}
     if not unique:
@@ -231,19 +231,23 @@ def _compiled_terms(terms: frozenset[str] | tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"(?<!\w)(?:{_trie_regex(unique)})(?!\w)")
 
 
-def _artist_names(lower: str, pattern: re.Pattern[str]) -> set[str]:
-    """Names credited as `by <name>` that are not vocabulary tags already (lower-cased text in, names out)."""
-    names: set[str] = set()
+def artist_credits(lower: str) -> Iterator[re.Match[str]]:
+    """`by <name>` credits in lower-cased text (group 1: the name): at the text or a comma segment's start, or
+    right after an art word ("painting by ..."); "a cat by a river" and "hobby" are not credits."""
     for match in _BY_NAME.finditer(lower):
         start = match.start()
         if start and (lower[start - 1].isalnum() or lower[start - 1] == "_"):
             continue  # "hobby", "abby"
         before = lower[:start].rstrip()
-        if before and not before.endswith(",") and before.rsplit(None, 1)[-1] not in _ART_WORDS:
+        if before and not before.endswith(",") and before.rsplit(None, 1)[-1] not in ART_WORDS:
             continue
-        if not pattern.match(lower, match.start(1)):  # "by greg rutkowski": counted as a vocabulary tag
-            names.add(" ".join(match.group(1).split()))
-    return names
+        yield match
+
+
+def _artist_names(lower: str, pattern: re.Pattern[str]) -> set[str]:
+    """Names credited as `by <name>` that are not vocabulary tags already (lower-cased text in, names out)."""
+    # "by greg rutkowski" is counted as a vocabulary tag already
+    return {" ".join(m.group(1).split()) for m in artist_credits(lower) if not pattern.match(lower, m.start(1))}
 
 
 def _count_tags(normalized: str, pattern: re.Pattern[str]) -> int:
@@ -264,7 +268,7 @@ def _feature_tuple(raw: str, normalized: str, pattern: re.Pattern[str]) -> tuple
 
 def prompt_features(raw: str, normalized: str, vocab_terms: frozenset[str]) -> PromptFeatures:
     """Counts of the normalised prompt and syntax flags of the raw one; vocab_terms as from vocab.tag_terms."""
-    return PromptFeatures(*_feature_tuple(raw, normalized, _compiled_terms(frozenset(vocab_terms))))
+    return PromptFeatures(*_feature_tuple(raw, normalized, compiled_terms(frozenset(vocab_terms))))
 
 
 # --- split ----------------------------------------------------------------------------------------------
@@ -300,7 +304,7 @@ def annotate_prompts(prompts: Sequence[object], rules: SplitRules, vocab_terms: 
 
     Dropped rows get quality None, zero counts and False flags. ~30k prompts/s on one CPU core.
     """
-    pattern = _compiled_terms(frozenset(vocab_terms))
+    pattern = compiled_terms(frozenset(vocab_terms))
     texts: list[str] = []
     reasons: list[str | None] = []
     rows: list[tuple[int, int, int, bool, bool]] = []
@@ -334,7 +338,7 @@ def annotate_prompts(prompts: Sequence[object], rules: SplitRules, vocab_terms: 
 def _keyword_index(terms: frozenset[str] | tuple[str, ...]) -> tuple[re.Pattern[str], dict[str, str]]:
     """Compiled regex for a term set and lower-cased matched text -> the term as listed."""
     canonical = {" ".join(t.lower().split()): t for t in terms if t and t.strip()}
-    return _compiled_terms(terms), canonical
+    return compiled_terms(terms), canonical
 
 
 def keyword_hit(text: str, terms: Iterable[str]) -> str | None:

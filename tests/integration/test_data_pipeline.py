@@ -245,3 +245,24 @@ def test_real_prompts_put_long_tagged_prompts_on_the_high_side(ray_session, tiny
     assert len(long_tagged - high_side) <= dropped_rows
     assert not short_plain & high_side
     assert short_plain & low_side
+
+
+def test_stripped_pairs_from_real_prompts_without_any_model(ray_session, tiny_models_cfg, tmp_path):
+    """Pair source (iv) alone on a real DiffusionDB pool: no captioner, no LLM, every high row proposes a pair."""
+    from bp_ray.data.vocab import load_vocab, tag_terms
+    from tests.conftest import shared_path
+
+    path = shared_path("data", "prompts", "diffusiondb_imagereward_refl.jsonl")
+    cfg = small_config(tiny_models_cfg, f"data.source={path}", "data.limit=300", "data.use_captions=false",
+                       "data.use_summaries=false", "data.use_expansions=false", "data.use_stripped=true")
+    manifest = run_data_generation(cfg, tmp_path / "data")
+    assert_counts_add_up(manifest)
+    stripped = manifest["pairs"]["stripped"]
+    assert stripped["candidates"] == manifest["quality"]["high"] - manifest["unused"]["high"] > 50
+    assert manifest["unused"]["high"] == 0 and stripped["out"] > 0.5 * stripped["candidates"]
+    assert_exactly_once(tmp_path / "data", expected_candidate_ids(cfg, tmp_path / "corpus"))
+    pairs = read_pairs(tmp_path / "data")
+    terms = tag_terms(load_vocab())
+    for low, high in zip(pairs[C.LOW], pairs[C.HIGH], strict=True):
+        assert low != high and set(low.replace(",", " ").split()) <= set(high.replace(",", " ").split()), low
+        assert not any(f" {t} " in f" {low.lower()} " for t in terms if len(t) > 3), low

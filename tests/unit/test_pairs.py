@@ -46,6 +46,16 @@ def test_a_skipped_stage_means_nothing_was_generated_there():
     assert len(candidates) == 3  # two summaries and one expansion still proposed
 
 
+def test_stripped_pairs_need_no_model_and_survive_an_llm_error():
+    rows = processed_rows().assign(**{C.GEN_ERROR: ["rate_limited", "", ""]})
+    cfg = DataConfig(use_captions=False, use_summaries=False, use_expansions=False, use_stripped=True)
+    candidates = build_candidates(rows, cfg)
+    assert candidates[C.PAIR_SOURCE].unique().tolist() == ["stripped"]
+    assert candidates[[C.ROW_ID, C.LOW]].values.tolist() == [["r0", "a castle on a hill"], ["r1", "a castle on a hill"]]
+    assert (candidates[C.GEN_ERROR] == "").all()  # r0's LLM error belongs to its summary, not to this pair
+    assert candidates[C.IMAGE_REF].tolist() == ["zip::a.png", ""]  # the aesthetic filter still sees the image
+
+
 def test_disabled_sources_propose_nothing():
     cfg = DataConfig(use_captions=False, use_expansions=False)
     assert set(build_candidates(processed_rows(), cfg)[C.PAIR_SOURCE]) == {"summary"}
