@@ -56,7 +56,17 @@ def _stage_options(*inputs: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.preset or "tiny", args.overrides, config_file=args.config)
+    overrides = list(args.overrides)
+    sources = getattr(args, "source_prompts", None)
+    if sources:
+        overrides += [f"data.source={sources[0]}", f"data.extra_sources={json.dumps(sources[1:])}"]
+    return load_config(args.preset or "tiny", overrides, config_file=args.config)
+
+
+def _source_prompts_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", dest="source_prompts", nargs="+", default=None, metavar="FILE",
+                        help="prompt files or DiffusionDB folders the pairs are built from (sets data.source and "
+                        "data.extra_sources; default: the preset's)")
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -399,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("generate", parents=[_stage_options("corpus")],
                             help="low->high prompt pairs on Ray Data (resumes where a killed run stopped)")
     p.add_argument("--fresh", action="store_true", help="discard committed work and start over")
+    _source_prompts_option(p)
     p.set_defaults(func=cmd_data_generate)
 
     rewards = sub.add_parser("rewards", help="render prompts with N seeds and score the images")
@@ -446,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", parents=[_stage_options()], help="the main job: every stage in order "
                        "on one run directory (--out)")
+    _source_prompts_option(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("status", help="summarise a run directory")

@@ -178,6 +178,9 @@ class DataConfig:
 
     source: str = "corpus"
     """`corpus` (the embedded generated DiffusionDB-shaped corpus), a DiffusionDB folder, or a prompt file."""
+    extra_sources: list[str] = field(default_factory=list)
+    """More DiffusionDB folders or prompt files, read after `source` and appended in order (`limit` applies to
+    each); `--prompts A B C` sets source=A and extra_sources=[B, C]."""
     corpus_kind: str = opt("prompts", choices=("prompts", "world"))
     """What the embedded corpus's plain and rich prompts describe: `prompts` (subjects, settings, artists and
     tags of DiffusionDB) or `world` (miniature-world scenes, with the world's renders as images)."""

@@ -101,7 +101,21 @@ def read_source(cfg: PipelineConfig, corpus_dir: Path) -> tuple[pd.DataFrame, Re
     else:
         path = Path(data.source)
     table, report = read_prompts(path, limit=data.limit or None)
-    return table, report, str(path)
+    if not data.extra_sources:
+        return table, report, str(path)
+    tables, paths = [table], [str(path)]
+    for extra in data.extra_sources:
+        more, more_report = read_prompts(extra, limit=data.limit or None)
+        tables.append(more)
+        paths.append(str(extra))
+        report.rows_read += more_report.rows_read
+        for reason, count in more_report.rows_skipped.items():
+            report.skip(reason, count)
+    table = pd.concat(tables, ignore_index=True)
+    if not table[C.ROW_ID].is_unique:  # row ids name the file stem: two files of one name would collide
+        raise ValueError(f"data.source and data.extra_sources give rows the same ids; rename one of: "
+                         f"{', '.join(paths)}")
+    return table, report, " + ".join(paths)
 
 
 # --- 3-4. the Ray Data graph ------------------------------------------------------------------------------------

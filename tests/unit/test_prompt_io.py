@@ -263,3 +263,28 @@ def test_missing_path_and_folder_without_metadata(tmp_path: Path):
         read_prompts(tmp_path)
     with pytest.raises(ValueError, match="empty image_ref"):
         load_image("")
+
+
+def test_extra_sources_are_appended_and_their_bad_rows_counted(tmp_path: Path):
+    from bp_ray.cli import build_parser, config_from_args
+    from bp_ray.data.pipeline import read_source
+
+    first, second = tmp_path / "pool_a.jsonl", tmp_path / "pool_b.txt"
+    first.write_text('{"prompt": "a castle, oil painting"}\nnot json\n{"prompt": "a cat"}\n')
+    second.write_text("a fox in snow, 8k\n\na dog\n")
+    args = build_parser().parse_args(["data", "generate", "--prompts", str(first), str(second), "--set",
+                                      "data.limit=5"])
+    cfg = config_from_args(args)
+    assert (cfg.data.source, cfg.data.extra_sources) == (str(first), [str(second)])
+    table, report, described = read_source(cfg, tmp_path / "corpus")
+    # a blank text line is a row (cleaning drops it as `empty`); a bad JSON line is skipped and counted
+    assert table[C.PROMPT].tolist() == ["a castle, oil painting", "a cat", "a fox in snow, 8k", "", "a dog"]
+    assert table[C.ROW_ID].is_unique and report.rows_read == 5 and report.rows_skipped == {"invalid_json": 1}
+    assert described == f"{first} + {second}"
+
+    (tmp_path / "again").mkdir()
+    clash = tmp_path / "again" / "pool_a.jsonl"
+    clash.write_text('{"prompt": "a castle, oil painting"}\n')
+    cfg.data.extra_sources = [str(clash)]
+    with pytest.raises(ValueError, match="same ids; rename one of"):
+        read_source(cfg, tmp_path / "corpus")
