@@ -78,3 +78,20 @@ def test_unknown_gguf_name_is_a_clear_error(models_cfg):
 
     with pytest.raises(ValueError, match="unknown GGUF model gguf:nope; known: gguf:smollm2"):
         resolve_model("gguf:nope", models_cfg)
+
+
+def test_small_preset_speaks_the_models_chat_format(imported):
+    """The small preset's SFT instruction is SmolLM2's chat template rendered around {raw}, so SFT, PPO, serving
+    and evaluation all prompt the instruct model the way it was tuned."""
+    from transformers import AutoTokenizer
+
+    cfg = load_config("small")
+    assert {cfg.models.policy, cfg.models.rewriter, cfg.models.rm_backbone} == {"gguf:smollm2"}
+    tokenizer = AutoTokenizer.from_pretrained(imported)
+    system = cfg.sft.instruction.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": "{raw}"}],
+                                             tokenize=False, add_generation_prompt=True)
+    assert cfg.sft.instruction == rendered
+    ids = tokenizer(cfg.sft.instruction.format(raw="a cat"), add_special_tokens=False).input_ids
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # markers are special tokens, not text
