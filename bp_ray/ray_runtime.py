@@ -31,7 +31,10 @@ def init_ray(cluster: ClusterConfig, metrics_export_port: int = 0) -> None:
     kwargs: dict[str, Any] = {} if address else {"num_cpus": cluster.num_cpus or None, "include_dashboard": False}
     if metrics_export_port and not address:
         kwargs["_metrics_export_port"] = metrics_export_port
-    ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, **kwargs)
+    # "local" starts a new instance: with no address Ray would join whatever cluster /tmp/ray/ray_current_cluster
+    # names, even a dead one, and then refuse num_cpus.
+    ray.init(address=address or "local", runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING,
+             **kwargs)
     logger.info("ray: %s", "joined " + address if address else "started a local instance")
 
 

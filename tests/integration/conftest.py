@@ -12,7 +12,8 @@ def ray_session():
     from bp_ray.ray_runtime import WORKER_ENV
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
+        # "local": a fresh instance even if a `ray start` head (or a stale record of one) is on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
                  logging_level="WARNING")
     yield ray
     ray.shutdown()
