@@ -122,7 +122,7 @@ def cmd_models_import_gguf(args: argparse.Namespace) -> int:
     root = Path(args.out) if args.out else gguf_dir(args.name, cfg.models)
     summary = import_gguf(source, root, force=args.force)
     manifest = json.loads((root / "zoo.json").read_text())
-    verb = f"imported in {summary.seconds:.1f} s" if summary.built else "up to date (same source sha256)"
+    verb = f"imported in {summary.seconds:.1f} s" if summary.built else "up to date (same source file)"
     print(f"{source.name} {verb}: {summary.path} ({summary.bytes / 1e6:.1f} MB, "
           f"{summary.parameters['model']:,} parameters, {manifest['architecture'][0]})")
     conversion = manifest["conversion"]

@@ -33,9 +33,6 @@ def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     # A stage the graph skipped (no images to caption, say) added no column: nothing was generated there.
     missing = {column: "" for column in (C.CAPTION, C.SUMMARY, C.EXPANSION, C.GEN_ERROR) if column not in rows}
     rows = rows.assign(**missing)
-    if cfg.use_stripped:
-        terms = tag_terms(load_vocab())
-        rows = rows.assign(**{C.STRIPPED: [strip_tags(p, terms, cfg.low_max_segments) for p in rows[C.PROMPT]]})
     is_high, is_low = rows[C.QUALITY] == "high", rows[C.QUALITY] == "low"
     parts = []
     if cfg.use_captions:
@@ -45,7 +42,10 @@ def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     if cfg.use_expansions:
         parts.append(_candidates(rows[is_low], "expansion", C.PROMPT, C.EXPANSION))
     if cfg.use_stripped:
-        parts.append(_candidates(rows[is_high], "stripped", C.STRIPPED, C.PROMPT))
+        terms = tag_terms(load_vocab())
+        high = rows[is_high]
+        high = high.assign(**{C.STRIPPED: [strip_tags(p, terms, cfg.low_max_segments) for p in high[C.PROMPT]]})
+        parts.append(_candidates(high, "stripped", C.STRIPPED, C.PROMPT))
     if not parts:
         return pd.DataFrame(columns=[*C.PAIR_COLUMNS, C.GEN_ERROR])
     return pd.concat(parts, ignore_index=True)

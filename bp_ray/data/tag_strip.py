@@ -30,11 +30,11 @@ _STYLE_OF = re.compile(r"\b(?:in\s+the\s+style\s+of|style\s+of|inspired\s+by|tre
 _FILLER = frozenset({*_CONNECTORS, *_ARTICLES, *ART_WORDS, "very", "highly", "ultra", "super", "extremely",
                      "detailed"})
 _SPACES = re.compile(r"\s+")
+_SEGMENTS = re.compile(r"[,|]")  # "|" separates segments in some prompt styles as commas do
 
 
 def _is_glued(char: str) -> bool:
     return not (char.isspace() or char.isalnum())
-_SEGMENTS = re.compile(r"[,|]")  # "|" separates segments in some prompt styles as commas do
 
 
 def strip_tags(prompt: str, vocab_terms: frozenset[str], max_segments: int = 2) -> str:
