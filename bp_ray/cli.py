@@ -29,6 +29,7 @@ from bp_ray.summaries import (
     rm_summary,
     sft_summary,
     stage_summary,
+    text_eval_summary,
     zoo_summary,
 )
 
@@ -256,6 +257,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if manifest else 1
 
 
+def cmd_eval_text(args: argparse.Namespace) -> int:
+    from bp_ray.eval.systems import checkpoint_model_dir
+    from bp_ray.eval.text_quality import format_table, run_text_evaluation
+    from bp_ray.models.loading import resolve_model
+
+    cfg = config_from_args(args)
+    layout = RunLayout(Path(args.run or cfg.output_dir))
+    checkpoints = {"base": Path(resolve_model(cfg.models.policy, cfg.models))}
+    for stage in ("sft", "ppo"):
+        folder = getattr(args, stage) or _if_done(layout, stage)
+        if folder:
+            checkpoints[stage] = checkpoint_model_dir(folder)
+    rm = args.rm or _if_done(layout, "rm")
+    pairs = args.pairs or _if_done(layout, "data")
+    files = args.prompts or cfg.eval.text_prompts or ([cfg.eval.prompts] if cfg.eval.prompts else [])
+    if not files:
+        raise SystemExit("bp-ray eval-text: no prompt files; pass --prompts FILE... or set eval.text_prompts")
+    limit = cfg.eval.text_num_prompts if args.num_prompts is None else args.num_prompts
+    results = run_text_evaluation(cfg, Path(args.out) if args.out else layout.root / "eval_text", files,
+                                  checkpoints, Path(rm) if rm else None, Path(pairs) if pairs else None, limit)
+    print(text_eval_summary(results))
+    print(format_table(results))
+    return 0
+
+
 def _if_done(layout: RunLayout, stage: str) -> str | None:
     """A finished stage's folder of the run directory, else None."""
     return str(layout.stage_dir(stage)) if layout.is_done(stage) else None
@@ -436,6 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=None, help="comma-separated, from original,tags,sft,ppo,llm (default "
                    "eval.systems, less sft/ppo when the run has no such checkpoint)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-text", parents=[_stage_options("sft", "ppo", "rm", "pairs")],
+                       help="judge the rewrites as text, no rendering: subject kept, tags, length, repetition and the "
+                       "reward model's score for original / base / sft / ppo; results_text.json")
+    p.add_argument("--run", default=None, metavar="DIR", help="run directory whose finished sft / ppo / rm / data "
+                   "stages are used (default output_dir)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE", help="prompt files (default "
+                   "eval.text_prompts); prompts of the run's training pairs are left out")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts drawn from each file (default "
+                   "eval.text_num_prompts; 0: all)")
+    p.set_defaults(func=cmd_eval_text)
 
     p = sub.add_parser("serve", parents=[_config_options()], help="the beautifier endpoint on Ray Serve (foreground "
                        "until Ctrl-C or SIGTERM)")

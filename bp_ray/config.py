@@ -216,6 +216,16 @@ class DataConfig:
     use_stripped: bool = False
     """Pair source (iv), no model: a high-quality prompt without its vocabulary style / quality tags and artist
     credits (its first low_max_segments segments that are left) becomes its low prompt."""
+    llm_fraction: float = opt(1.0, gt=0, le=1)
+    """Share of the low / high rows the LLM expands / summarises, chosen by a hash of the row id (an LLM call is
+    the stage's main cost: on CPU, or per token with a paid endpoint); the other rows make no LLM pair."""
+    pair_files: list[str] = field(default_factory=list)
+    """Pair source (v), `given`: files of real low -> high pairs (any prompt file format), the low prompt in
+    `prompt`, the high one in pair_high_field; used as they are, then cleaned like every pair."""
+    pair_high_field: str = "high"
+    pair_files_fraction: float = opt(1.0, gt=0, le=1)
+    """Share of each pair file used, chosen by a hash of the low prompt; the rest stays unseen (an evaluation on
+    the same prompts leaves the used ones out)."""
     llm_backend: str = opt("local", choices=("local", "openai"))
     """`local`: models.rewriter in an actor pool; `openai`: any OpenAI-compatible endpoint."""
     openai_base_url: str = "http://127.0.0.1:8000/v1"
@@ -502,6 +512,11 @@ class EvalConfig:
     )
     grid_prompts: int = opt(8, ge=0)
     """Rows of the report's image grid: the first prompts, every seed."""
+    text_prompts: list[str] = field(default_factory=list)
+    """Prompt files `bp-ray eval-text` judges the rewrites of (empty: eval.prompts)."""
+    text_num_prompts: int = opt(0, ge=0)
+    """Prompts `bp-ray eval-text` draws from each file (eval.generation_seed), after leaving out every prompt the
+    run's training pairs hold; 0 means all."""
     world_truth: bool = False
     """Also judge every image by the miniature world's ground truth (true_aesthetic, colour_match), computed from
     pixels by code; for the world preset, whose prompts describe world scenes."""

@@ -11,8 +11,11 @@ from bp_ray.config import ActorPoolConfig, ClusterConfig
 
 logger = logging.getLogger(__name__)
 
-# Each worker runs one model on few cores: more threads per worker only oversubscribe them.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+# Each worker runs one model on few cores: more threads per worker only oversubscribe them. Ray Train's
+# controller notices started and finished workers by polling them, every 2 s by default: measured on 2 cores,
+# 0.5 s takes a short SFT run from 14.7 s to 11.2 s.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+              "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def init_ray(cluster: ClusterConfig, metrics_export_port: int = 0) -> None:

@@ -111,3 +111,10 @@ def stage_summary(stage: str, manifest: dict, out: Path) -> str:
     if stage in ("sft", "ppo"):
         return {"sft": sft_summary, "ppo": ppo_summary}[stage](manifest)
     return eval_summary(out)
+
+
+def text_eval_summary(results: dict) -> str:
+    sets = ", ".join(f"{name} {info['count']} ({info['trained_left_out']} trained left out)"
+                     for name, info in results["sets"].items())
+    return (f"eval-text: {sets} x {', '.join(results['systems'])} in {results['wall_time_s']} s"
+            f"{'' if results['rm'] else ' (no reward model: no rm_score)'}")

@@ -48,7 +48,7 @@ AESTHETIC = "aesthetic"
 # Pair table: what `bp-ray data generate` writes (data/part-*.parquet).
 PAIR_ID = "pair_id"
 PAIR_SOURCE = "pair_source"
-"""caption | summary | expansion (the paper's three sources) | stripped: which source made the pair."""
+"""caption | summary | expansion (the paper's three sources) | stripped | given: which source made the pair."""
 LOW = "low"
 HIGH = "high"
 DROP_REASON = "drop_reason"

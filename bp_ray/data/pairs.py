@@ -13,7 +13,7 @@ from bp_ray.data.prompt_rules import content_flag, dedup_key, within_bounds
 from bp_ray.data.tag_strip import strip_tags
 from bp_ray.data.vocab import Vocab, load_vocab, tag_terms
 
-SOURCES = ("caption", "summary", "expansion", "stripped")
+SOURCES = ("caption", "summary", "expansion", "stripped", "given")  # given: bp_ray.data.given_pairs
 LLM_SOURCES = ("summary", "expansion")
 PAIR_DROP_REASONS = ("generation_failed", "nsfw_keyword", "political_keyword", "length", "same_low_high",
                      "aesthetic", "duplicate")
@@ -22,6 +22,14 @@ PAIR_DROP_REASONS = ("generation_failed", "nsfw_keyword", "political_keyword", "
 def pair_id(row_id: str, source: str) -> str:
     """Deterministic id of the pair one source makes from one input row."""
     return hashlib.sha1(f"{row_id}\x1f{source}".encode()).hexdigest()[:16]
+
+
+def llm_rows(row_ids, fraction: float) -> np.ndarray:
+    """Which rows the LLM rewrites (data.llm_fraction): a stable choice by row id, the same in every batch."""
+    if fraction >= 1:
+        return np.ones(len(row_ids), dtype=bool)
+    return np.array([int(hashlib.sha1(f"llm\x1f{r}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+                     for r in row_ids], dtype=bool)
 
 
 def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
@@ -37,10 +45,11 @@ def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     parts = []
     if cfg.use_captions:
         parts.append(_candidates(rows[is_high & (rows[C.IMAGE_REF] != "")], "caption", C.CAPTION, C.PROMPT))
+    by_llm = llm_rows(rows[C.ROW_ID].tolist(), cfg.llm_fraction)
     if cfg.use_summaries:
-        parts.append(_candidates(rows[is_high], "summary", C.SUMMARY, C.PROMPT))
+        parts.append(_candidates(rows[is_high & by_llm], "summary", C.SUMMARY, C.PROMPT))
     if cfg.use_expansions:
-        parts.append(_candidates(rows[is_low], "expansion", C.PROMPT, C.EXPANSION))
+        parts.append(_candidates(rows[is_low & by_llm], "expansion", C.PROMPT, C.EXPANSION))
     if cfg.use_stripped:
         terms = tag_terms(load_vocab())
         high = rows[is_high]

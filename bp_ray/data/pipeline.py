@@ -26,7 +26,8 @@ import pandas as pd
 from bp_ray.config import DataConfig, PipelineConfig
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
-from bp_ray.data.pairs import SOURCES, build_candidates, clean_candidates, mark_duplicates
+from bp_ray.data.given_pairs import read_given_pairs
+from bp_ray.data.pairs import SOURCES, build_candidates, clean_candidates, llm_rows, mark_duplicates
 from bp_ray.data.prompt_io import ReadReport, read_prompts
 from bp_ray.data.prompt_rules import SplitRules, annotate_prompts, content_flag, dedup_key, nsfw_score_flag
 from bp_ray.data.vocab import load_vocab, tag_terms
@@ -67,8 +68,10 @@ def prepare_rows(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, di
     usable = reason == ""
     quality = rows[C.QUALITY].where(usable)
     has_image = rows[C.IMAGE_REF] != ""
-    low_used = (quality == "low") & cfg.use_expansions
-    high_used = (quality == "high") & (cfg.use_summaries | cfg.use_stripped | (cfg.use_captions & has_image))
+    by_llm = llm_rows(rows[C.ROW_ID].tolist(), cfg.llm_fraction)
+    low_used = (quality == "low") & cfg.use_expansions & by_llm
+    high_used = (quality == "high") & ((cfg.use_summaries & by_llm) | cfg.use_stripped
+                                       | (cfg.use_captions & has_image))
     counts = {
         "rows_in": len(rows),
         "rows_dropped": dict(Counter(r for r in reason if r)),
@@ -173,8 +176,9 @@ def pair_counts(pairs: pd.DataFrame) -> dict[str, Any]:
 
 def work_key(cfg: PipelineConfig, source_path: str) -> dict[str, Any]:
     """What committed work depends on: changing any of it invalidates the work folder."""
-    data = {k: v for k, v in asdict(cfg.data).items() if not k.endswith("_pool") and k not in ("render",
-                                                                                              "num_seeds")}
+    # Given pairs are read afresh on every run: they never enter the committed work.
+    unrelated = ("render", "num_seeds", "pair_files", "pair_high_field", "pair_files_fraction")
+    data = {k: v for k, v in asdict(cfg.data).items() if not k.endswith("_pool") and k not in unrelated}
     models = {role: getattr(cfg.models, role) for role in ("rewriter", "captioner", "aesthetic")}
     return {"data": data, "models": models, "tiny": asdict(cfg.models.tiny), "source": source_path}
 
@@ -210,8 +214,12 @@ def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | N
         init_ray(cfg.cluster)
         run_model_stages(pending, cfg, work_dir)
 
-    pairs = mark_duplicates(work_store.read_committed(work_dir))
-    pairs = pairs[pairs[C.ROW_ID].isin(set(rows[C.ROW_ID]))]  # work of rows no longer in the source is ignored
+    committed = work_store.read_committed(work_dir)
+    committed = committed[committed[C.ROW_ID].isin(set(rows[C.ROW_ID]))]  # work of rows no longer in the source
+    given, given_counts = read_given_pairs(cfg.data.pair_files, cfg.data.pair_high_field,
+                                           cfg.data.pair_files_fraction, first_order=len(table))
+    pairs = mark_duplicates(pd.concat([committed, clean_candidates(given, cfg.data, load_vocab())],
+                                      ignore_index=True))
     kept = pairs[pairs[C.DROP_REASON] == ""]
     shards = work_store.write_shards(kept, out_dir, cfg.data.shard_rows)
     manifest = {
@@ -222,6 +230,7 @@ def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | N
         **row_counts,
         "rows_resumed": len(rows) - len(pending),
         "pairs": pair_counts(pairs),
+        "pair_files": given_counts,
         "pairs_out": len(kept),
         "shards": [p.name for p in shards],
         "config_hash": cfg.hash("data"),

@@ -11,6 +11,7 @@ import torch
 
 from bp_ray.config import DataConfig, ModelsConfig
 from bp_ray.data import columns as C
+from bp_ray.data.pairs import llm_rows
 from bp_ray.data.prompt_rules import first_line
 
 
@@ -69,8 +70,9 @@ class PromptRewriter:
             jobs.append((C.SUMMARY, "high", self.cfg.summarise_template))
         if self.cfg.use_expansions:
             jobs.append((C.EXPANSION, "low", self.cfg.expand_template))
+        chosen = llm_rows(batch[C.ROW_ID].tolist(), self.cfg.llm_fraction)
         for column, quality, template in jobs:
-            rows = np.flatnonzero(batch[C.QUALITY] == quality)
+            rows = np.flatnonzero((batch[C.QUALITY] == quality) & chosen)
             texts, errors = self._complete(build_instructions(template, [str(batch[C.PROMPT][i]) for i in rows]))
             for i, text, error in zip(rows, texts, errors, strict=True):
                 batch[column][i] = text

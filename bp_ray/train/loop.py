@@ -198,7 +198,20 @@ def worker_device(resources: TrainResources) -> str:
 
         return str(ray.train.torch.get_device())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _cache_cpu_info()
     return "cpu"
+
+
+def _cache_cpu_info() -> None:
+    """DeepSpeed's CPU optimizer op asks py-cpuinfo for the CPU twice at every engine start, and py-cpuinfo
+    answers by running a Python subprocess each time (measured: 1.1 s per call, 2.2 s of a 3.2 s engine start).
+    The answer cannot change within a process, so it is computed once per worker."""
+    import functools
+
+    import cpuinfo
+
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
 # --- driver side ------------------------------------------------------------------------------------------------

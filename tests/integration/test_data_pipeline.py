@@ -60,7 +60,8 @@ def assert_exactly_once(out: Path, expected_ids: set[str]) -> None:
     pairs = read_pairs(out)
     assert pairs[C.PAIR_ID].is_unique
     kept = committed[committed[C.DROP_REASON] == ""]
-    assert set(pairs[C.PAIR_ID]) <= set(kept[C.PAIR_ID])
+    made = pairs[pairs[C.PAIR_SOURCE] != "given"]  # given pairs come from files, never from committed work
+    assert set(made[C.PAIR_ID]) <= set(kept[C.PAIR_ID])
 
 
 @pytest.fixture(scope="module")
@@ -253,15 +254,27 @@ def test_stripped_pairs_from_real_prompts_without_any_model(ray_session, tiny_mo
     from tests.conftest import shared_path
 
     path = shared_path("data", "prompts", "diffusiondb_imagereward_refl.jsonl")
+    given = shared_path("data", "prompts", "drawbench_upsampled_pairs.jsonl")
     cfg = small_config(tiny_models_cfg, f"data.source={path}", "data.limit=300", "data.use_captions=false",
-                       "data.use_summaries=false", "data.use_expansions=false", "data.use_stripped=true")
+                       "data.use_summaries=false", "data.use_expansions=false", "data.use_stripped=true",
+                       f"data.pair_files=[{given}]", "data.pair_high_field=upsampled",
+                       "data.pair_files_fraction=0.5")
     manifest = run_data_generation(cfg, tmp_path / "data")
     assert_counts_add_up(manifest)
+    # source (v): half of DrawBench's upsampled pairs; a few long DrawBench prompts exceed data.pair_low_words
+    used = manifest["pair_files"][str(given)]["used"]
+    assert manifest["pairs"]["given"]["candidates"] == used
+    assert set(manifest["pairs"]["given"]["dropped"]) <= {"length"} and manifest["pairs"]["given"]["out"] > used - 8
+    counts = manifest["pair_files"][str(given)]
+    assert used + counts["held_back"] + sum(counts["rows_skipped"].values()) == counts["rows_read"] == 160
+    given_pairs = read_pairs(tmp_path / "data").query("pair_source == 'given'")
+    assert len(given_pairs) == manifest["pairs"]["given"]["out"]
+    assert given_pairs[C.HIGH].str.split().str.len().min() > 20
     stripped = manifest["pairs"]["stripped"]
     assert stripped["candidates"] == manifest["quality"]["high"] - manifest["unused"]["high"] > 50
     assert manifest["unused"]["high"] == 0 and stripped["out"] > 0.5 * stripped["candidates"]
     assert_exactly_once(tmp_path / "data", expected_candidate_ids(cfg, tmp_path / "corpus"))
-    pairs = read_pairs(tmp_path / "data")
+    pairs = read_pairs(tmp_path / "data").query("pair_source == 'stripped'")
     terms = tag_terms(load_vocab())
     for low, high in zip(pairs[C.LOW], pairs[C.HIGH], strict=True):
         assert low != high and set(low.replace(",", " ").split()) <= set(high.replace(",", " ").split()), low

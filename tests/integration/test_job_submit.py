@@ -112,10 +112,14 @@ def wait_for(head: dict, job_id: str, timeout_s: float = 600) -> tuple[str, str]
     return state, ray_job(head, "logs", job_id).stdout
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def stage_actions(logs: str) -> dict[str, str]:
     """From the pipeline's summary: stage -> "skipped" / "ran" / "resumed"."""
     actions = {}
-    for line in logs.splitlines():
+    # Workers' progress bars move the cursor with escape codes and may be drawn in front of a summary line.
+    for line in ANSI.sub(" ", logs).replace("\r", "\n").splitlines():
         for stage in ("corpus", "data", "rewards", "sft", "rm", "ppo", "eval"):
             for action in ("skipped", "ran", "resumed"):
                 # progress bars of Ray workers may be drawn in front of a summary line: search, don't anchor
@@ -144,8 +148,9 @@ def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_noth
     second = submit_pipeline(ray_head, run, tiny_models_cfg.zoo_dir)
     state, logs = wait_for(ray_head, second)
     assert state == "SUCCEEDED", logs[-4000:]
+    summary = [line for line in ANSI.sub(" ", logs).replace("\r", "\n").splitlines() if "[" in line and ": " in line]
     assert stage_actions(logs) == {"corpus": "skipped", "data": "skipped", "rewards": "skipped", "sft": "resumed",
-                                   "rm": "ran", "ppo": "ran", "eval": "ran"}, logs[-4000:]
+                                   "rm": "ran", "ppo": "ran", "eval": "ran"}, "\n".join(summary)[-6000:]
     sft = json.loads((run / "sft" / "manifest.json").read_text())
     assert sft["complete"] and sft["starts"][0] == 0 and sft["starts"][-1] > 0  # went on from a checkpoint
     metrics = pd.read_csv(run / "sft" / "metrics" / "metrics.csv")
@@ -163,13 +168,7 @@ def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_noth
     assert [row["system"] for row in results["table"]] == ["original", "tags", "sft", "ppo"]
     assert (run / "eval" / "plots" / "curves_ppo.png").exists() and (run / "eval" / "plots" / "curves_sft.png").exists()
 
-    # a changed evaluation setting reruns the evaluation only
-    third = submit_pipeline(ray_head, run, tiny_models_cfg.zoo_dir, "eval.num_seeds=2")
-    state, logs = wait_for(ray_head, third)
-    assert state == "SUCCEEDED", logs[-4000:]
-    assert stage_actions(logs) == {stage: "skipped" for stage in ("corpus", "data", "rewards", "sft", "rm", "ppo")} \
-        | {"eval": "ran"}
-    assert json.loads((run / "eval" / "results.json").read_text())["seeds"] == [0, 1]
+    # Which stages a changed setting reruns is tested without Ray in tests/unit/test_pipeline_plan.py.
     assert f"{first}" in ray_job(ray_head, "list").stdout
 
     status_out = subprocess.run([sys.executable, "-m", "bp_ray.cli", "status", str(run)], capture_output=True,

@@ -27,7 +27,7 @@ def trained(ray_session, tiny_models_cfg, tmp_path_factory) -> dict[str, Path]:
     base = [f"models.zoo_dir={tiny_models_cfg.zoo_dir}"]
     run_sft(load_config("tiny", [*base, "sft.epochs=3", "sft.lr=3e-3", "sft.checkpoint_every=1000",
                                  "sft.eval_fraction=0.1"]), pairs, root / "sft")
-    run_rm(load_config("tiny", [*base, "rm.heads=shared_backbone", "rm.epochs=4", "rm.lr=1e-3",
+    run_rm(load_config("tiny", [*base, "rm.heads=shared_backbone", "rm.epochs=4", "rm.lr=2e-3", "rm.batch_size=32",
                                 "rm.checkpoint_every=1000"]), synthetic_labels(pairs, root / "rewards"), root / "rm")
     return {"pairs": pairs, "sft": root / "sft", "rm": root / "rm"}
 
@@ -110,3 +110,38 @@ def test_two_workers_train_and_the_kl_coefficient_follows_the_controller(trained
         assert logged == pytest.approx(coef, rel=1e-9)
         coef *= 1 + min(max(kl / cfg.ppo.kl_target - 1, -0.2), 0.2) * cfg.ppo.rollout_batch_size / cfg.ppo.kl_horizon
     assert manifest["kl_coef"] == pytest.approx(coef, rel=1e-9)
+
+
+def test_eval_text_judges_each_system_on_prompts_it_never_trained_on(trained, tiny_models_cfg, tmp_path):
+    """`bp-ray eval-text` on the SFT policy and the RM of the fixture: the pairs' own low prompts are left out."""
+    import json
+    import subprocess
+    import sys
+
+    from bp_ray.data.prompt_rules import dedup_key
+    from bp_ray.eval.prompts import embedded_eval_prompts
+
+    pairs = pd.concat(pd.read_parquet(p) for p in trained["pairs"].glob("part-*.parquet"))
+    keys = pairs["low"].map(dedup_key)
+    trained_lows = pairs.loc[~keys.duplicated(), "low"].head(5).tolist()
+    # near duplicates (case, punctuation) of a trained prompt count as trained too
+    unseen = [p for p in embedded_eval_prompts(size=60) if dedup_key(p) not in set(keys)][:12]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*trained_lows, *unseen]))
+    out = tmp_path / "eval_text"
+    argv = [sys.executable, "-m", "bp_ray.cli", "eval-text", "--preset", "tiny", "--out", str(out),
+            "--sft", str(trained["sft"]), "--rm", str(trained["rm"]), "--pairs", str(trained["pairs"]),
+            "--prompts", str(prompts), "--set", f"models.zoo_dir={tiny_models_cfg.zoo_dir}",
+            "--set", "eval.max_new_tokens=24", "--run", str(tmp_path / "no-run")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "prompts 12 (5 trained left out)" in done.stdout and "| all | sft | 12 |" in done.stdout, done.stdout
+
+    results = json.loads((out / "results_text.json").read_text())
+    assert results["systems"] == ["original", "base", "sft"] and results["sets"]["prompts"]["count"] == 12
+    table = {row["system"]: row for row in results["table"] if row["set"] == "all"}
+    assert table["original"]["subject_kept"] == 1.0 and table["original"]["repetition"] == 0.0
+    assert table["sft"]["tags"] > table["original"]["tags"]  # SFT learnt to add tags; the plain prompts have none
+    assert table["sft"]["rm_score"] > table["original"]["rm_score"]  # and the RM rewards tags (its labels do)
+    rows = [json.loads(line) for line in (out / "rewrites_text.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 12 and {r["prompt"] for r in rows} == set(unseen)

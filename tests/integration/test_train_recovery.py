@@ -28,8 +28,9 @@ def sft_cfg(zoo_dir: str, *overrides: str):
                                 *overrides])
 
 
-# ZeRO-2 on two workers is the tiny preset's setting: test_ppo's two-worker test runs it.
-@pytest.mark.parametrize("stage", [1, 3])
+# ZeRO-2 on two workers is the tiny preset's setting: test_ppo's two-worker test runs it. ZeRO-3 partitions the
+# weights themselves, so its export is the one that must gather; test_deepspeed_smoke starts every stage 0-3.
+@pytest.mark.parametrize("stage", [3])
 def test_zero_stages_train_with_two_workers(ray_session, tiny_models_cfg, pairs_dir, tmp_path, stage):
     cfg = sft_cfg(tiny_models_cfg.zoo_dir, f"sft.deepspeed.zero_stage={stage}", "sft.resources.num_workers=2",
                   "sft.epochs=0.2", "sft.checkpoint_every=3")
@@ -70,7 +71,7 @@ def test_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(r
 def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoint(ray_session, tiny_models_cfg,
                                                                                   pairs_dir, tmp_path):
     out = tmp_path / "sft"
-    cfg = sft_cfg(tiny_models_cfg.zoo_dir, "sft.epochs=3", "sft.checkpoint_every=10",
+    cfg = sft_cfg(tiny_models_cfg.zoo_dir, "sft.epochs=1", "sft.checkpoint_every=10",
                   "sft.resources.num_workers=2")
     with worker_killer(out / "ray" / "sft", after_step=10) as killed:
         manifest = run_sft(cfg, pairs_dir, out)

@@ -87,3 +87,21 @@ def test_batch_that_does_not_split_evenly_is_rejected(batch, world, accumulation
 def test_warmup_steps_round_up(total, ratio, expected):
     # 10 x 0.25 = 2.5 -> 3; 100 x 0.07 is 7.000000000000001 in floats but must stay 7
     assert warmup_steps_for(total, ratio) == expected
+
+
+def test_a_cpu_worker_asks_py_cpuinfo_once_for_every_engine_start(monkeypatch):
+    """DeepSpeed's CPU Adam op reads the CPU's flags twice per engine; each read would spawn a subprocess."""
+    import cpuinfo
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.ops.op_builder.cpu import FusedAdamBuilder
+
+    from bp_ray.config import TrainResources
+    from bp_ray.train.loop import worker_device
+
+    calls = []
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: calls.append(1) or {"arch": "X86_64", "flags": ["avx2"]})
+    assert worker_device(TrainResources(num_workers=1, use_gpu=False)) == "cpu"
+    for _ in range(2):  # two engines (PPO's policy and critic), two reads each
+        assert "-D__AVX256__" in FusedAdamBuilder().cxx_args()
+    assert len(calls) == 1

@@ -115,3 +115,18 @@ def test_shards_hold_every_kept_pair_once(tmp_path):
     assert sorted(back[C.PAIR_ID]) == sorted(pairs[C.PAIR_ID])
     assert len(work_store.write_shards(pairs.iloc[:1], tmp_path, shard_rows=2)) == 1  # old shards replaced
     assert len(list(tmp_path.glob("part-*.parquet"))) == 1
+
+
+def test_llm_fraction_picks_the_same_rows_for_the_rewriter_and_the_candidates():
+    from bp_ray.data.pairs import llm_rows
+
+    ids = [f"file:{i}" for i in range(400)]
+    chosen = llm_rows(ids, 0.25)
+    assert 60 < chosen.sum() < 140 and (llm_rows(ids[::-1], 0.25)[::-1] == chosen).all()  # by id, not position
+    assert llm_rows(ids, 1.0).all()
+    rows = processed_rows()
+    cfg = DataConfig(use_captions=False, llm_fraction=0.5)
+    picked = llm_rows(rows[C.ROW_ID].tolist(), 0.5)
+    candidates = build_candidates(rows, cfg)
+    expected = set(rows.loc[picked & (rows[C.QUALITY] != ""), C.ROW_ID])
+    assert set(candidates[C.ROW_ID]) == expected

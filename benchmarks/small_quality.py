@@ -1,0 +1,96 @@
+"""The `small` preset end to end on this machine: SmolLM2-135M-Instruct trained on real prompts, and its rewrites
+judged as text on PartiPrompts and the unseen half of DrawBench.
+
+    python benchmarks/small_quality.py --run runs/small                # run the pipeline there, then judge it
+    python benchmarks/small_quality.py --run runs/small --skip-pipeline  # judge a finished run again
+
+Prints: each stage's wall time; SFT steps, batch, sequence length and tokens/s; RM held-out fit; PPO steps,
+samples/s and the held-out reward; then `bp-ray eval-text`'s table (subject kept, tags, words, repetition, RM
+score for original / base / SFT / PPO) and 10 example rewrites side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from bp_ray.summaries import rm_summary
+
+
+def run_pipeline(run: Path, sets: list[str]) -> float:
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "bp_ray.cli", "pipeline", "--preset", "small", "--out", str(run)]
+    for item in sets:
+        cmd += ["--set", item]
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def manifest(run: Path, stage: str) -> dict:
+    return json.loads((run / stage / "manifest.json").read_text())
+
+
+def training_figures(run: Path, cfg) -> None:
+    for stage in ("data", "rewards", "sft", "rm", "ppo", "eval"):
+        print(f"  {stage:<8}{manifest(run, stage)['wall_time_s']:9.1f} s")
+    sft, sft_metrics = manifest(run, "sft"), pd.read_csv(run / "sft" / "metrics" / "metrics.csv")
+    print(f"SFT: {sft['steps']} steps x batch {cfg.sft.batch_size} on {sft['pairs']} pairs "
+          f"({sft['held_out_pairs']} held out), max length {cfg.sft.max_length}, {cfg.sft.deepspeed.precision} "
+          f"ZeRO-{cfg.sft.deepspeed.zero_stage}: {sft['wall_time_s'] / 60:.1f} min, "
+          f"{sft_metrics['perf/tokens_per_s'].median():.0f} tokens/s (median step), held-out loss "
+          f"{sft_metrics['loss/eval'].dropna().iloc[0]:.3f} -> {sft_metrics['loss/eval'].dropna().iloc[-1]:.3f}")
+    print(f"{rm_summary(manifest(run, 'rm'), run / 'rm')} ({manifest(run, 'rm')['wall_time_s'] / 60:.1f} min)")
+    ppo, ppo_metrics = manifest(run, "ppo"), pd.read_csv(run / "ppo" / "metrics" / "metrics.csv")
+    tokens_per_s = (ppo_metrics["response_tokens"] * ppo_metrics["perf/samples_per_s"]).median()
+    print(f"PPO: {ppo['steps']} steps x {cfg.ppo.rollout_batch_size} rollouts: {ppo['wall_time_s'] / 60:.1f} min, "
+          f"{ppo_metrics['perf/samples_per_s'].median():.2f} samples/s, {tokens_per_s:.1f} response tokens/s; "
+          f"held-out reward {ppo['initial_eval']['eval/reward']:.3f} (SFT) -> "
+          f"{ppo['final_metrics']['eval/reward']:.3f}, KL {ppo_metrics['kl'].iloc[-1]:.2f}")
+
+
+def examples(results: dict, count: int) -> None:
+    systems = results["systems"]
+    per_set = {name: [e for e in results["examples"] if e["set"] == name] for name in results["sets"]}
+    chosen = [e for name in per_set for e in per_set[name][: count // len(per_set)]]
+    for example in chosen:
+        print(f"\n[{example['set']}] {example['prompt']}")
+        for system in systems[1:]:
+            print(f"  {system:<5} {example[system]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/small"))
+    parser.add_argument("--skip-pipeline", action="store_true", help="judge the finished run in --run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args()
+
+    from bp_ray.config_loader import load_config
+    from bp_ray.eval.systems import checkpoint_model_dir
+    from bp_ray.eval.text_quality import format_table, run_text_evaluation
+    from bp_ray.models.loading import resolve_model
+    from bp_ray.summaries import text_eval_summary
+
+    cfg = load_config("small", args.set)
+    if not args.skip_pipeline:
+        print(f"small pipeline: {run_pipeline(args.run, args.set):.1f} s wall")
+    training_figures(args.run, cfg)
+    checkpoints = {"base": Path(resolve_model(cfg.models.policy, cfg.models)),
+                   "sft": checkpoint_model_dir(args.run / "sft"), "ppo": checkpoint_model_dir(args.run / "ppo")}
+    results = run_text_evaluation(cfg, args.run / "eval_text", cfg.eval.text_prompts, checkpoints,
+                                  args.run / "rm", args.run / "data", cfg.eval.text_num_prompts)
+    print(text_eval_summary(results))
+    print(f"rewrite time per system (s): {results['rewrite_seconds']}")
+    print(format_table(results))
+    examples(results, 10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""`bp-ray eval-text`: what the beautifier writes, judged as text, with no image rendered.
+
+For each prompt set (PartiPrompts, DrawBench, ...; any prompt the run's training pairs hold as a low prompt is left
+out and counted) and each system (`original`, `base`: models.policy with the SFT instruction, `sft`, `ppo`):
+
+- subject_kept: share of outputs holding at least half of the input's content words (stop words dropped, plural
+  `s` ignored): the rewrite still describes what the user asked for;
+- content_kept: mean share of the input's content words in the output;
+- tags: mean number of style / quality / lighting / artist tags of the shipped vocabulary;
+- words: mean length; repetition: mean share of repeated word trigrams;
+- rm_score: the run's trained reward (alpha x PickScore + (1 - alpha) x aesthetic, predicted from the text).
+
+Plain Python; the rewrites use the same batched generation as the image evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bp_ray.config import PipelineConfig
+from bp_ray.data.prompt_rules import dedup_key, prompt_features
+from bp_ray.data.vocab import load_vocab, tag_terms
+from bp_ray.train.ppo_rollout import repetition_share
+
+TEXT_SYSTEMS = ("original", "base", "sft", "ppo")
+TEXT_METRICS = ("subject_kept", "content_kept", "tags", "words", "repetition", "rm_score")
+SUBJECT_KEPT_SHARE = 0.5
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_STOP_TEXT = """
+a an the and or but of in on at to for with without from by as into onto over under near next beside behind
+above below between through across against along around up down out off is are was were be been being it its
+this that these those there here his her their our your my some any each every very so too not
+no has have had do does doing can could will would should may might must i you he she we they me him them us
+while which who whom whose what when where how than then just also only all both such own same other another
+"""
+STOP_WORDS = frozenset(_STOP_TEXT.split())  # numbers stay content words: DrawBench counts objects
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-case words of `text` without stop words, a plural `s` dropped (cats -> cat, glasses -> glasse)."""
+    words = (w for w in _WORD.findall(text.lower()) if w not in STOP_WORDS)
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words}
+
+
+def content_kept(prompt: str, output: str) -> float:
+    """Share of the prompt's content words the output holds (1.0 for a prompt without any)."""
+    wanted = content_words(prompt)
+    return len(wanted & content_words(output)) / len(wanted) if wanted else 1.0
+
+
+def text_metrics(prompt: str, output: str, terms: frozenset[str] | set[str]) -> dict[str, float]:
+    """Every metric but rm_score, for one output."""
+    kept = content_kept(prompt, output)
+    return {"subject_kept": float(kept >= SUBJECT_KEPT_SHARE), "content_kept": kept,
+            "tags": float(prompt_features(output, output, terms).tags), "words": float(len(output.split())),
+            "repetition": repetition_share(output)}
+
+
+def trained_low_keys(pairs_dir: Path | None) -> set[str]:
+    """Near-duplicate keys of every low prompt of the run's training pairs (empty without pairs)."""
+    if pairs_dir is None or not Path(pairs_dir).exists():
+        return set()
+    import pandas as pd
+
+    parts = sorted(Path(pairs_dir).glob("part-*.parquet"))
+    if not parts:
+        return set()
+    return {dedup_key(p) for p in pd.concat(pd.read_parquet(p, columns=["low"]) for p in parts)["low"]}
+
+
+def unseen_prompts(path: str | Path, trained: set[str], limit: int, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """(prompts, counts) of one prompt file: distinct prompts none of whose near duplicates was trained on, then
+    `limit` of them (0: all) drawn with `seed` (file order kept)."""
+    from bp_ray.data.prompt_io import read_prompts
+
+    table, report = read_prompts(path)
+    seen: set[str] = set()
+    prompts, left_out = [], 0
+    for prompt in (p.strip() for p in table["prompt"]):
+        key = dedup_key(prompt)
+        if not prompt or key in seen:
+            continue
+        seen.add(key)
+        if key in trained:
+            left_out += 1
+            continue
+        prompts.append(prompt)
+    if limit and len(prompts) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(prompts), limit, replace=False))
+        prompts = [prompts[i] for i in keep]
+    return prompts, {"file": str(path), "rows_read": report.rows_read, "trained_left_out": left_out,
+                     "count": len(prompts)}
+
+
+def system_rewrites(system: str, prompts: Sequence[str], cfg: PipelineConfig,
+                    checkpoints: dict[str, Path]) -> list[str]:
+    """One system's outputs: the prompt itself, or a model's greedy rewrite with the SFT instruction."""
+    from bp_ray.eval.systems import checkpoint_rewrites
+
+    if system == "original":
+        return list(prompts)
+    return checkpoint_rewrites(checkpoints[system], prompts, cfg)
+
+
+def summary_rows(per_output: list[dict[str, Any]], systems: Sequence[str], sets: Sequence[str]) -> list[dict]:
+    """Means per (set, system), plus an `all` row per system over every set's outputs."""
+    present = [m for m in TEXT_METRICS if per_output and m in per_output[0]]  # rm_score needs a reward model
+    rows = []
+    for name in [*sets, "all"]:
+        for system in systems:
+            mine = [r for r in per_output if r["system"] == system and name in (r["set"], "all")]
+            if mine:
+                rows.append({"set": name, "system": system, "n": len(mine),
+                             **{m: float(np.mean([r[m] for r in mine])) for m in present}})
+    return rows
+
+
+def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequence[str | Path],
+                        checkpoints: dict[str, Path], rm_dir: Path | None = None, pairs_dir: Path | None = None,
+                        num_prompts: int = 0) -> dict[str, Any]:
+    """Rewrite every unseen prompt of every file with every system that has a model (and `original`), score the
+    outputs, and write results_text.json and rewrites_text.jsonl to out_dir; returns the results."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    systems = [s for s in TEXT_SYSTEMS if s == "original" or s in checkpoints]
+    trained = trained_low_keys(pairs_dir)
+    sets: dict[str, list[str]] = {}
+    set_counts = {}
+    for path in prompt_files:
+        name = Path(path).stem
+        sets[name], set_counts[name] = unseen_prompts(path, trained, num_prompts, cfg.eval.generation_seed)
+    terms = tag_terms(load_vocab())
+    reward = None
+    if rm_dir is not None:
+        from bp_ray.models.reward_model import LearnedReward
+
+        reward = LearnedReward.load(Path(rm_dir), cfg.rewards.alpha, cfg.models.device)
+    per_output, examples, timings = [], [], {}
+    for system in systems:
+        started = time.perf_counter()
+        for name, prompts in sets.items():
+            outputs = system_rewrites(system, prompts, cfg, checkpoints)
+            scores = reward(prompts, outputs) if reward is not None and prompts else None
+            for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
+                row = {"set": name, "system": system, "prompt": prompt, "output": output,
+                       **text_metrics(prompt, output, terms)}
+                if scores is not None:
+                    row["rm_score"] = float(scores[i])
+                per_output.append(row)
+        timings[system] = round(time.perf_counter() - started, 2)
+    with (out_dir / "rewrites_text.jsonl").open("w") as f:
+        for row in per_output:
+            f.write(json.dumps(row) + "\n")
+    for name, prompts in sets.items():
+        for prompt in prompts:
+            examples.append({"set": name, "prompt": prompt, **{r["system"]: r["output"] for r in per_output
+                                                               if r["set"] == name and r["prompt"] == prompt}})
+    results = {"stage": "eval_text", "preset": cfg.preset, "systems": systems, "sets": set_counts,
+               "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "rm": str(rm_dir) if rm_dir else None,
+               "alpha": cfg.rewards.alpha, "subject_kept_share": SUBJECT_KEPT_SHARE,
+               "max_new_tokens": cfg.eval.max_new_tokens, "table": summary_rows(per_output, systems, list(sets)),
+               "examples": examples, "rewrite_seconds": timings,
+               "wall_time_s": round(time.perf_counter() - start, 2)}
+    (out_dir / "results_text.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results table as Markdown."""
+    metrics = [m for m in TEXT_METRICS if any(m in row for row in results["table"])]
+    lines = ["| set | system | n | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    for row in results["table"]:
+        lines.append(f"| {row['set']} | {row['system']} | {row['n']} | "
+                     + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
+    return "\n".join(lines)
