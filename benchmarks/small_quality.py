@@ -43,8 +43,9 @@ def training_figures(run: Path, cfg) -> None:
     print(f"SFT: {sft['steps']} steps x batch {cfg.sft.batch_size} on {sft['pairs']} pairs "
           f"({sft['held_out_pairs']} held out), max length {cfg.sft.max_length}, {cfg.sft.deepspeed.precision} "
           f"ZeRO-{cfg.sft.deepspeed.zero_stage}: {sft['wall_time_s'] / 60:.1f} min, "
-          f"{sft_metrics['perf/tokens_per_s'].median():.0f} tokens/s (median step), held-out loss "
-          f"{sft_metrics['loss/eval'].dropna().iloc[0]:.3f} -> {sft_metrics['loss/eval'].dropna().iloc[-1]:.3f}")
+          f"{sft_metrics['perf/tokens_per_s'].median():.0f} tokens/s (median step); train loss of the first step "
+          f"{sft_metrics['loss/train'].iloc[0]:.3f}, held-out loss at steps "
+          + ", ".join(f"{int(step)}: {loss:.3f}" for step, loss in sft_metrics[["step", "loss/eval"]].dropna().values))
     print(f"{rm_summary(manifest(run, 'rm'), run / 'rm')} ({manifest(run, 'rm')['wall_time_s'] / 60:.1f} min)")
     ppo, ppo_metrics = manifest(run, "ppo"), pd.read_csv(run / "ppo" / "metrics" / "metrics.csv")
     tokens_per_s = (ppo_metrics["response_tokens"] * ppo_metrics["perf/samples_per_s"]).median()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -199,6 +200,10 @@ def worker_device(resources: TrainResources) -> str:
         return str(ray.train.torch.get_device())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _cache_cpu_info()
+    import torch
+
+    # Workers start with OMP_NUM_THREADS=1 (ray_runtime.WORKER_ENV): a CPU worker computes on the cores it holds.
+    torch.set_num_threads(max(1, math.ceil(resources.cpus_per_worker)))
     return "cpu"
 
 

@@ -105,3 +105,20 @@ def test_a_cpu_worker_asks_py_cpuinfo_once_for_every_engine_start(monkeypatch):
     for _ in range(2):  # two engines (PPO's policy and critic), two reads each
         assert "-D__AVX256__" in FusedAdamBuilder().cxx_args()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1.0, 1), (1.5, 2), (2.0, 2), (0.25, 1)])
+def test_a_cpu_worker_computes_with_as_many_threads_as_cpus_it_holds(monkeypatch, cpus, threads):
+    """Workers start with OMP_NUM_THREADS=1; a worker that holds 2 CPUs must not train on one."""
+    import torch
+
+    from bp_ray.config import TrainResources
+    from bp_ray.train.loop import worker_device
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    before = torch.get_num_threads()
+    try:
+        worker_device(TrainResources(num_workers=1, use_gpu=False, cpus_per_worker=cpus))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
