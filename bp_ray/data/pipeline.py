@@ -218,8 +218,9 @@ def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | N
     committed = committed[committed[C.ROW_ID].isin(set(rows[C.ROW_ID]))]  # work of rows no longer in the source
     given, given_counts = read_given_pairs(cfg.data.pair_files, cfg.data.pair_high_field,
                                            cfg.data.pair_files_fraction, first_order=len(table))
-    pairs = mark_duplicates(pd.concat([committed, clean_candidates(given, cfg.data, load_vocab())],
-                                      ignore_index=True))
+    if len(given):
+        committed = pd.concat([committed, clean_candidates(given, cfg.data, load_vocab())], ignore_index=True)
+    pairs = mark_duplicates(committed)
     kept = pairs[pairs[C.DROP_REASON] == ""]
     shards = work_store.write_shards(kept, out_dir, cfg.data.shard_rows)
     manifest = {
