@@ -4,7 +4,6 @@ the same prompts can leave every trained one out. Pure pandas."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bp_ray.data import columns as C
+from bp_ray.data.pairs import in_share, pair_id
 from bp_ray.data.prompt_io import read_prompts
 from bp_ray.data.prompt_rules import dedup_key
 
@@ -21,9 +21,7 @@ GIVEN = "given"
 def in_used_share(low: str, fraction: float) -> bool:
     """Whether a given pair is used for training: decided by the low prompt alone (its near-duplicate key), so a
     prompt is on the same side in every file, run and order."""
-    if fraction >= 1:
-        return True
-    return int(hashlib.sha1(dedup_key(low).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+    return in_share(dedup_key(low), fraction)
 
 
 def read_given_pairs(paths: Sequence[str | Path], high_field: str, fraction: float,
@@ -47,7 +45,7 @@ def read_given_pairs(paths: Sequence[str | Path], high_field: str, fraction: flo
                              "used": int(used.sum()), "held_back": int((~used).sum())}
         table = table[used]
         frames.append(pd.DataFrame({
-            C.PAIR_ID: [hashlib.sha1(f"{r}\x1f{GIVEN}".encode()).hexdigest()[:16] for r in table[C.ROW_ID]],
+            C.PAIR_ID: [pair_id(r, GIVEN) for r in table[C.ROW_ID]],
             C.PAIR_SOURCE: GIVEN,
             C.LOW: table[C.PROMPT].to_numpy(),
             C.HIGH: table[C.HIGH].to_numpy(),

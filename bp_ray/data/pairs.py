@@ -24,12 +24,14 @@ def pair_id(row_id: str, source: str) -> str:
     return hashlib.sha1(f"{row_id}\x1f{source}".encode()).hexdigest()[:16]
 
 
+def in_share(key: str, fraction: float) -> bool:
+    """A stable pseudo-random choice of a `fraction` of keys: the same key is always on the same side."""
+    return fraction >= 1 or int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
 def llm_rows(row_ids, fraction: float) -> np.ndarray:
     """Which rows the LLM rewrites (data.llm_fraction): a stable choice by row id, the same in every batch."""
-    if fraction >= 1:
-        return np.ones(len(row_ids), dtype=bool)
-    return np.array([int(hashlib.sha1(f"llm\x1f{r}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-                     for r in row_ids], dtype=bool)
+    return np.array([in_share(f"llm\x1f{r}", fraction) for r in row_ids], dtype=bool)
 
 
 def build_candidates(rows: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
