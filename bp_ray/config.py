@@ -518,8 +518,8 @@ class EvalConfig:
     """Prompts `bp-ray eval-text` draws from each file (eval.generation_seed), after leaving out every prompt the
     run's training pairs hold; 0 means all."""
     world_truth: bool = False
-    """Also judge every image by the miniature world's ground truth (true_aesthetic, colour_match), computed from
-    pixels by code; for the world preset, whose prompts describe world scenes."""
+    """Also judge every image by the miniature world's ground truth (true_aesthetic, colour_match, shape_match,
+    count_match), computed from pixels by code; for the world preset, whose prompts describe world scenes."""
 
 
 @dataclass

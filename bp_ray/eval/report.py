@@ -17,7 +17,8 @@ REPORT = "report.html"
 PLOTS_DIR = "plots"
 METRIC_LABELS = {"pickscore": "PickScore", "aesthetic": "Aesthetic", "relevance": "CLIP relevance",
                  "reward": "Reward", "words": "Words", "sd_tokens": "SD tokens",
-                 "true_aesthetic": "True aesthetic (world)", "colour_match": "Colour match (world)"}
+                 "true_aesthetic": "True aesthetic (world)", "colour_match": "Colour match (world)",
+                 "shape_match": "Shape match (world)", "count_match": "Object count match (world)"}
 CURVES = {
     "ppo": ("reward/combined", "eval/reward", "kl", "kl_coef", "loss/policy", "loss/value"),
     "sft": ("loss/train", "loss/eval"),

@@ -40,9 +40,10 @@ from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
 logger = logging.getLogger(__name__)
 
 IMAGE_METRICS = (*SCORE_NAMES, "reward")
-WORLD_METRICS = ("true_aesthetic", "colour_match")
-"""With eval.world_truth: the world's ground-truth aesthetic of each image, and 1/0 whether it shows the colours
-the user prompt asks for (bp_ray.world.truth), judged from pixels by code, not by a model."""
+WORLD_METRICS = ("true_aesthetic", "colour_match", "shape_match", "count_match")
+"""With eval.world_truth: the world's ground-truth aesthetic of each image, and 1/0 whether it shows the colours,
+the shapes and the number of objects the user prompt asks for (bp_ray.world.truth), judged from pixels by code,
+not by a model."""
 """Per image: PickScore, aesthetic, CLIP relevance (all against the user prompt) and the combined reward."""
 PROMPT_METRICS = ("words", "sd_tokens")
 """Per rewritten prompt: its length in words and in Stable Diffusion text-encoder tokens."""
@@ -152,13 +153,16 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
     """(P, S, 3) scores per system, and the grid's images saved under out_dir/images keyed "system/prompt/seed"."""
     import ray
 
+    from bp_ray.console import report_progress
+
     seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
     width = len(SCORE_NAMES) + (len(WORLD_METRICS) if cfg.eval.world_truth else 0)
     scores = {system: np.full((len(prompts), len(seeds), width), np.nan) for system in systems}
     grid = min(cfg.eval.grid_prompts, len(prompts))
     image_paths: dict[str, str] = {}
-    for ref, (system, start, images) in pending.items():
+    for done, (ref, (system, start, images)) in enumerate(pending.items(), 1):
         result = ray.get(ref)
+        report_progress(done, len(pending), "render batches")
         block, pixels = result if images else (result, None)
         scores[system][start:start + len(block), :, :len(SCORE_NAMES)] = block
         if cfg.eval.world_truth:
@@ -174,15 +178,19 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
 
 
 def world_truth_scores(pixels: np.ndarray, requests: list[str]) -> np.ndarray:
-    """(P, S, 2): ground-truth aesthetic and colour match (1/0; NaN when a request names no coloured shape) of
-    (P, S, H, W, 3) images, each judged against its user request."""
-    from bp_ray.world.truth import colours_match, true_aesthetic
+    """(P, S, 4): ground-truth aesthetic, colour, shape and count match (1/0; NaN when a request names no coloured
+    shape) of (P, S, H, W, 3) images, each judged against its user request."""
+    from bp_ray.world.truth import colours_match, count_matches, shapes_match, true_aesthetic
+
+    def flag(value: bool | None) -> float:
+        return np.nan if value is None else float(value)
 
     out = np.full((*pixels.shape[:2], len(WORLD_METRICS)), np.nan)
     for p, request in enumerate(requests):
         for s in range(pixels.shape[1]):
-            match = colours_match(pixels[p, s], request)
-            out[p, s] = (true_aesthetic(pixels[p, s]), np.nan if match is None else float(match))
+            image = pixels[p, s]
+            out[p, s] = (true_aesthetic(image), flag(colours_match(image, request)),
+                         flag(shapes_match(image, request)), flag(count_matches(image, request)))
     return out
 
 

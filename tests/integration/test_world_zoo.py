@@ -93,11 +93,12 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
                                 *[f"models.world.{k}={v}" for k, v in QUICK_WORLD.items()]])
     run_evaluation(cfg, tmp_path, systems=["original", "tags"])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["metrics"][-2:] == ["true_aesthetic", "colour_match"]
+    assert results["metrics"][-4:] == ["true_aesthetic", "colour_match", "shape_match", "count_match"]
     assert set(results["tags"]) <= set(STYLE_WORDS)
     scores = pd.read_csv(tmp_path / "scores.csv")
     assert len(scores) == 2 * 5 * 2 and scores["true_aesthetic"].between(0, 10).all()
-    assert set(scores["colour_match"].unique()) <= {0.0, 1.0}  # every world prompt names a coloured shape
+    for check in ("colour_match", "shape_match", "count_match"):  # every world prompt names a coloured shape
+        assert set(scores[check].unique()) <= {0.0, 1.0}
     rewrites = [json.loads(line) for line in (tmp_path / "rewrites.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rewrites] == world_eval_prompts()[:5]
     assert len(list((tmp_path / "images").rglob("*.png"))) == 2 * 2 * 2  # only the grid's images are kept

@@ -23,7 +23,16 @@ from bp_ray.world.scenes import (
     render_text,
     sample_scenes,
 )
-from bp_ray.world.truth import aesthetic_terms, colours_match, dominant_colour, true_aesthetic
+from bp_ray.world.truth import (
+    aesthetic_terms,
+    colours_match,
+    count_matches,
+    dominant_colour,
+    object_count,
+    objects_seen,
+    shapes_match,
+    true_aesthetic,
+)
 
 SINGLES = [Scene((WorldObject(c, s),)) for c in COLOURS for s in SHAPES]
 
@@ -96,6 +105,39 @@ def test_colour_check_reads_the_colours_a_request_names():
     assert colours_match(two, "a red circle and a blue square")
     assert not colours_match(two, "a green triangle")
     assert colours_match(two, "a cat on a sofa") is None
+
+
+def _world_checks(scenes: list[Scene], check) -> float:
+    return float(np.mean([check(render_scene(scene, 31 * i), scene.detailed()) for i, scene in enumerate(scenes)]))
+
+
+def test_colour_check_finds_faded_objects_in_the_worlds_own_renders():
+    scenes = sample_scenes(300, 21)
+    assert _world_checks(scenes, colours_match) > 0.95  # every style, low contrast and glow included
+    faded = [Scene(s.objects, s.relation, ("low contrast",)) for s in scenes[:60]]
+    assert _world_checks(faded, colours_match) > 0.9
+
+
+def test_shape_and_count_checks_read_the_worlds_own_renders():
+    crisp = [Scene(s.objects, s.relation, ("high contrast", "sharp", "smooth")) for s in sample_scenes(300, 22)]
+    assert _world_checks(crisp, shapes_match) > 0.85
+    assert _world_checks(crisp, count_matches) > 0.95
+    every_style = sample_scenes(300, 23)
+    assert _world_checks(every_style, count_matches) > 0.85
+    for shape in SHAPES:
+        image = render_text(f"a large red {shape}, dark background, high contrast, sharp, smooth, centered", 4)
+        assert objects_seen(image) == [("red", shape)]
+        others = [s for s in SHAPES if s != shape]
+        assert shapes_match(image, f"a red {shape}") and not shapes_match(image, f"a red {others[0]}")
+        assert not shapes_match(image, f"a blue {shape}")  # a shape of another colour is not the one asked for
+    two = render_text("a large red circle left of a large blue square, high contrast, dark background, sharp", 3)
+    assert object_count(two) == 2 and count_matches(two, "a red circle and a blue square")
+    assert not count_matches(two, "a red circle")
+    assert shapes_match(two, "a red circle and a blue square")
+    assert not shapes_match(two, "a red square and a blue circle")  # both colours and shapes, but swapped
+    flat = np.full((32, 32, 3), 128, np.uint8)
+    assert object_count(flat) == 0 and not count_matches(flat, "a red circle")
+    assert shapes_match(flat, "a cat on a sofa") is None and count_matches(flat, "a cat") is None
 
 
 def test_world_corpus_stores_the_world_render_of_each_prompt(tmp_path):
