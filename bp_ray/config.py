@@ -259,6 +259,12 @@ class DataConfig:
     """[min, max] words of a pair's low and high prompt; pairs outside are dropped as `length`."""
     aesthetic_threshold: float | None = None
     """Drop pairs whose high prompt's image scores below this; null turns the filter off."""
+    pair_min_low_in_high: float | None = opt(None, ge=0, le=1)
+    """Drop pairs (`off_topic`) unless the high prompt holds this share of the low prompt's content words (a caption
+    naming an object the high prompt never mentions fails it); null turns the filter off."""
+    pair_min_subject_in_low: float | None = opt(None, ge=0, le=1)
+    """Drop pairs (`off_topic`) unless the low prompt holds this share of the content words of the high prompt's
+    subject, its first comma segment (a caption leaving out one of two objects fails it); null: off."""
     shard_rows: int = opt(5000, ge=1)
     """Pairs per output Parquet file."""
     # 5. rendering for reward labels
@@ -404,6 +410,12 @@ class PPOConfig:
     whiten_advantages: bool = True
     relevance_coef: float = opt(0.0, ge=0)
     """Guard: + coef x CLIP similarity of the low prompt to the generated prompt (rm) or to its images (online)."""
+    intent_hinge_coef: float = opt(0.0, ge=0)
+    """Guard (Promptist-style hinge): - coef x how far the relevance above falls below the relevance of the low
+    prompt itself (its own renders, online; 1 for the text reward) minus intent_margin; 0 turns it off. Unlike
+    relevance_coef it costs nothing while a rewrite shows the user's request as well as the request does."""
+    intent_margin: float = opt(0.0, ge=0)
+    """Relevance a rewrite may lose against the low prompt's own before the intent hinge costs anything."""
     max_words: int = opt(0, ge=0)
     """Guard: words beyond this cap cost length_coef each (0: no cap)."""
     length_coef: float = opt(0.0, ge=0)

@@ -9,6 +9,7 @@ import pandas as pd
 
 from bp_ray.config import DataConfig
 from bp_ray.data import columns as C
+from bp_ray.data.content import pair_overlap
 from bp_ray.data.prompt_rules import content_flag, dedup_key, within_bounds
 from bp_ray.data.tag_strip import strip_tags
 from bp_ray.data.vocab import Vocab, load_vocab, tag_terms
@@ -16,7 +17,7 @@ from bp_ray.data.vocab import Vocab, load_vocab, tag_terms
 SOURCES = ("caption", "summary", "expansion", "stripped", "given")  # given: bp_ray.data.given_pairs
 LLM_SOURCES = ("summary", "expansion")
 PAIR_DROP_REASONS = ("generation_failed", "nsfw_keyword", "political_keyword", "length", "same_low_high",
-                     "aesthetic", "duplicate")
+                     "off_topic", "aesthetic", "duplicate")
 
 
 def pair_id(row_id: str, source: str) -> str:
@@ -94,6 +95,10 @@ def pair_drop_reason(low: str, high: str, aesthetic: float, gen_error: str, cfg:
         return "length"
     if dedup_key(low) == dedup_key(high):
         return "same_low_high"
+    if cfg.pair_min_low_in_high is not None or cfg.pair_min_subject_in_low is not None:
+        low_in_high, subject_in_low = pair_overlap(low, high)
+        if low_in_high < (cfg.pair_min_low_in_high or 0.0) or subject_in_low < (cfg.pair_min_subject_in_low or 0.0):
+            return "off_topic"
     if cfg.aesthetic_threshold is not None and not np.isnan(aesthetic) and aesthetic < cfg.aesthetic_threshold:
         return "aesthetic"
     return ""

@@ -16,7 +16,6 @@ Plain Python; the rewrites use the same batched generation as the image evaluati
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bp_ray.config import PipelineConfig
+from bp_ray.data.content import content_kept
 from bp_ray.data.prompt_rules import dedup_key, prompt_features
 from bp_ray.data.vocab import load_vocab, tag_terms
 from bp_ray.train.ppo_rollout import repetition_share
@@ -32,29 +32,6 @@ from bp_ray.train.ppo_rollout import repetition_share
 TEXT_SYSTEMS = ("original", "base", "sft", "ppo")
 TEXT_METRICS = ("subject_kept", "content_kept", "tags", "words", "repetition", "rm_score")
 SUBJECT_KEPT_SHARE = 0.5
-
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_STOP_TEXT = """
-a an the and or but of in on at to for with without from by as into onto over under near next beside behind
-above below between through across against along around up down out off is are was were be been being it its
-this that these those there here his her their our your my some any each every very so too not
-no has have had do does doing can could will would should may might must i you he she we they me him them us
-while which who whom whose what when where how than then just also only all both such own same other another
-"""
-STOP_WORDS = frozenset(_STOP_TEXT.split())  # numbers stay content words: DrawBench counts objects
-
-
-def content_words(text: str) -> set[str]:
-    """Lower-case words of `text` without stop words, a plural `s` dropped (cats -> cat, glasses -> glasse)."""
-    words = (w for w in _WORD.findall(text.lower()) if w not in STOP_WORDS)
-    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words}
-
-
-def content_kept(prompt: str, output: str) -> float:
-    """Share of the prompt's content words the output holds (1.0 for a prompt without any)."""
-    wanted = content_words(prompt)
-    return len(wanted & content_words(output)) / len(wanted) if wanted else 1.0
-
 
 def text_metrics(prompt: str, output: str, terms: frozenset[str] | set[str]) -> dict[str, float]:
     """Every metric but rm_score, for one output."""

@@ -175,7 +175,8 @@ def ppo_worker_loop(config: dict) -> None:
     train, evaluation = pairs[~held_out].reset_index(drop=True), pairs[held_out].head(ppo.eval_prompts)
     if len(train) < ppo.rollout_batch_size:
         raise ValueError(f"{len(train)} training pairs are fewer than ppo.rollout_batch_size={ppo.rollout_batch_size}")
-    guards = Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef, ppo.repetition_coef)
+    guards = Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef, ppo.repetition_coef,
+                    ppo.intent_hinge_coef, ppo.intent_margin)
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
 
     def scores_of(lows: list[str], texts: list[str]) -> dict[str, np.ndarray]:
@@ -190,6 +191,15 @@ def ppo_worker_loop(config: dict) -> None:
         if ppo.reward_baseline == "none":
             return np.zeros(len(rows))
         return np.asarray(scores_of(rows[C.LOW].tolist(), rows[C.HIGH].tolist())["reward"], dtype=np.float64)
+
+    def intent_of(lows: list[str]) -> np.ndarray | None:
+        """Relevance of each low prompt to itself: through its own renders (online, cached after the first time),
+        or 1 for the text reward (a prompt's CLIP text embedding against itself)."""
+        if not ppo.intent_hinge_coef:
+            return None
+        if ppo.reward_source == "rm":
+            return np.ones(len(lows))
+        return np.asarray(scores_of(lows, lows)["relevance"], dtype=np.float64)
 
     def evaluate() -> dict[str, float]:
         lows = evaluation[C.LOW].tolist()
@@ -239,7 +249,8 @@ def ppo_worker_loop(config: dict) -> None:
                 old_values = response_values(model.critic_engine.module, rollout)
         scores = scores_of(lows, rollout.texts)
         ref_logprobs = torch.as_tensor(ray.get(ref_future), device=old_logprobs.device)
-        shaped, reward_terms = guards.shape(scores["reward"], baseline_of(rows), scores["relevance"], rollout.texts)
+        shaped, reward_terms = guards.shape(scores["reward"], baseline_of(rows), scores["relevance"], rollout.texts,
+                                            intent_of(lows))
         rewarded = time.perf_counter()
 
         mask = rollout.mask.to(old_logprobs.device)

@@ -73,7 +73,7 @@ def start_reward_actor(cfg: PipelineConfig, rm_dir: Path | None, cache_path: Pat
                               num_cpus=ppo.actor_cpus)
     assert rm_dir is not None, "run_ppo checks that the reward models exist"
     actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
-    return actor.remote(str(rm_dir), cfg.rewards.alpha, cfg.models, ppo.relevance_coef > 0,
+    return actor.remote(str(rm_dir), cfg.rewards.alpha, cfg.models, ppo.relevance_coef > 0 or ppo.intent_hinge_coef > 0,
                         "cuda" if ppo.actor_gpus else "cpu")
 
 

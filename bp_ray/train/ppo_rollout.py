@@ -123,22 +123,29 @@ def repetition_share(text: str, n: int = 3) -> float:
 @dataclass
 class Guards:
     """Reward shaping against reward hacking (each term logged): score = reward - baseline + relevance_coef *
-    relevance - length_coef * words over max_words - repetition_coef * repetition share."""
+    relevance - intent_hinge_coef * max(0, intent - intent_margin - relevance) - length_coef * words over
+    max_words - repetition_coef * repetition share. `intent` is the relevance of the user's own prompt, so the
+    hinge charges a rewrite only for showing less of the request than the request itself does."""
 
     relevance_coef: float = 0.0
     max_words: int = 0
     length_coef: float = 0.0
     repetition_coef: float = 0.0
+    intent_hinge_coef: float = 0.0
+    intent_margin: float = 0.0
 
-    def shape(self, reward: np.ndarray, baseline: np.ndarray, relevance: np.ndarray,
-              texts: list[str]) -> tuple[np.ndarray, dict[str, float]]:
+    def shape(self, reward: np.ndarray, baseline: np.ndarray, relevance: np.ndarray, texts: list[str],
+              intent: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """(B,) scores for PPO and the batch means of every term."""
         words = np.array([len(t.split()) for t in texts], dtype=np.float64)
         excess = np.maximum(words - self.max_words, 0.0) if self.max_words else np.zeros_like(words)
         repetition = np.array([repetition_share(t) for t in texts], dtype=np.float64)
-        score = (reward - baseline + self.relevance_coef * relevance - self.length_coef * excess
-                 - self.repetition_coef * repetition)
+        shortfall = (np.maximum(np.asarray(intent) - self.intent_margin - relevance, 0.0) if intent is not None
+                     else np.zeros_like(words))
+        score = (reward - baseline + self.relevance_coef * relevance - self.intent_hinge_coef * shortfall
+                 - self.length_coef * excess - self.repetition_coef * repetition)
         terms = {"reward/combined": reward, "reward/baseline": baseline, "reward/relevance": relevance,
                  "reward/score": score, "guard/words": words, "guard/words_over_cap": excess,
-                 "guard/repetition": repetition}
+                 "guard/repetition": repetition, "guard/intent_shortfall": shortfall,
+                 "guard/intent_kept": (shortfall == 0).astype(np.float64)}
         return score, {name: float(np.mean(values)) for name, values in terms.items()}

@@ -130,3 +130,16 @@ def test_llm_fraction_picks_the_same_rows_for_the_rewriter_and_the_candidates():
     candidates = build_candidates(rows, cfg)
     expected = set(rows.loc[picked & (rows[C.QUALITY] != ""), C.ROW_ID])
     assert set(candidates[C.ROW_ID]) == expected
+
+
+def test_off_topic_filter_drops_pairs_whose_low_prompt_describes_something_else():
+    cfg, vocab = DataConfig(pair_min_low_in_high=1.0, pair_min_subject_in_low=0.6), load_vocab()
+    high = "a large red circle above a small blue square, dark background, high contrast"
+    assert pair_drop_reason("a red circle and a blue square", high, np.nan, "", cfg, vocab) == ""
+    assert pair_drop_reason("a red circle and a green square", high, np.nan, "", cfg, vocab) == "off_topic"
+    assert pair_drop_reason("a red circle", high, np.nan, "", cfg, vocab) == "off_topic"  # half the subject
+    # the style tail is not subject: a low prompt need not name it
+    assert pair_drop_reason("a red circle", "a large red circle, dark background, sharp", np.nan, "", cfg,
+                            vocab) == ""
+    # off by default: the same pair passes
+    assert pair_drop_reason("a red circle and a green square", high, np.nan, "", DataConfig(), vocab) == ""

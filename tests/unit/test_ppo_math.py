@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,3 +255,18 @@ def test_kl_controller_choice_and_state_round_trip():
     fixed = FixedKLController(0.0)
     fixed.load_state_dict({"value": 0.3})
     assert fixed.state_dict() == {"value": 0.3}
+
+
+def test_intent_hinge_charges_only_relevance_lost_against_the_users_own_prompt():
+    from bp_ray.train.ppo_rollout import Guards
+
+    guards = Guards(relevance_coef=1.0, intent_hinge_coef=10.0, intent_margin=0.02)
+    reward, baseline = np.array([5.0, 5.0, 5.0]), np.array([4.0, 4.0, 4.0])
+    relevance, intent = np.array([0.70, 0.69, 0.60]), np.array([0.70, 0.70, 0.70])
+    score, terms = guards.shape(reward, baseline, relevance, ["a b", "a b", "a b"], intent)
+    # 1 + relevance, minus 10 x max(0, 0.70 - 0.02 - relevance): nothing inside the margin, 0.8 for 0.08 short
+    np.testing.assert_allclose(score, [1.70, 1.69, 1.60 - 0.8])
+    assert terms["guard/intent_kept"] == pytest.approx(2 / 3)
+    assert terms["guard/intent_shortfall"] == pytest.approx(0.08 / 3)
+    unguarded, _ = Guards(relevance_coef=1.0).shape(reward, baseline, relevance, ["a b"] * 3)
+    np.testing.assert_allclose(unguarded, [1.70, 1.69, 1.60])

@@ -7,10 +7,9 @@ import json
 import pandas as pd
 import pytest
 
+from bp_ray.data.content import content_kept, content_words
 from bp_ray.data.vocab import load_vocab, tag_terms
 from bp_ray.eval.text_quality import (
-    content_kept,
-    content_words,
     summary_rows,
     text_metrics,
     trained_low_keys,
