@@ -4,6 +4,7 @@
     python benchmarks/world_quality.py                      # build (or reuse) the world zoo, measure each model
     python benchmarks/world_quality.py --force              # rebuild it first (times every model's training)
     python benchmarks/world_quality.py --pipeline runs/world  # also run `bp-ray pipeline --preset world` there
+    python benchmarks/world_quality.py --check-shipped      # rebuild every role, compare with the shipped zoo
 
 Prints: build time per model; LM held-out loss and share of free samples that describe a world scene; caption
 attribute accuracy; CLIP image->text top-1 retrieval vs chance; aesthetic Spearman vs the true aesthetic; SD
@@ -92,12 +93,34 @@ def run_pipeline(out: Path, sets: list[str]) -> None:
                   f"{comp['mean_diff']:+.3f}  win rate {comp['win_rate']:.2f}  p(t) {comp['p_t']:.3g}")
 
 
+def check_shipped(cfg) -> bool:
+    """Rebuild every role of the default world zoo into a temporary folder and compare it, file by file, with the
+    zoo shipped in bp_ray/resources/zoo/world; prints each role's time and verdict."""
+    import hashlib
+    import tempfile
+
+    from bp_ray.world.zoo import ROLE_ORDER, SHIPPED_ZOO, build_world_roles
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, seconds = build_world_roles(Path(tmp), cfg.models.tiny, cfg.models.world)
+        same = {role: digest(Path(tmp) / role) == digest(SHIPPED_ZOO / role) for role in ROLE_ORDER}
+    for role in ROLE_ORDER:
+        print(f"  {role:<10}{seconds[role]:8.1f} s  {'identical to the shipped zoo' if same[role] else 'DIFFERS'}")
+    print(f"rebuilt in {sum(seconds.values()):.1f} s: {'identical' if all(same.values()) else 'NOT identical'}")
+    return all(same.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild the world zoo even if cached")
     parser.add_argument("--seeds", type=int, default=2, help="SD render seeds per held-out prompt")
     parser.add_argument("--pipeline", metavar="DIR", default=None, help="also run the world pipeline into DIR")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--check-shipped", action="store_true", help="rebuild every role, compare with the shipped")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -105,6 +128,8 @@ def main() -> int:
     from bp_ray.world.zoo import build_world_zoo, world_zoo_dir
 
     cfg = load_config("world", args.set)
+    if args.check_shipped:
+        return 0 if check_shipped(cfg) else 1
     root = world_zoo_dir(cfg.models)
     build_world_zoo(root, cfg.models.tiny, cfg.models.world, force=args.force)
     measure_zoo(root, cfg, args.seeds)

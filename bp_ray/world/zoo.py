@@ -33,16 +33,33 @@ def world_key(tiny: TinyZooConfig, world: WorldConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+SHIPPED_ZOO = Path(__file__).resolve().parent.parent / "resources" / "zoo" / "world"
+"""The world zoo of the default config, as `bp-ray models build-world` builds it (byte for byte: tested), shipped
+so that a fresh clone runs the main job without ten minutes of training first."""
+
+
 def world_zoo_dir(models_cfg: ModelsConfig) -> Path:
     return default_zoo_dir(models_cfg) / "world"
 
 
 def ensure_world_zoo(models_cfg: ModelsConfig) -> Path:
-    """Path of an up-to-date world zoo, building (and training) it if missing or built from another config."""
+    """Path of an up-to-date world zoo: the cache; else the shipped zoo copied there when it was built from the same
+    config; else built (and trained) now."""
     root = world_zoo_dir(models_cfg)
-    if not is_current(root, world_key(models_cfg.tiny, models_cfg.world)):
-        build_world_zoo(root, models_cfg.tiny, models_cfg.world)
+    key = world_key(models_cfg.tiny, models_cfg.world)
+    if not is_current(root, key):
+        if is_current(SHIPPED_ZOO, key):
+            build_zoo(root, lambda: is_current(root, key), lambda staging: _copy_shipped(staging))
+        else:
+            build_world_zoo(root, models_cfg.tiny, models_cfg.world)
     return root
+
+
+def _copy_shipped(staging: Path) -> dict:
+    shutil.copytree(SHIPPED_ZOO, staging, dirs_exist_ok=True)
+    manifest = json.loads((SHIPPED_ZOO / "zoo.json").read_text())
+    logger.info("world zoo: copied the shipped build (%s)", SHIPPED_ZOO)
+    return {**manifest, "copied_from": str(SHIPPED_ZOO)}
 
 
 def _count(folder: Path) -> int:
@@ -59,44 +76,60 @@ def _count(folder: Path) -> int:
     return total
 
 
-def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: bool = False) -> ZooSummary:
-    """Build the tiny architectures and train each in the world; zoo.json records every model's time and stats."""
+ROLE_ORDER = ("bloom", "blip", "pickscore", "aesthetic", "sd")
+"""The trained roles in build order; a role's torch seed is world.seed * 1000 + its place here."""
+
+
+def _role_trainers(tiny: TinyZooConfig, world: WorldConfig) -> dict[str, Callable[[Path], dict]]:
+    """role -> build-and-train into a folder (returns the role's training stats)."""
     from bp_ray.world.lm_training import train_world_lm
     from bp_ray.world.samples import heldout_seed, make_samples, world_texts
     from bp_ray.world.sd_training import build_world_sd
     from bp_ray.world.vision_training import train_world_aesthetic, train_world_captioner, train_world_clip
 
+    texts = world_texts(world.seed)
+    samples = make_samples(world.train_scenes, world.seed, tiny.image_size)
+    lm_heldout = world_texts(heldout_seed(world.seed), num_scenes=200, corpus_rows=200)
+
+    def tiny_then(builder: Callable[[Path, TinyZooConfig, list[str]], int],
+                  train: Callable[[Path], dict]) -> Callable[[Path], dict]:
+        def make(out: Path) -> dict:
+            builder(out, tiny, texts)
+            return train(out)
+        return make
+
+    return {
+        "bloom": tiny_then(tiny_zoo.build_tiny_bloom, lambda out: train_world_lm(out, texts, world, lm_heldout)),
+        "blip": tiny_then(tiny_zoo.build_tiny_blip, lambda out: train_world_captioner(out, samples, world)),
+        "pickscore": tiny_then(tiny_zoo.build_tiny_clip, lambda out: train_world_clip(out, samples, world)),
+        "aesthetic": tiny_then(tiny_zoo.build_tiny_aesthetic, lambda out: train_world_aesthetic(out, samples, world)),
+        # the world SD has its own VAE and UNet architecture, so it is built by its trainer
+        "sd": lambda out: build_world_sd(out, samples, world, tiny, texts),
+    }
+
+
+def build_world_roles(out: Path, tiny: TinyZooConfig, world: WorldConfig,
+                      roles: tuple[str, ...] = ROLE_ORDER) -> tuple[dict[str, dict], dict[str, float]]:
+    """Build and train `roles` into out/<role>, each from its own seed, exactly as in a whole build (so one role can
+    be rebuilt alone and compared); returns (training stats, seconds) per role, "samples" included."""
+    start = time.perf_counter()
+    trainers = _role_trainers(tiny, world)
+    seconds = {"samples": time.perf_counter() - start}
+    stats: dict[str, dict] = {}
+    for role in roles:
+        begin = time.perf_counter()
+        torch.manual_seed(world.seed * 1000 + ROLE_ORDER.index(role))
+        logger.info("world zoo: building and training %s", role)
+        stats[role] = trainers[role](out / role)
+        seconds[role] = time.perf_counter() - begin
+        logger.info("world zoo: %s trained in %.1f s", role, seconds[role])
+    return stats, seconds
+
+
+def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: bool = False) -> ZooSummary:
+    """Build the tiny architectures and train each in the world; zoo.json records every model's time and stats."""
     def build(staging: Path) -> dict:
-        start = time.perf_counter()
-        texts = world_texts(world.seed)
-        samples = make_samples(world.train_scenes, world.seed, tiny.image_size)
-        lm_heldout = world_texts(heldout_seed(world.seed), num_scenes=200, corpus_rows=200)
-        seconds = {"samples": time.perf_counter() - start}
-        stats: dict[str, dict] = {}
-
-        def tiny_then(builder: Callable[[Path, TinyZooConfig, list[str]], int],
-                      train: Callable[[Path], dict]) -> Callable[[Path], dict]:
-            def make(out: Path) -> dict:
-                builder(out, tiny, texts)
-                return train(out)
-            return make
-
-        steps = [
-            ("bloom", tiny_then(tiny_zoo.build_tiny_bloom, lambda out: train_world_lm(out, texts, world, lm_heldout))),
-            ("blip", tiny_then(tiny_zoo.build_tiny_blip, lambda out: train_world_captioner(out, samples, world))),
-            ("pickscore", tiny_then(tiny_zoo.build_tiny_clip, lambda out: train_world_clip(out, samples, world))),
-            ("aesthetic", tiny_then(tiny_zoo.build_tiny_aesthetic,
-                                    lambda out: train_world_aesthetic(out, samples, world))),
-            # the world SD has its own VAE and UNet architecture, so it is built by its trainer
-            ("sd", lambda out: build_world_sd(out, samples, world, tiny, texts)),
-        ]
-        for offset, (role, make) in enumerate(steps):
-            begin = time.perf_counter()
-            torch.manual_seed(world.seed * 1000 + offset)
-            logger.info("world zoo: building and training %s", role)
-            stats[role] = make(staging / role)
-            seconds[role] = time.perf_counter() - begin
-            logger.info("world zoo: %s trained in %.1f s", role, seconds[role])
+        stats, seconds = build_world_roles(staging, tiny, world)
         # One contrastive CLIP serves both image-text roles, as one CLIP would on a real cluster.
         shutil.copytree(staging / "pickscore", staging / "clip")
         parameters = {role: _count(staging / role) for role in ZOO_ROLES}

@@ -104,3 +104,35 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
     assert len(list((tmp_path / "images").rglob("*.png"))) == 2 * 2 * 2  # only the grid's images are kept
     for row in results["table"]:
         assert 0 <= row["true_aesthetic_mean"] <= 10 and 0 <= row["colour_match_mean"] <= 1
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    from bp_ray.models.tiny_zoo import MANIFEST
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def test_shipped_world_zoo_is_what_build_world_builds(tmp_path):
+    """The shipped zoo is the default config's build: its key matches, and its LM rebuilt alone here comes out
+    byte for byte as shipped (every role, ~10 min: python benchmarks/world_quality.py --check-shipped)."""
+    from bp_ray.config_loader import load_config
+    from bp_ray.models.tiny_zoo import is_current
+    from bp_ray.world.zoo import SHIPPED_ZOO, build_world_roles, world_key
+
+    models = load_config("world").models
+    assert is_current(SHIPPED_ZOO, world_key(models.tiny, models.world))
+    build_world_roles(tmp_path, models.tiny, models.world, roles=("bloom",))
+    assert _digest(tmp_path / "bloom") == _digest(SHIPPED_ZOO / "bloom")
+
+
+def test_first_use_of_the_default_world_zoo_copies_the_shipped_one(tmp_path):
+    from bp_ray.config_loader import load_config
+    from bp_ray.world.zoo import SHIPPED_ZOO, ensure_world_zoo
+
+    models = load_config("world", [f"models.zoo_dir={tmp_path}"]).models
+    root = ensure_world_zoo(models)
+    assert root == tmp_path / "world" and _digest(root) == _digest(SHIPPED_ZOO)
+    assert json.loads((root / "zoo.json").read_text())["copied_from"] == str(SHIPPED_ZOO)
