@@ -262,6 +262,10 @@ class DataConfig:
     pair_min_low_in_high: float | None = opt(None, ge=0, le=1)
     """Drop pairs (`off_topic`) unless the high prompt holds this share of the low prompt's content words (a caption
     naming an object the high prompt never mentions fails it); null turns the filter off."""
+    high_subject_from_low: bool = False
+    """Replace each kept pair's high-prompt subject (its first comma segment) by the low prompt, so the beautifier
+    learns to keep the user's words and add only what improves the picture (a small LM that must paraphrase the
+    subject as well changes it: "a purple triangle and a blue square" -> "... blue square below ... purple square")."""
     pair_min_subject_in_low: float | None = opt(None, ge=0, le=1)
     """Drop pairs (`off_topic`) unless the low prompt holds this share of the content words of the high prompt's
     subject, its first comma segment (a caption leaving out one of two objects fails it); null: off."""

@@ -104,11 +104,26 @@ def pair_drop_reason(low: str, high: str, aesthetic: float, gen_error: str, cfg:
     return ""
 
 
+def with_low_subject(low: str, high: str) -> str:
+    """The high prompt with its subject (first comma segment) replaced by the low prompt: the user's own words,
+    then the high prompt's additions."""
+    tail = [segment.strip() for segment in high.split(",")[1:] if segment.strip()]
+    return ", ".join([low.strip().rstrip(".,"), *tail])
+
+
 def clean_candidates(candidates: pd.DataFrame, cfg: DataConfig, vocab: Vocab) -> pd.DataFrame:
-    """Candidates with a `drop_reason` column ("" = kept); duplicates are found later, across all batches."""
+    """Candidates with a `drop_reason` column ("" = kept); duplicates are found later, across all batches.
+    With data.high_subject_from_low, kept pairs' high prompts start with their low prompt (after the filters,
+    which judge the original high prompt)."""
     reasons = [pair_drop_reason(low, high, float(aes), str(err), cfg, vocab) for low, high, aes, err in zip(
         candidates[C.LOW], candidates[C.HIGH], candidates[C.AESTHETIC], candidates[C.GEN_ERROR], strict=True)]
-    return candidates.assign(**{C.DROP_REASON: reasons})
+    out = candidates.assign(**{C.DROP_REASON: reasons})
+    if cfg.high_subject_from_low and len(out):
+        out[C.HIGH] = [with_low_subject(low, high) for low, high in zip(out[C.LOW], out[C.HIGH], strict=True)]
+        # a high prompt that was only its subject now equals its low one: nothing left to learn from it
+        same = (out[C.DROP_REASON] == "") & (out[C.LOW].map(dedup_key) == out[C.HIGH].map(dedup_key))
+        out.loc[same, C.DROP_REASON] = "same_low_high"
+    return out
 
 
 def mark_duplicates(pairs: pd.DataFrame) -> pd.DataFrame:

@@ -143,3 +143,21 @@ def test_off_topic_filter_drops_pairs_whose_low_prompt_describes_something_else(
                             vocab) == ""
     # off by default: the same pair passes
     assert pair_drop_reason("a red circle and a green square", high, np.nan, "", DataConfig(), vocab) == ""
+
+
+def test_high_subject_from_low_keeps_the_users_words_after_the_filters_judged_the_original():
+    from bp_ray.data.pairs import with_low_subject
+
+    assert with_low_subject("a red circle.", "a large red circle above x, dark background,, sharp") == \
+        "a red circle, dark background, sharp"
+    high = "a large red circle above a small blue square, dark background, high contrast"
+    candidates = pd.DataFrame({C.LOW: ["a red circle and a blue square", "a red circle and a green square",
+                                       "a large red circle"],
+                               C.HIGH: [high, high, "a large red circle"], C.AESTHETIC: [np.nan] * 3,
+                               C.GEN_ERROR: [""] * 3})
+    cfg = DataConfig(pair_min_low_in_high=1.0, high_subject_from_low=True)
+    out = clean_candidates(candidates, cfg, load_vocab())
+    assert out[C.HIGH].tolist()[0] == "a red circle and a blue square, dark background, high contrast"
+    assert out[C.DROP_REASON].tolist() == ["", "off_topic", "same_low_high"]
+    untouched = clean_candidates(candidates, DataConfig(), load_vocab())
+    assert untouched[C.HIGH].tolist() == candidates[C.HIGH].tolist()
