@@ -331,6 +331,9 @@ class SFTConfig:
     """Supervised fine-tuning of the policy: instruction + low prompt -> high prompt (paper Section 4.1)."""
 
     instruction: str = PAPER_INSTRUCTION
+    keep_prompt: bool = False
+    """The beautifier's answer begins with the user prompt verbatim and the model writes only what follows (SFT,
+    PPO, evaluation and serving alike): the user's subject can never be changed, only added to."""
     lr: float = opt(2e-5, gt=0)
     batch_size: int = opt(16, ge=1)
     """Global batch size (split across workers and gradient accumulation)."""

@@ -108,10 +108,12 @@ def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], cfg: Pipe
     out: list[str] = []
     for start in range(0, len(prompts), ev.batch_size):
         batch = prompts[start:start + ev.batch_size]
-        requests = [GenerationRequest(text=beautify_input(cfg.sft.instruction, p), max_new_tokens=ev.max_new_tokens,
-                                      temperature=ev.temperature, top_p=ev.top_p,
+        keep = cfg.sft.keep_prompt
+        requests = [GenerationRequest(text=beautify_input(cfg.sft.instruction, p, keep),
+                                      max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
                                       seed=ev.generation_seed + start + i) for i, p in enumerate(batch)]
-        out += [beautified_text(r.completions[0].text) for r in generate(model, tokenizer, requests)]
+        out += [beautified_text(r.completions[0].text, p, keep)
+                for p, r in zip(batch, generate(model, tokenizer, requests), strict=True)]
     return out
 
 

@@ -39,6 +39,7 @@ from bp_ray.serve.generation import (
     stream,
 )
 from bp_ray.serve.openapi_spec import BeautifierAPI
+from bp_ray.train.sft_data import kept_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,12 @@ class Beautifier:
 
     def _beautify_request(self, prompt: str, n: int, max_new_tokens: int, temperature: float | None,
                           top_p: float | None, seed: int) -> GenerationRequest:
-        return self._request(beautify_input(self.cfg.sft.instruction, prompt), n, max_new_tokens, temperature,
-                             top_p, seed, BEAUTIFY_STOP)
+        return self._request(beautify_input(self.cfg.sft.instruction, prompt, self.cfg.sft.keep_prompt), n,
+                             max_new_tokens, temperature, top_p, seed, BEAUTIFY_STOP)
+
+    def _shown(self, completion: str, prompt: str) -> str:
+        """The rewrite a user sees for one beautify completion (with keep_prompt: the prompt, then the additions)."""
+        return beautified_text(completion, prompt, self.cfg.sft.keep_prompt)
 
     async def _stream_deltas(self, request: GenerationRequest) -> AsyncIterator[Any]:
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
@@ -215,7 +220,7 @@ class Beautifier:
         seed = _new_seed() if body.seed is None else body.seed
         result = await self._generate(self._beautify_request(body.prompt, body.n, max_new_tokens, body.temperature,
                                                              body.top_p, seed))
-        outputs = [S.BeautifyOutput(index=i, text=beautified_text(c.text), finish_reason=c.finish_reason,
+        outputs = [S.BeautifyOutput(index=i, text=self._shown(c.text, body.prompt), finish_reason=c.finish_reason,
                                     tokens=c.completion_tokens) for i, c in enumerate(result.completions)]
         return S.BeautifyResponse(model=self.cfg.serve.model_name, prompt=body.prompt, seed=seed, outputs=outputs,
                                   usage=_usage(result.prompt_tokens,
@@ -264,16 +269,18 @@ class Beautifier:
         request = self._beautify_request(prompt, body.n, max_new_tokens, body.temperature, body.top_p, seed)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return self._event_stream(request, completion_id, created, chat=True)
+            prefix = kept_prefix(prompt) if self.cfg.sft.keep_prompt else ""
+            return self._event_stream(request, completion_id, created, chat=True, prefix=prefix)
         result = await self._generate(request)
-        choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=beautified_text(c.text)),
+        choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=self._shown(c.text, prompt)),
                                 finish_reason=c.finish_reason) for i, c in enumerate(result.completions)]
         return S.ChatCompletionResponse(id=completion_id, created=created, model=self.cfg.serve.model_name,
                                         choices=choices, usage=_usage(result.prompt_tokens, sum(
                                             c.completion_tokens for c in result.completions)))
 
     def _event_stream(self, request: GenerationRequest, completion_id: str, created: int,
-                      chat: bool) -> StreamingResponse:
+                      chat: bool, prefix: str = "") -> StreamingResponse:
+        """SSE chunks of the generation; `prefix` (keep_prompt: the user prompt) opens each choice's answer."""
         model = self.cfg.serve.model_name
 
         async def events() -> AsyncIterator[str]:
@@ -283,6 +290,9 @@ class Beautifier:
                 if chat and not started[delta.index]:
                     text = text.lstrip()  # as beautified_text trims the whole answer
                     started[delta.index] = bool(text)
+                    if prefix and (text or delta.finish_reason):
+                        text = f"{prefix} {text}" if text else prefix.rstrip(",")
+                        started[delta.index] = True
                 if chat:
                     chunk = S.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
                         S.ChatDeltaChoice(index=delta.index, delta=S.AssistantMessage(content=text),
@@ -322,7 +332,7 @@ class Beautifier:
             max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
             result = await self._generate(self._beautify_request(prompt, 1, max_new_tokens, body.temperature,
                                                                  None, seed))
-            prompt = beautified_text(result.completions[0].text) or prompt
+            prompt = self._shown(result.completions[0].text, prompt) or prompt
         try:
             png = await asyncio.wait_for(self.renderer.render.remote(prompt, seed),
                                          timeout=self.cfg.serve.request_timeout_s)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bp_ray.data.prompt_rules import first_line
-from bp_ray.train.sft_data import format_prompt
+from bp_ray.train.sft_data import format_prompt, policy_text
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,15 @@ class _Row:
     max_new_tokens: int
 
 
-def beautify_input(instruction: str, prompt: str) -> str:
+def beautify_input(instruction: str, prompt: str, keep_prompt: bool = False) -> str:
     """The training template around a user prompt (the SFT model learned to continue exactly this)."""
-    return format_prompt(instruction, prompt.strip())
+    return format_prompt(instruction, prompt.strip(), keep_prompt)
 
 
-def beautified_text(completion: str) -> str:
-    """The rewrite a user sees: the first line, trimmed (training targets are one line)."""
-    return first_line(completion).strip()
+def beautified_text(completion: str, prompt: str = "", keep_prompt: bool = False) -> str:
+    """The rewrite a user sees: the first line, trimmed (training targets are one line); with keep_prompt, the
+    user prompt and then the model's additions."""
+    return policy_text(prompt, first_line(completion).strip(), keep_prompt)
 
 
 def _expand(requests: Sequence[GenerationRequest]) -> list[_Row]:

@@ -157,7 +157,7 @@ def ppo_worker_loop(config: dict) -> None:
     from bp_ray.train.ppo_actors import remote_scores
     from bp_ray.train.ppo_rollout import Guards, response_logprobs, response_values, sample
     from bp_ray.train.sft import read_pairs_frame
-    from bp_ray.train.sft_data import batches_for_rank, epoch_order, format_prompt, split_held_out
+    from bp_ray.train.sft_data import batches_for_rank, epoch_order, format_prompt, policy_text, split_held_out
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -175,6 +175,7 @@ def ppo_worker_loop(config: dict) -> None:
     train, evaluation = pairs[~held_out].reset_index(drop=True), pairs[held_out].head(ppo.eval_prompts)
     if len(train) < ppo.rollout_batch_size:
         raise ValueError(f"{len(train)} training pairs are fewer than ppo.rollout_batch_size={ppo.rollout_batch_size}")
+    keep = cfg.sft.keep_prompt  # the policy writes only what follows the user prompt; rewards judge the whole
     guards = Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef, ppo.repetition_coef,
                     ppo.intent_hinge_coef, ppo.intent_margin)
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
@@ -204,10 +205,11 @@ def ppo_worker_loop(config: dict) -> None:
     def evaluate() -> dict[str, float]:
         lows = evaluation[C.LOW].tolist()
         mine = lows[rank::world]
-        out = sample(model.policy, tokenizer, [format_prompt(cfg.sft.instruction, low) for low in mine],
+        out = sample(model.policy, tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in mine],
                      ppo.max_new_tokens, greedy=True, max_query_tokens=ppo.max_query_tokens)
-        got = scores_of(mine, out.texts)
-        words = [len(t.split()) for t in out.texts]
+        texts = [policy_text(low, text, keep) for low, text in zip(mine, out.texts, strict=True)]
+        got = scores_of(mine, texts)
+        words = [len(t.split()) for t in texts]
         local = {"eval/reward": float(np.mean(got["reward"])), "eval/words": float(np.mean(words))}
         return _all_mean(local, world)
 
@@ -235,8 +237,9 @@ def ppo_worker_loop(config: dict) -> None:
                                            rank, world)[index]]
         lows = rows[C.LOW].tolist()
         torch.manual_seed(hash((ppo.seed, step, rank)) % 2**31)
-        rollout = sample(model.policy, tokenizer, [format_prompt(cfg.sft.instruction, low) for low in lows],
+        rollout = sample(model.policy, tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in lows],
                          ppo.max_new_tokens, ppo.temperature, ppo.top_p, max_query_tokens=ppo.max_query_tokens)
+        rollout.texts = [policy_text(low, text, keep) for low, text in zip(lows, rollout.texts, strict=True)]
         generated = time.perf_counter()
         ref_future = reference.logprobs.remote(rollout.input_ids.cpu().numpy(),
                                                rollout.attention_mask.cpu().numpy(), rollout.query_len)

@@ -72,8 +72,8 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
     held_out = split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed)
     model, tokenizer = load_causal_lm(config["model"], cfg.models, device=device)
-    train = build_examples(tokenizer, pairs[~held_out], sft.instruction, sft.max_length)
-    evaluation = build_examples(tokenizer, pairs[held_out], sft.instruction, sft.max_length)
+    train = build_examples(tokenizer, pairs[~held_out], sft.instruction, sft.max_length, sft.keep_prompt)
+    evaluation = build_examples(tokenizer, pairs[held_out], sft.instruction, sft.max_length, sft.keep_prompt)
     if sft.packing:
         train = pack_examples(train, sft.max_length)
     pad = tokenizer.pad_token_id

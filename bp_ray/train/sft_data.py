@@ -20,10 +20,34 @@ IGNORE_INDEX = -100
 """Label that torch's cross-entropy (and HF causal LMs) skip: prompt tokens and padding."""
 
 
-def format_prompt(instruction: str, low: str) -> str:
-    """The paper's template with the user prompt in place of `{raw}`; ends with "Output:", the target follows."""
+def format_prompt(instruction: str, low: str, keep_prompt: bool = False) -> str:
+    """The paper's template with the user prompt in place of `{raw}`; ends with "Output:", the target follows.
+    With keep_prompt the answer is begun with the user prompt itself (`kept_prefix`), so the model only adds."""
     # str.replace, not str.format: user prompts may contain braces ("{cat|dog}" wildcard syntax).
-    return instruction.replace("{raw}", low)
+    query = instruction.replace("{raw}", low)
+    return f"{query} {kept_prefix(low)}" if keep_prompt else query
+
+
+def kept_prefix(low: str) -> str:
+    """How a keep_prompt answer begins: the user prompt verbatim, then a comma."""
+    return low.strip().rstrip(".,") + ","
+
+
+def policy_text(low: str, completion: str, keep_prompt: bool = False) -> str:
+    """The rewrite a generated completion stands for: with keep_prompt, the user prompt and then the completion's
+    additions (the user prompt alone when the model adds nothing)."""
+    if not keep_prompt:
+        return completion
+    added = completion.strip().strip(",").strip()
+    return f"{kept_prefix(low)} {added}" if added else low.strip()
+
+
+def sft_target(low: str, high: str, keep_prompt: bool = False) -> str:
+    """What SFT teaches the model to write after the template: the high prompt, or with keep_prompt only what the
+    high prompt adds after its subject (its first comma segment)."""
+    if not keep_prompt:
+        return high
+    return ", ".join(segment.strip() for segment in high.split(",")[1:] if segment.strip())
 
 
 def split_held_out(pair_ids: Sequence[str], eval_fraction: float, seed: int) -> np.ndarray:
@@ -63,22 +87,26 @@ def _eos_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def build_example(tokenizer: Any, instruction: str, low: str, high: str, max_length: int) -> SFTExample:
+def build_example(tokenizer: Any, instruction: str, low: str, high: str, max_length: int,
+                  keep_prompt: bool = False) -> SFTExample:
     """One (low, high) pair -> input ids `prompt + " " + high + EOS` (<= max_length) with prompt labels masked."""
-    prompt_ids = tokenizer(format_prompt(instruction, low), add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(" " + high, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(format_prompt(instruction, low, keep_prompt), add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(" " + sft_target(low, high, keep_prompt), add_special_tokens=False)["input_ids"]
     return _assemble(prompt_ids, target_ids, _eos_id(tokenizer), max_length)
 
 
-def build_examples(tokenizer: Any, pairs: pd.DataFrame, instruction: str, max_length: int) -> list[SFTExample]:
+def build_examples(tokenizer: Any, pairs: pd.DataFrame, instruction: str, max_length: int,
+                   keep_prompt: bool = False) -> list[SFTExample]:
     """Pair table (columns `low`, `high`) -> one SFTExample per row, in row order; same rules as build_example."""
     if pairs.empty:
         return []
     eos_id = _eos_id(tokenizer)
     # One batched call per side: the fast tokenizer is much quicker on lists than row by row.
-    prompts = tokenizer([format_prompt(instruction, low) for low in pairs[C.LOW]],
+    prompts = tokenizer([format_prompt(instruction, low, keep_prompt) for low in pairs[C.LOW]],
                         add_special_tokens=False)["input_ids"]
-    targets = tokenizer([" " + high for high in pairs[C.HIGH]], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([" " + sft_target(low, high, keep_prompt) for low, high in zip(pairs[C.LOW], pairs[C.HIGH],
+                                                                                         strict=True)],
+                        add_special_tokens=False)["input_ids"]
     return [_assemble(p, t, eos_id, max_length) for p, t in zip(prompts, targets, strict=True)]
 
 

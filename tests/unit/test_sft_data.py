@@ -197,3 +197,19 @@ def test_batches_for_rank_needs_a_batch_divisible_by_world_size():
         batches_for_rank(np.arange(10), batch_size=5, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         batches_for_rank(np.arange(10), batch_size=4, rank=2, world_size=2)
+
+
+def test_keep_prompt_begins_the_answer_with_the_user_prompt_and_teaches_only_the_additions():
+    from bp_ray.train.sft_data import format_prompt, kept_prefix, policy_text, sft_target
+
+    instruction = "Input: {raw}\nOutput:"
+    assert format_prompt(instruction, "a red circle.", keep_prompt=True) == "Input: a red circle.\nOutput: a red circle,"
+    assert format_prompt(instruction, "a red circle.") == "Input: a red circle.\nOutput:"
+    assert kept_prefix(" a red circle. ") == "a red circle,"
+    high = "a large red circle, dark background, high contrast"
+    assert sft_target("a red circle", high, keep_prompt=True) == "dark background, high contrast"
+    assert sft_target("a red circle", high) == high
+    assert policy_text("a red circle", " dark background, sharp", keep_prompt=True) == \
+        "a red circle, dark background, sharp"
+    assert policy_text("a red circle", " , ", keep_prompt=True) == "a red circle"  # nothing added: the prompt
+    assert policy_text("a red circle", "a blue square", keep_prompt=False) == "a blue square"
