@@ -37,7 +37,8 @@ def server(tmp_path_factory, tiny_models_cfg) -> ServeProcess:
     run_dir = tmp_path_factory.mktemp("serve-run")  # no trained model there: it serves models.policy
     port = free_port()
     overrides = [f"serve.{key}={value}" for key, value in {**LIMITS, "metrics_port": free_port()}.items()]
-    overrides += [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"output_dir={run_dir}"]
+    # keep_prompt: every beautify route must open its answer with the user's prompt (the main job's setting)
+    overrides += [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"output_dir={run_dir}", "sft.keep_prompt=true"]
     argv = [sys.executable, "-m", "bp_ray.cli", "serve", "--preset", "tiny", "--port", str(port)]
     for item in overrides:
         argv += ["--set", item]
@@ -80,6 +81,7 @@ def test_beautify_applies_the_template_and_returns_n_seeded_outputs(server):
     assert body["seed"] == 11 and body["prompt"] == "a cat on a sofa" and len(body["outputs"]) == 3
     assert [o["index"] for o in body["outputs"]] == [0, 1, 2]
     assert all(1 <= o["tokens"] <= 12 and "\n" not in o["text"] for o in body["outputs"])
+    assert all(o["text"].startswith("a cat on a sofa") for o in body["outputs"])  # sft.keep_prompt
     # The instruction template is far longer than the 5-word prompt: it was applied.
     assert body["usage"]["prompt_tokens"] > 20
     assert body["usage"]["completion_tokens"] == sum(o["tokens"] for o in body["outputs"])
@@ -127,6 +129,7 @@ def test_openai_client_completions_and_chat_plain_and_streamed(server):
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a cat on a sofa"}],
                                             max_tokens=16, seed=9, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer
+    assert answer.startswith("a cat on a sofa")
 
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "a cat"}])
