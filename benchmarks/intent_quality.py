@@ -38,13 +38,17 @@ def faithful(low: str, high: str) -> bool:
 
 
 def pair_faithfulness(run: Path) -> dict[str, tuple[int, float]]:
-    """pair source -> (pairs, share faithful), and "all"."""
+    """pair source -> (pairs, share whose low prompt names the coloured shapes of the scene its row shows), and
+    "all". The scene is the corpus row's own prompt (what its image was rendered from), not the pair's high prompt,
+    which data.high_subject_from_low rewrites from the low one."""
     files = sorted((run / "data").glob("part-*.parquet"))
     pairs = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
     if pairs.empty:
         return {}
-    ok = [faithful(low, high) for low, high in zip(pairs["low"], pairs["high"], strict=True)]
-    pairs = pairs.assign(faithful=ok)
+    corpus = run / "corpus" / "metadata.parquet"
+    scenes = pd.read_parquet(corpus).set_index("image_name")["prompt"] if corpus.exists() else pd.Series(dtype=str)
+    shown = [scenes.get(row_id, high) for row_id, high in zip(pairs["row_id"], pairs["high"], strict=True)]
+    pairs = pairs.assign(faithful=[faithful(low, scene) for low, scene in zip(pairs["low"], shown, strict=True)])
     out = {source: (len(group), float(group["faithful"].mean())) for source, group in pairs.groupby("pair_source")}
     out["all"] = (len(pairs), float(pairs["faithful"].mean()))
     return out
