@@ -24,12 +24,15 @@ from bp_ray.summaries import (
     data_summary,
     eval_summary,
     example_rewrites,
+    logs_summary,
     ppo_summary,
     rewards_summary,
     rm_summary,
     sft_summary,
+    stage_outcome,
     stage_summary,
     text_eval_summary,
+    truncation_summary,
     zoo_summary,
 )
 
@@ -322,9 +325,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """The main job: every stage in order on one run directory; done stages are skipped, a cut-off one resumes."""
-    from tqdm import tqdm
-
-    from bp_ray.pipeline import PIPELINE_STAGES, run_pipeline
+    from bp_ray.console import LOGS_DIR, pipeline_console
+    from bp_ray.pipeline import run_pipeline
 
     cfg = config_from_args(args)
     if args.out:
@@ -333,7 +335,6 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
-    zoo = _ensure_zoo(cfg)
     folder = layout.stage_dir
 
     def corpus(resume: bool) -> dict:
@@ -374,27 +375,36 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         trained = {stage: folder(stage) for stage in ("sft", "rm", "ppo")}
         return run_evaluation(cfg, folder("eval"), sft=trained["sft"], ppo=trained["ppo"], training_dirs=trained)
 
-    bar = tqdm(total=len(PIPELINE_STAGES), desc="pipeline", unit="stage", disable=None)
-
-    def on_stage(stage: str) -> None:
-        bar.set_postfix_str(stage)
-        bar.update(0 if stage == PIPELINE_STAGES[0] else 1)
-
-    runs = run_pipeline(cfg, {"corpus": corpus, "data": data, "rewards": rewards, "sft": sft, "rm": rm,
-                              "ppo": ppo, "eval": evaluate}, layout, on_stage)
-    bar.update(1)
-    bar.close()
-    print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}")
-    print(zoo_summary(cfg, zoo))
-    for run in runs:
-        line = stage_summary(run.stage, run.manifest, folder(run.stage))
-        when = "skipped: done earlier with this config" if run.action == "skipped" else \
-            f"{run.action} in {run.seconds:.1f} s"
-        print(f"{line}\n  [{run.stage} {when}]" if run.stage == "eval" else f"{line}   [{when}]")
-    print(example_rewrites(folder("eval") / "rewrites.jsonl"))
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    print(f"serve the trained beautifier: bp-ray serve --preset {cfg.preset} --set output_dir={layout.root}   "
-          f"(or --model {layout.model_dir('ppo')})")
+    runners = {"corpus": corpus, "data": data, "rewards": rewards, "sft": sft, "rm": rm, "ppo": ppo,
+               "eval": evaluate}
+    with pipeline_console(layout.root, args.verbose) as (console, warnings):
+        console.print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}   library logs: {layout.root / LOGS_DIR}"
+                      + ("" if args.verbose else " (bp-ray -v pipeline shows them here)"))
+        try:
+            console.start("models")
+            started = time.perf_counter()
+            zoo = _ensure_zoo(cfg)
+            console.finish("models", f"ready in {time.perf_counter() - started:.1f} s")
+            runs = run_pipeline(cfg, runners, layout, on_stage=console.start,
+                                on_done=lambda run: console.finish(run.stage, stage_outcome(run)))
+        except BaseException as error:
+            console.fail(error)
+            raise
+        console.print()
+        console.print(zoo_summary(cfg, zoo))
+        for run in runs:
+            line = stage_summary(run.stage, run.manifest, folder(run.stage))
+            when = "skipped: done earlier with this config" if run.action == "skipped" else \
+                f"{run.action} in {run.seconds:.1f} s"
+            console.print(f"{line}\n  [{run.stage} {when}]" if run.stage == "eval" else f"{line}   [{when}]")
+        console.print(example_rewrites(folder("eval") / "rewrites.jsonl"))
+        truncated = truncation_summary(layout)
+        if truncated:
+            console.print(truncated)
+        console.print(logs_summary(layout.root / LOGS_DIR, warnings.count))
+        console.print(f"done in {time.perf_counter() - start:.1f} s")
+        console.print(f"serve the trained beautifier: bp-ray serve --preset {cfg.preset} --set "
+                      f"output_dir={layout.root}   (or --model {layout.model_dir('ppo')})")
     return 0
 
 

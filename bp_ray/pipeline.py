@@ -118,8 +118,10 @@ def plan(layout: RunLayout, prints: dict[str, str]) -> dict[str, str]:
 
 
 def run_pipeline(cfg: PipelineConfig, runners: dict[str, Callable[[bool], dict[str, Any]]],
-                 layout: RunLayout, on_stage: Callable[[str], None] | None = None) -> list[StageRun]:
-    """Run, resume or skip every stage in order; `runners[stage](resume)` runs one stage and returns its manifest."""
+                 layout: RunLayout, on_stage: Callable[[str], None] | None = None,
+                 on_done: Callable[[StageRun], None] | None = None) -> list[StageRun]:
+    """Run, resume or skip every stage in order; `runners[stage](resume)` runs one stage and returns its manifest.
+    `on_stage(stage)` is called before each stage and `on_done(run)` after it (the console's line per stage)."""
     prints = fingerprints(cfg)
     actions = plan(layout, prints)
     logger.info("pipeline plan: %s", ", ".join(f"{s} {a}" for s, a in actions.items()))
@@ -130,6 +132,8 @@ def run_pipeline(cfg: PipelineConfig, runners: dict[str, Callable[[bool], dict[s
         folder = layout.stage_dir(stage)
         if actions[stage] == "skip":
             done.append(StageRun(stage, "skipped", _read_json(folder / MANIFEST)))
+            if on_done:
+                on_done(done[-1])
             continue
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,4 +144,6 @@ def run_pipeline(cfg: PipelineConfig, runners: dict[str, Callable[[bool], dict[s
             layout.mark_done(stage, {**marker, "pipeline_fingerprint": prints[stage]})
         done.append(StageRun(stage, "resumed" if actions[stage] == "resume" else "ran", manifest,
                              time.perf_counter() - start))
+        if on_done:
+            on_done(done[-1])
     return done

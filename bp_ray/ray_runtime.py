@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from bp_ray.config import ActorPoolConfig, ClusterConfig
+from bp_ray.console import PROGRESS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,10 @@ def init_ray(cluster: ClusterConfig, metrics_export_port: int = 0) -> None:
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS") or None
     env_vars = dict(WORKER_ENV)
-    if os.environ.get("BP_RAY_CACHE"):
-        env_vars["BP_RAY_CACHE"] = os.environ["BP_RAY_CACHE"]
+    # The zoo cache, and the pipeline console's progress file that training workers report their steps to.
+    for name in ("BP_RAY_CACHE", PROGRESS_ENV):
+        if os.environ.get(name):
+            env_vars[name] = os.environ[name]
     # Under `ray job submit`, Ray refuses to merge a variable that the job's runtime env sets too: the job's wins.
     env_vars = {k: v for k, v in env_vars.items() if k not in _job_env_vars()}
     kwargs: dict[str, Any] = {} if address else {"num_cpus": cluster.num_cpus or None, "include_dashboard": False}

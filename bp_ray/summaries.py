@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from bp_ray.config import PipelineConfig
+from bp_ray.layout import RunLayout
 
 
 def zoo_summary(cfg: PipelineConfig, zoo: Path | None) -> str:
@@ -118,3 +120,47 @@ def text_eval_summary(results: dict) -> str:
                      for name, info in results["sets"].items())
     return (f"eval-text: {sets} x {', '.join(results['systems'])} in {results['wall_time_s']} s"
             f"{'' if results['rm'] else ' (no reward model: no rm_score)'}")
+
+
+def stage_outcome(run: Any) -> str:
+    """The console's line for a finished stage (a pipeline.StageRun): how it ended and how long it took."""
+    if run.action == "skipped":
+        return "skipped (done earlier with this config)"
+    if not run.manifest.get("complete", True):
+        steps = f" at {run.manifest['steps']}/{run.manifest['total_steps']} steps" if "steps" in run.manifest else ""
+        return f"stopped{steps} after {run.seconds:.1f} s (go on with --resume)"
+    return f"{'resumed, done' if run.action == 'resumed' else 'done'} in {run.seconds:.1f} s"
+
+
+def truncation_summary(layout: RunLayout) -> str | None:
+    """How many prompts the text encoder saw cut at its window (77 tokens for SD 1.x), from the rewards manifest
+    and the evaluation's results; None when none were. diffusers warns about every batch that holds one, in the
+    workers' logs: this is the count that matters."""
+    parts, total, limit = [], 0, None
+    rewards = _read(layout.manifest("rewards")).get("long_prompts") or {}
+    if rewards.get("mode") == "truncate" and rewards.get("over_limit"):
+        total += rewards["over_limit"]
+        parts.append(f"{rewards['over_limit']} of {rewards['prompts']} reward prompts")
+        limit = rewards["limit_tokens"]
+    results = _read(layout.stage_dir("eval") / "results.json").get("long_prompts") or {}
+    over = {system: info["over_limit"] for system, info in results.get("systems", {}).items() if info["over_limit"]}
+    if results.get("mode") == "truncate" and over:
+        total += sum(over.values())
+        parts.append("eval prompts: " + ", ".join(f"{system} {n}" for system, n in over.items()))
+        limit = limit or results["limit_tokens"]
+    if not total:
+        return None
+    return (f"{total} prompts truncated at {limit} tokens by the text encoder ({'; '.join(parts)}); "
+            "data.render.long_prompts=chunked / eval.render.long_prompts=chunked encode them whole")
+
+
+def logs_summary(folder: Path, warnings: int) -> str:
+    return (f"logs: {folder} (bp-ray.log: the driver's logging, {warnings} warning(s); output.log: Ray, its workers, "
+            "DeepSpeed and the other libraries)")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

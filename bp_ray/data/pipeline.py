@@ -135,6 +135,7 @@ def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) ->
     """Stream `rows` through the actor pools and commit every batch; returns batches committed."""
     import ray
 
+    from bp_ray.console import report_progress
     from bp_ray.data.captions import Captioner
     from bp_ray.data.image_filter import ImageAesthetic
     from bp_ray.data.rewrite import PromptRewriter
@@ -158,7 +159,11 @@ def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) ->
     # Writing a batch is light I/O: a small CPU share keeps it from waiting behind the model actors.
     ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=None, num_cpus=0.25,
                         fn_kwargs={"work_dir": str(work_dir), "data_cfg": data})
-    return sum(len(batch["rows"]) for batch in ds.iter_batches(batch_format="numpy"))
+    batches = rows_done = 0
+    for batch in ds.iter_batches(batch_format="numpy"):
+        batches, rows_done = batches + len(batch["rows"]), rows_done + int(batch["rows"].sum())
+        report_progress(rows_done, len(rows), "rows")
+    return batches
 
 
 # --- 5. consolidate ---------------------------------------------------------------------------------------------

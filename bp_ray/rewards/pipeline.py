@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bp_ray.config import PipelineConfig
+from bp_ray.console import report_progress
 from bp_ray.data import columns as C
 from bp_ray.layout import MANIFEST, SUCCESS
 from bp_ray.ray_runtime import actor_pool_args
@@ -161,6 +162,7 @@ def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: 
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
                                    **{name: list(batch[name]) for name in SCORE_NAMES}}))
+        report_progress(sum(map(len, parts)), len(unique), "prompts")
     return pd.concat(parts, ignore_index=True)
 
 
@@ -176,6 +178,20 @@ def _cached_scores(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: Path) 
     hits = np.flatnonzero(complete)
     return pd.DataFrame({PROMPT_ID: unique[PROMPT_ID].to_numpy()[hits], "rendered": False,
                          **{name: list(scores[hits, :, i]) for i, name in enumerate(SCORE_NAMES)}})
+
+
+def long_prompt_count(cfg: PipelineConfig, prompts: list[str]) -> dict[str, Any]:
+    """How many prompts exceed the diffusion text encoder's window, counted with the renderer's own tokenizer:
+    in the workers diffusers warns about each batch that holds one, and the manifest keeps the one count."""
+    from transformers import AutoTokenizer
+
+    from bp_ray.models.loading import resolve_model
+    from bp_ray.rewards.long_prompts import token_lengths
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.diffusion, cfg.models), subfolder="tokenizer")
+    limit = int(tokenizer.model_max_length)
+    return {"mode": cfg.data.render.long_prompts, "limit_tokens": limit, "prompts": len(prompts),
+            "over_limit": int(sum(n > limit for n in token_lengths(tokenizer, prompts)))}
 
 
 def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -226,6 +242,7 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
         "alpha": cfg.rewards.alpha, "pickscore_text": cfg.rewards.pickscore_text, "fused": cfg.rewards.fused,
         "models": {"diffusion": key.diffusion_model, "pickscore": key.pickscore_model,
                    "aesthetic": key.aesthetic_model, "relevance": key.relevance_model},
+        "long_prompts": long_prompt_count(cfg, list(unique[C.PROMPT])),
         "cache": str(cache_path), "config_hash": cfg.hash("data", "rewards"),
         "wall_time_s": round(time.perf_counter() - start, 2),
     }

@@ -184,7 +184,13 @@ def finish_logs(writer: Any, progress: Any) -> None:
 
 
 def progress_bar(name: str, total: int, initial: int) -> Any:
-    """A bar on the driver: Ray draws tqdm_ray bars of remote workers there."""
+    """The steps of a training run on the driver's console: through the pipeline console's progress file inside
+    `bp-ray pipeline`, else a tqdm_ray bar (Ray draws the bars of remote workers on the driver)."""
+    from bp_ray.console import StepProgress, progress_enabled
+
+    if progress_enabled():
+        # tqdm_ray patches print() on the driver to redraw its bars after every line, the summary's too.
+        return StepProgress(name, total, initial)
     from ray.experimental import tqdm_ray
 
     bar = tqdm_ray.tqdm(total=total, desc=name, unit="step")

@@ -166,6 +166,7 @@ def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_noth
         assert expected in logs, expected
     results = json.loads((run / "eval" / "results.json").read_text())
     assert [row["system"] for row in results["table"]] == ["original", "tags", "sft", "ppo"]
+    assert_a_readable_console(logs, run)
     assert (run / "eval" / "plots" / "curves_ppo.png").exists() and (run / "eval" / "plots" / "curves_sft.png").exists()
 
     # Which stages a changed setting reruns is tested without Ray in tests/unit/test_pipeline_plan.py.
@@ -175,6 +176,24 @@ def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_noth
                                 text=True, timeout=60).stdout
     lines = {line.split()[0]: line.split()[1] for line in status_out.splitlines()}
     assert set(lines.values()) == {"done"} and len(lines) == 7, status_out
+
+
+def assert_a_readable_console(logs: str, run: Path) -> None:
+    """What the job printed: a line per stage and the summary, last and whole; the libraries' output (Ray, its
+    workers, loading bars, DeepSpeed) is in the run's logs/ instead."""
+    lines = logs.rstrip("\n").splitlines()
+    assert len(lines) <= 40, logs  # about 700 before the console was quiet
+    for junk in ("State API", "Loading weights", "Loading pipeline components", "Execution plan", "%|", "pid=",
+                 "real_accelerator", "\r", "\x1b["):
+        assert junk not in logs, junk
+    for stage, outcome in (("corpus", "skipped"), ("sft", "resumed, done in"), ("ppo", "done in"),
+                           ("eval", "done in")):
+        assert re.search(rf"^{stage} +{re.escape(outcome)}", logs, re.MULTILINE), stage
+    assert lines[-2].startswith("done in ") and lines[-1].startswith("serve the trained beautifier: "), lines[-3:]
+    assert lines[-3].startswith(f"logs: {run / 'logs'} (")
+    output, python_log = (run / "logs" / "output.log").read_text(), (run / "logs" / "bp-ray.log").read_text()
+    assert "RayTrainWorker pid=" in output  # worker output, forwarded by Ray to the driver, prefixed by Ray
+    assert "pipeline plan: corpus skip" in python_log
 
 
 def test_the_head_refuses_a_client_with_a_wrong_token(ray_head):

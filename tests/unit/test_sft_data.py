@@ -203,7 +203,8 @@ def test_keep_prompt_begins_the_answer_with_the_user_prompt_and_teaches_only_the
     from bp_ray.train.sft_data import format_prompt, kept_prefix, policy_text, sft_target
 
     instruction = "Input: {raw}\nOutput:"
-    assert format_prompt(instruction, "a red circle.", keep_prompt=True) == "Input: a red circle.\nOutput: a red circle,"
+    kept = format_prompt(instruction, "a red circle.", keep_prompt=True)
+    assert kept == "Input: a red circle.\nOutput: a red circle,"
     assert format_prompt(instruction, "a red circle.") == "Input: a red circle.\nOutput:"
     assert kept_prefix(" a red circle. ") == "a red circle,"
     high = "a large red circle, dark background, high contrast"
