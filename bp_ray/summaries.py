@@ -18,7 +18,7 @@ def zoo_summary(cfg: PipelineConfig, zoo: Path | None) -> str:
         return f"models: from the hub / local paths (zoo cache {default_zoo_dir(cfg.models)} not needed)"
     manifest = json.loads((zoo / "zoo.json").read_text())
     params = sum(manifest["parameters"].values())
-    return (f"models: tiny zoo at {zoo} ({manifest['bytes'] / 1e6:.1f} MB, {params:,} parameters, "
+    return (f"models: {zoo.name} zoo at {zoo} ({manifest['bytes'] / 1e6:.1f} MB, {params:,} parameters, "
             f"roles {', '.join(manifest['parameters'])})")
 
 
