@@ -9,9 +9,10 @@ summary, last and whole. Everything the libraries print goes to files under <run
 The capture is at the file-descriptor level, so it also takes what native code and child processes write, with no
 list of loggers to keep up to date. `-v` leaves the console as it was (libraries print there) and keeps the files.
 
-Progress crosses process boundaries as a small JSON file (`logs/progress.json`): the stage code on the driver and
-rank 0 of a training run write it (`report_progress`), the console polls it. The run folder is already shared
-between the driver and the workers (rank 0 writes the metrics that the evaluation reads), so no actor is needed.
+Progress crosses process boundaries as small JSON files in `logs/progress/`, one per reporter: the stage code on
+the driver and rank 0 of each training run write theirs (`report_progress`), the console polls them and adds them
+up (the two reward models train at once). The run folder is already shared between the driver and the workers
+(rank 0 writes the metrics that the evaluation reads), so no actor is needed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -31,7 +33,7 @@ PROGRESS_ENV = "BP_RAY_PROGRESS_FILE"
 LOGS_DIR = "logs"
 PYTHON_LOG = "bp-ray.log"
 OUTPUT_LOG = "output.log"
-PROGRESS_FILE = "progress.json"
+PROGRESS_DIR = "progress"
 NAME_WIDTH = 9
 BAR_WIDTH = 24
 REDRAW_S = 0.5
@@ -41,15 +43,18 @@ logger = logging.getLogger(__name__)
 
 # --- reporting side (driver stage code and training workers) ------------------------------------------------------
 
-def report_progress(done: int, total: int, unit: str = "", note: str = "") -> None:
-    """Tell the pipeline's console how far the running stage is; a no-op outside `bp-ray pipeline`."""
-    path = os.environ.get(PROGRESS_ENV)
-    if not path:
+def report_progress(done: int, total: int, unit: str = "", note: str = "", key: str = "stage") -> None:
+    """Tell the pipeline's console how far the running stage is (`key` names the reporter, when a stage has
+    several); a no-op outside `bp-ray pipeline`."""
+    folder = os.environ.get(PROGRESS_ENV)
+    if not folder:
         return
-    tmp = f"{path}.{os.getpid()}.tmp"
+    path = Path(folder) / f"{key.replace('/', '-').replace(':', '-')}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        Path(tmp).write_text(json.dumps({"done": int(done), "total": int(total), "unit": unit, "note": note,
-                                         "time": time.time()}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"done": int(done), "total": int(total), "unit": unit, "note": note,
+                                   "time": time.time()}))
         os.replace(tmp, path)  # atomic: the console never reads half a file
     except OSError:  # progress is a courtesy: a full disk or a vanished run folder must not stop training
         pass
@@ -60,7 +65,7 @@ class StepProgress:
 
     def __init__(self, name: str, total: int, initial: int = 0, unit: str = "steps"):
         self.name, self.total, self.n, self.unit, self.note = name, total, initial, unit, ""
-        report_progress(self.n, self.total, self.unit)
+        report_progress(self.n, self.total, self.unit, key=self.name)
 
     def set_description(self, desc: str) -> None:
         # The console's line already starts with the stage name; a sub-run's name ("rm:pickscore") stays.
@@ -71,7 +76,7 @@ class StepProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        report_progress(self.n, self.total, self.unit, self.note)
+        report_progress(self.n, self.total, self.unit, self.note, key=self.name)
 
     def close(self) -> None:
         pass
@@ -96,9 +101,9 @@ def stage_line(name: str, text: str) -> str:
 class Console:
     """Stage lines and the summary on `stream`; with `live`, a bar of the running stage redrawn in place."""
 
-    def __init__(self, stream: TextIO, live: bool = False, progress_file: Path | None = None,
+    def __init__(self, stream: TextIO, live: bool = False, progress_dir: Path | None = None,
                  columns: int = 100):
-        self.stream, self.live, self.progress_file, self.columns = stream, live, progress_file, columns
+        self.stream, self.live, self.progress_dir, self.columns = stream, live, progress_dir, columns
         self._stage: str | None = None
         self._started = 0.0
         self._lock = threading.Lock()
@@ -111,8 +116,8 @@ class Console:
     def start(self, stage: str) -> None:
         with self._lock:
             self._stage, self._started = stage, time.time()
-            if self.progress_file is not None:
-                self.progress_file.unlink(missing_ok=True)  # the previous stage's last report
+            for old in self.progress_dir.glob("*.json") if self.progress_dir else ():
+                old.unlink(missing_ok=True)  # the previous stage's last reports
             self._draw()
 
     def finish(self, stage: str, text: str) -> None:
@@ -157,13 +162,19 @@ class Console:
                                              f"{elapsed}")
 
     def _read_progress(self) -> dict | None:
-        if self.progress_file is None:
+        """This stage's reports added up: steps of runs side by side, their notes joined."""
+        reports = []
+        for path in sorted(self.progress_dir.glob("*.json")) if self.progress_dir else ():
+            try:
+                report = json.loads(path.read_text())
+            except (OSError, ValueError):  # removed between the listing and the read
+                continue
+            if report.get("time", 0) >= self._started - 1:
+                reports.append(report)
+        if not reports:
             return None
-        try:
-            report = json.loads(self.progress_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return report if report.get("time", 0) >= self._started - 1 else None
+        return {"done": sum(r["done"] for r in reports), "total": sum(r["total"] for r in reports),
+                "unit": reports[0].get("unit", ""), "note": ", ".join(r["note"] for r in reports if r.get("note"))}
 
     def _write_line(self, text: str) -> None:
         self.stream.write(("\r\x1b[K" if self.live else "") + text + "\n")
@@ -254,12 +265,13 @@ def pipeline_console(run_dir: Path, verbose: bool) -> Iterator[tuple[Console, Wa
         if verbose:
             yield Console(sys.stdout), counter
             return
-        progress = (folder / PROGRESS_FILE).resolve()
+        progress = (folder / PROGRESS_DIR).resolve()
+        progress.mkdir(exist_ok=True)
         os.environ[PROGRESS_ENV] = str(progress)
         _quiet_libraries()
         with _captured_output(folder / OUTPUT_LOG) as console_fd:
             stream = os.fdopen(os.dup(console_fd), "w", buffering=1, encoding="utf-8", errors="replace")
-            console = Console(stream, live=os.isatty(console_fd), progress_file=progress,
+            console = Console(stream, live=os.isatty(console_fd), progress_dir=progress,
                               columns=_columns(console_fd))
             try:
                 yield console, counter
@@ -270,7 +282,7 @@ def pipeline_console(run_dir: Path, verbose: bool) -> Iterator[tuple[Console, Wa
 
                     ray.shutdown()
                 stream.close()
-                progress.unlink(missing_ok=True)
+                shutil.rmtree(progress, ignore_errors=True)
     finally:
         logging.captureWarnings(False)
         root.removeHandler(file_handler)

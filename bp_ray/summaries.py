@@ -150,8 +150,9 @@ def truncation_summary(layout: RunLayout) -> str | None:
         limit = limit or results["limit_tokens"]
     if not total:
         return None
-    return (f"{total} prompts truncated at {limit} tokens by the text encoder ({'; '.join(parts)}); "
-            "data.render.long_prompts=chunked / eval.render.long_prompts=chunked encode them whole")
+    return (f"{total} prompt{'s' if total != 1 else ''} truncated at {limit} tokens by the text encoder "
+            f"({'; '.join(parts)}); data.render.long_prompts=chunked / eval.render.long_prompts=chunked encode "
+            "them whole")
 
 
 def logs_summary(folder: Path, warnings: int) -> str:

@@ -160,7 +160,7 @@ def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) ->
     ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=None, num_cpus=0.25,
                         fn_kwargs={"work_dir": str(work_dir), "data_cfg": data})
     batches = rows_done = 0
-    for batch in ds.iter_batches(batch_format="numpy"):
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):  # each block as it lands: live progress
         batches, rows_done = batches + len(batch["rows"]), rows_done + int(batch["rows"].sum())
         report_progress(rows_done, len(rows), "rows")
     return batches

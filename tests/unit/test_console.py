@@ -35,11 +35,10 @@ def test_a_plain_console_prints_one_line_per_stage_and_no_redraws():
     assert out.getvalue() == "data      done in 17.0 s\nsummary\n"
 
 
-def test_the_live_bar_follows_the_progress_file_and_is_cleared_before_a_line(tmp_path, monkeypatch):
-    progress = tmp_path / "progress.json"
-    monkeypatch.setenv(PROGRESS_ENV, str(progress))
+def test_the_live_bar_follows_the_progress_files_and_is_cleared_before_a_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(PROGRESS_ENV, str(tmp_path))
     out = io.StringIO()
-    console = Console(out, live=True, progress_file=progress)
+    console = Console(out, live=True, progress_dir=tmp_path)
     console.start("sft")
     bar = StepProgress("sft", total=40, initial=10)
     bar.set_description("sft loss 2.345")
@@ -51,13 +50,23 @@ def test_the_live_bar_follows_the_progress_file_and_is_cleared_before_a_line(tmp
     assert text.endswith("\r\x1b[Ksft       done in 3.0 s\n")  # the bar is wiped, not left under the line
 
 
-def test_a_stale_report_of_an_earlier_stage_is_not_shown(tmp_path, monkeypatch):
-    progress = tmp_path / "progress.json"
-    monkeypatch.setenv(PROGRESS_ENV, str(progress))
-    console = Console(io.StringIO(), progress_file=progress)
+def test_a_stale_report_of_an_earlier_stage_is_not_shown(tmp_path):
+    console = Console(io.StringIO(), progress_dir=tmp_path)
     console.start("rm")
-    progress.write_text(json.dumps({"done": 5, "total": 5, "unit": "rows", "note": "", "time": 0}))
+    (tmp_path / "stage.json").write_text(json.dumps({"done": 5, "total": 5, "unit": "rows", "note": "", "time": 0}))
     assert "running" in console.progress_text()
+
+
+def test_runs_side_by_side_add_up_on_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(PROGRESS_ENV, str(tmp_path))
+    console = Console(io.StringIO(), progress_dir=tmp_path)
+    console.start("rm")
+    for head, done in (("pickscore", 30), ("aesthetic", 10)):
+        bar = StepProgress(f"rm:{head}", total=90)
+        bar.set_description(f"rm:{head} loss 0.1")
+        bar.update(done)
+    assert console.progress_text().startswith(
+        f"rm        {format_bar(40, 180)} 40/180 steps  aesthetic loss 0.1, pickscore loss 0.1  ")
 
 
 def test_report_progress_is_a_no_op_outside_the_pipeline(tmp_path, monkeypatch):
@@ -111,7 +120,7 @@ print("after the block")
     python_log = (tmp_path / "logs" / PYTHON_LOG).read_text()
     for text in ("a library warning", "a stage's info", "a python warning"):
         assert text in python_log
-    assert not (tmp_path / "logs" / "progress.json").exists()
+    assert not (tmp_path / "logs" / "progress").exists()
 
 
 def test_verbose_leaves_the_console_alone_and_still_writes_the_log(tmp_path, capsys):
