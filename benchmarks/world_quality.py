@@ -96,18 +96,13 @@ def run_pipeline(out: Path, sets: list[str]) -> None:
 def check_shipped(cfg) -> bool:
     """Rebuild every role of the default world zoo into a temporary folder and compare it, file by file, with the
     zoo shipped in bp_ray/resources/zoo/world; prints each role's time and verdict."""
-    import hashlib
     import tempfile
 
-    from bp_ray.world.zoo import ROLE_ORDER, SHIPPED_ZOO, build_world_roles
-
-    def digest(folder: Path) -> dict[str, str]:
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+    from bp_ray.world.zoo import ROLE_ORDER, SHIPPED_ZOO, build_world_roles, file_digests
 
     with tempfile.TemporaryDirectory() as tmp:
         _, seconds = build_world_roles(Path(tmp), cfg.models.tiny, cfg.models.world)
-        same = {role: digest(Path(tmp) / role) == digest(SHIPPED_ZOO / role) for role in ROLE_ORDER}
+        same = {role: file_digests(Path(tmp) / role) == file_digests(SHIPPED_ZOO / role) for role in ROLE_ORDER}
     for role in ROLE_ORDER:
         print(f"  {role:<10}{seconds[role]:8.1f} s  {'identical to the shipped zoo' if same[role] else 'DIFFERS'}")
     print(f"rebuilt in {sum(seconds.values()):.1f} s: {'identical' if all(same.values()) else 'NOT identical'}")

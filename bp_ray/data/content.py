@@ -29,8 +29,15 @@ def content_kept(prompt: str, output: str) -> float:
     return len(wanted & content_words(output)) / len(wanted) if wanted else 1.0
 
 
+def split_subject(prompt: str) -> tuple[str, list[str]]:
+    """(subject, additions) of a prompt: its first comma segment, and the non-empty segments after it (style and
+    quality tags follow the subject)."""
+    subject, *rest = prompt.split(",")
+    return subject.strip(), [segment.strip() for segment in rest if segment.strip()]
+
+
 def pair_overlap(low: str, high: str) -> tuple[float, float]:
     """(share of the low prompt's content words the high prompt holds, share of the high prompt's subject words
     the low prompt holds): a faithful pair scores high on both; a caption that names another object fails the
     first, one that leaves out an object of the subject fails the second."""
-    return content_kept(low, high), content_kept(high.split(",", 1)[0], low)
+    return content_kept(low, high), content_kept(split_subject(high)[0], low)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from bp_ray.config import DataConfig
 from bp_ray.data import columns as C
-from bp_ray.data.content import pair_overlap
+from bp_ray.data.content import pair_overlap, split_subject
 from bp_ray.data.prompt_rules import content_flag, dedup_key, within_bounds
 from bp_ray.data.tag_strip import strip_tags
 from bp_ray.data.vocab import Vocab, load_vocab, tag_terms
@@ -107,8 +107,7 @@ def pair_drop_reason(low: str, high: str, aesthetic: float, gen_error: str, cfg:
 def with_low_subject(low: str, high: str) -> str:
     """The high prompt with its subject (first comma segment) replaced by the low prompt: the user's own words,
     then the high prompt's additions."""
-    tail = [segment.strip() for segment in high.split(",")[1:] if segment.strip()]
-    return ", ".join([low.strip().rstrip(".,"), *tail])
+    return ", ".join([low.strip().rstrip(".,"), *split_subject(high)[1]])
 
 
 def clean_candidates(candidates: pd.DataFrame, cfg: DataConfig, vocab: Vocab) -> pd.DataFrame:

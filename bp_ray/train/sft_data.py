@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from bp_ray.data import columns as C
+from bp_ray.data.content import split_subject
 
 IGNORE_INDEX = -100
 """Label that torch's cross-entropy (and HF causal LMs) skip: prompt tokens and padding."""
@@ -47,7 +48,7 @@ def sft_target(low: str, high: str, keep_prompt: bool = False) -> str:
     high prompt adds after its subject (its first comma segment)."""
     if not keep_prompt:
         return high
-    return ", ".join(segment.strip() for segment in high.split(",")[1:] if segment.strip())
+    return ", ".join(split_subject(high)[1])
 
 
 def split_held_out(pair_ids: Sequence[str], eval_fraction: float, seed: int) -> np.ndarray:

@@ -55,6 +55,15 @@ def ensure_world_zoo(models_cfg: ModelsConfig) -> Path:
     return root
 
 
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a zoo folder but its zoo.json (which records build times), by relative path:
+    two builds of the same config must agree on all of them."""
+    from bp_ray.models.tiny_zoo import MANIFEST
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
 def _copy_shipped(staging: Path) -> dict:
     shutil.copytree(SHIPPED_ZOO, staging, dirs_exist_ok=True)
     manifest = json.loads((SHIPPED_ZOO / "zoo.json").read_text())

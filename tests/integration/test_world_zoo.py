@@ -53,17 +53,10 @@ def test_world_zoo_rebuilds_when_its_config_changes(world_models_cfg, tmp_path):
 
 def test_world_zoo_build_is_deterministic_for_a_seed(world_models_cfg, tmp_path):
     """Weights, configs and tokenizers come out byte for byte the same from a second build."""
-    import hashlib
-
-    from bp_ray.models.tiny_zoo import MANIFEST
-    from bp_ray.world.zoo import build_world_zoo, world_zoo_dir
-
-    def digest(folder: Path) -> dict[str, str]:
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    from bp_ray.world.zoo import build_world_zoo, file_digests, world_zoo_dir
 
     assert build_world_zoo(tmp_path / "world", world_models_cfg.tiny, world_models_cfg.world).built
-    assert digest(tmp_path / "world") == digest(world_zoo_dir(world_models_cfg))
+    assert file_digests(tmp_path / "world") == file_digests(world_zoo_dir(world_models_cfg))
 
 
 def test_world_truth_scores_judge_renders_against_the_request():
@@ -106,33 +99,24 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
         assert 0 <= row["true_aesthetic_mean"] <= 10 and 0 <= row["colour_match_mean"] <= 1
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    import hashlib
-
-    from bp_ray.models.tiny_zoo import MANIFEST
-
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-
-
 def test_shipped_world_zoo_is_what_build_world_builds(tmp_path):
     """The shipped zoo is the default config's build: its key matches, and its LM rebuilt alone here comes out
     byte for byte as shipped (every role, ~10 min: python benchmarks/world_quality.py --check-shipped)."""
     from bp_ray.config_loader import load_config
     from bp_ray.models.tiny_zoo import is_current
-    from bp_ray.world.zoo import SHIPPED_ZOO, build_world_roles, world_key
+    from bp_ray.world.zoo import SHIPPED_ZOO, build_world_roles, file_digests, world_key
 
     models = load_config("world").models
     assert is_current(SHIPPED_ZOO, world_key(models.tiny, models.world))
     build_world_roles(tmp_path, models.tiny, models.world, roles=("bloom",))
-    assert _digest(tmp_path / "bloom") == _digest(SHIPPED_ZOO / "bloom")
+    assert file_digests(tmp_path / "bloom") == file_digests(SHIPPED_ZOO / "bloom")
 
 
 def test_first_use_of_the_default_world_zoo_copies_the_shipped_one(tmp_path):
     from bp_ray.config_loader import load_config
-    from bp_ray.world.zoo import SHIPPED_ZOO, ensure_world_zoo
+    from bp_ray.world.zoo import SHIPPED_ZOO, ensure_world_zoo, file_digests
 
     models = load_config("world", [f"models.zoo_dir={tmp_path}"]).models
     root = ensure_world_zoo(models)
-    assert root == tmp_path / "world" and _digest(root) == _digest(SHIPPED_ZOO)
+    assert root == tmp_path / "world" and file_digests(root) == file_digests(SHIPPED_ZOO)
     assert json.loads((root / "zoo.json").read_text())["copied_from"] == str(SHIPPED_ZOO)
