@@ -100,16 +100,21 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
 
 
 def test_shipped_world_zoo_is_what_build_world_builds(tmp_path):
-    """The shipped zoo is the default config's build: its key matches, and its LM rebuilt alone here comes out
-    byte for byte as shipped (every role, ~10 min: python benchmarks/world_quality.py --check-shipped)."""
+    """The shipped zoo is the default config's build: its key matches, and its LM rebuilt alone here learns what the
+    shipped one learned (every role, ~45 min: python benchmarks/world_quality.py --check-shipped). Bytes match only
+    on the CPU that built it: another CPU's float kernels add in another order, and 1000 steps amplify the last bit."""
     from bp_ray.config_loader import load_config
     from bp_ray.models.tiny_zoo import is_current
-    from bp_ray.world.zoo import SHIPPED_ZOO, build_world_roles, file_digests, world_key
+    from bp_ray.world.zoo import SHIPPED_ZOO, build_world_roles, world_key
 
     models = load_config("world").models
     assert is_current(SHIPPED_ZOO, world_key(models.tiny, models.world))
-    build_world_roles(tmp_path, models.tiny, models.world, roles=("bloom",))
-    assert file_digests(tmp_path / "bloom") == file_digests(SHIPPED_ZOO / "bloom")
+    stats, _ = build_world_roles(tmp_path, models.tiny, models.world, roles=("bloom",))
+    shipped = json.loads((SHIPPED_ZOO / "zoo.json").read_text())["training"]["bloom"]
+    assert stats["bloom"]["heldout_loss_before"] == pytest.approx(shipped["heldout_loss_before"], rel=1e-4)
+    assert stats["bloom"]["heldout_loss_after"] == pytest.approx(shipped["heldout_loss_after"], rel=0.03)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "bloom" / name).read_bytes() == (SHIPPED_ZOO / "bloom" / name).read_bytes(), name
 
 
 def test_first_use_of_the_default_world_zoo_copies_the_shipped_one(tmp_path):
