@@ -21,6 +21,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from tests.integration.ray_train_faults import registered_checkpoint_step
 from tests.integration.serve_process import free_port
 
 pytestmark = pytest.mark.integration
@@ -132,8 +133,10 @@ def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_noth
                                                                                    tmp_path):
     run = tmp_path / "run"
     first = submit_pipeline(ray_head, run, tiny_models_cfg.zoo_dir)
-    deadline, next_status = time.monotonic() + 300, time.monotonic() + 10
-    while not list((run / "sft" / "ray" / "sft").glob("checkpoint_*")):
+    # Registered, not merely written: a checkpoint folder appears before Ray Train's controller records it, and a
+    # job stopped in between resumes from step 0.
+    deadline, next_status = time.monotonic() + 600, time.monotonic() + 10
+    while registered_checkpoint_step(run / "sft" / "ray" / "sft") == 0:
         assert time.monotonic() < deadline, ray_job(ray_head, "logs", first).stdout[-4000:]  # SFT never checkpointed
         if time.monotonic() > next_status:  # a job that ended early would otherwise be waited on in vain
             assert job_state(ray_head, first) in ("PENDING", "RUNNING"), wait_for(ray_head, first)[1][-4000:]
