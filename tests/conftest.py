@@ -51,3 +51,18 @@ def world_models_cfg(tmp_path_factory):
     cfg.zoo_dir = str(tmp_path_factory.mktemp("world-zoo"))
     ensure_world_zoo(cfg)
     return cfg
+
+
+# Test files that take minutes, longest first (serial --durations on 2 cores). `make test` hands whole files to two
+# processes in collection order (pytest -n 2 --dist loadfile), so these go first and the many short files fill in
+# around them; collected last, the longest file ran alone for a quarter of an hour at the end.
+LONG_FILES = ("test_job_submit.py", "test_ppo.py", "test_world_intent.py", "test_sft.py", "test_multinode.py",
+              "test_world_zoo.py", "test_data_pipeline.py", "test_train_recovery.py", "test_reward_model.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order

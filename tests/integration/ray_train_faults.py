@@ -14,9 +14,18 @@ import psutil
 
 
 def train_worker_pids() -> set[int]:
-    """PIDs of processes that hold a Ray Train worker actor (Ray renames a pooled worker process when it does)."""
-    return {process.pid for process in psutil.process_iter(["cmdline"])
-            if "RayTrainWorker" in " ".join(process.info["cmdline"] or [])}
+    """PIDs of this test process's Ray Train worker actors (Ray renames a pooled worker process when it holds one).
+
+    Only our descendants: the local Ray's raylet is our child and starts the workers, while another test process
+    running beside this one (pytest -n 2) has Ray Train workers of its own."""
+    pids = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                pids.add(process.pid)
+        except psutil.Error:  # it exited while we looked
+            continue
+    return pids
 
 
 def registered_checkpoint_step(run_dir: Path) -> int:
