@@ -28,11 +28,12 @@ run: install
 	$(BIN)/bp-ray pipeline --preset world --out $(RUN)
 
 # The test suite. pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
-# Two processes (-n 2), each test file whole in one of them (module fixtures, file order): most integration time
-# is waiting on Ray, process starts and checkpoints, so two files at once fit two cores (49 min one at a time).
+# Two processes (-n 2), each test file whole in one of them (module fixtures), handed out in collection order
+# (tests/conftest.py puts the longest files first; xdist would sort them by test count): most integration time is
+# waiting on Ray, process starts and checkpoints, so two files at once fit two cores (49 min one at a time).
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests -q -n 2 --dist loadfile --durations=25; rc=$$?; \
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-unit: install
