@@ -57,7 +57,10 @@ def ray_head():
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
+        # The head's daemons pass RAY_ADDRESS on to every worker they start: Ray Train's actors look their cluster
+        # up by scanning this machine's Ray processes otherwise, and fail when a test running beside this one
+        # (make test runs two) has a Ray of its own ("Found multiple active Ray instances").
+        env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}, capture_output=True, text=True, timeout=180)
     try:
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
@@ -129,6 +132,7 @@ def stage_actions(logs: str) -> dict[str, str]:
     return actions
 
 
+@pytest.mark.timeout(1800)  # two whole pipeline jobs: 8 min alone on 2 cores, 15 beside another test process
 def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_nothing(ray_head, tiny_models_cfg,
                                                                                    tmp_path):
     run = tmp_path / "run"

@@ -36,6 +36,7 @@ def ppo_cfg(zoo_dir: str, *overrides: str):
     return load_config("tiny", [f"models.zoo_dir={zoo_dir}", "sft.eval_fraction=0.1", *overrides])
 
 
+@pytest.mark.timeout(1800)  # the first test pays for the module's `trained` fixture: 4 min alone, 13 beside another
 def test_ppo_raises_the_held_out_reward_over_sft_within_the_kl_budget(trained, tiny_models_cfg, tmp_path):
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=30", "ppo.checkpoint_every=10")
     manifest = run_ppo(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "ppo")
@@ -71,6 +72,7 @@ def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(trained, tiny_
                                                                        rel=1e-4)
 
 
+@pytest.mark.slow  # the training loop PPO shares is tested with a killed worker in test_train_recovery.py
 def test_a_killed_worker_is_replaced_and_ppo_goes_on_from_the_last_checkpoint(trained, tiny_models_cfg, tmp_path):
     out = tmp_path / "ppo"
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=8", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1")

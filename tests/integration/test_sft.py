@@ -48,9 +48,12 @@ def real_pairs(folder: Path) -> Path:
 # learns them more slowly (measured: 58 % of outputs tagged after 10 epochs, against 92 % on the corpus).
 SOURCES = {"embedded_corpus": (corpus_pairs, ["sft.epochs=6", "sft.max_length=96"], 0.75),
            "real_discord_prompts": (real_pairs, ["sft.epochs=10", "sft.max_length=192"], 0.5)}
+SLOW_SOURCES = {"real_discord_prompts"}
+"""Over 2 min of training (4 beside another test process): `make test-all` runs it, `make test` does not."""
 
 
-@pytest.mark.parametrize("source", list(SOURCES))
+@pytest.mark.parametrize("source", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SOURCES else s
+                                    for s in SOURCES])
 def test_sft_lowers_held_out_loss_and_teaches_tags(ray_session, tiny_models_cfg, tmp_path, source):
     make_pairs, overrides, min_tagged = SOURCES[source]
     pairs_dir = make_pairs(tmp_path / "data")
