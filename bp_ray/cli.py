@@ -101,11 +101,12 @@ def cmd_models_build_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build_world(args: argparse.Namespace) -> int:
-    from bp_ray.world.zoo import build_world_zoo, world_zoo_dir
+    from bp_ray.world.zoo import BUILD_ORDER, build_world_zoo, world_zoo_dir
 
     cfg = config_from_args(args)
     root = Path(args.out) if args.out else world_zoo_dir(cfg.models)
-    summary = build_world_zoo(root, cfg.models.tiny, cfg.models.world, force=args.force)
+    roles = tuple(args.roles.split(",")) if args.roles else BUILD_ORDER
+    summary = build_world_zoo(root, cfg.models.tiny, cfg.models.world, force=args.force, roles=roles)
     verb = f"built and trained in {summary.seconds:.1f} s" if summary.built else "up to date (cached)"
     print(f"world zoo {verb}: {summary.path} ({summary.bytes / 1e6:.1f} MB)")
     manifest = json.loads((root / "zoo.json").read_text())
@@ -522,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="build the tiny zoo's models and train each in the miniature world (cached)")
     p.add_argument("--out", default=None, metavar="DIR", help="zoo folder (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date zoo exists")
+    p.add_argument("--roles", default=None, metavar="ROLE,...",
+                   help="retrain only these roles (bloom, blip, pickscore, sd, aesthetic) in the zoo at --out and keep "
+                        "the others: after changing only these roles' trainers or settings")
     p.set_defaults(func=cmd_models_build_world)
     p = models_sub.add_parser("import-gguf", parents=[_config_options()],
                               help="convert a GGUF checkpoint once into a Hugging Face safetensors folder (cached)")

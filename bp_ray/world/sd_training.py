@@ -261,6 +261,41 @@ def build_world_sd(folder: Path, samples: WorldSamples, world: WorldConfig, tiny
             "unet_seconds": unet_seconds, "unet_loss_first": unet_first, "unet_loss_last": unet_last}
 
 
+# --- renders for the other roles ---------------------------------------------------------------------------
+
+WORLD_RENDER = RenderConfig(height=32, width=32, num_inference_steps=4, guidance_scale=5.0, scheduler="ddim")
+"""How the world preset renders (data, rewards, PPO and eval): what the world SD's renders are judged at."""
+RENDER_BATCH = 250
+
+
+def styled_prompts(scenes: Sequence[Scene], seed: int) -> list[str]:
+    """Each scene's plain description followed by style phrases, each group's with probability 1/2 (a random
+    phrase of the group, in group order): the shape of a beautifier's rewrite of a plain request."""
+    from bp_ray.world.scenes import STYLE_GROUPS
+
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for scene in scenes:
+        styles = [str(rng.choice(group)) for group in STYLE_GROUPS.values() if rng.random() < 0.5]
+        prompts.append(", ".join([scene.plain(), *styles]))
+    return prompts
+
+
+def render_prompts(sd_folder: Path, prompts: Sequence[str], seed: int, size: int = 32) -> np.ndarray:
+    """(N, size, size, 3) uint8: one render of each prompt by the SD pipeline folder at WORLD_RENDER, batch b with
+    render seed seed + b."""
+    from dataclasses import replace
+
+    from bp_ray.models.loading import load_diffusion
+    from bp_ray.rewards.render import render_seeds
+
+    render = replace(WORLD_RENDER, height=size, width=size)
+    pipe = load_diffusion(str(sd_folder), device="cpu", scheduler=render.scheduler)
+    batches = [render_seeds(pipe, prompts[start:start + RENDER_BATCH], [seed + b], render)[:, 0]
+               for b, start in enumerate(range(0, len(prompts), RENDER_BATCH))]
+    return np.concatenate(batches) if batches else np.zeros((0, size, size, 3), dtype=np.uint8)
+
+
 # --- measuring --------------------------------------------------------------------------------------------
 
 def _render_occurrences(pipe, prompts: Sequence[str], render: RenderConfig, num_seeds: int) -> np.ndarray:

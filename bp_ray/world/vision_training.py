@@ -364,9 +364,11 @@ def _aesthetic_terms(images: np.ndarray) -> torch.Tensor:
                          for image in images], dtype=torch.float32)
 
 
-def train_world_aesthetic(folder: Path, samples: WorldSamples, world: WorldConfig) -> dict[str, float]:
+def train_world_aesthetic(folder: Path, samples: WorldSamples, world: WorldConfig,
+                          sd_images: np.ndarray | None = None) -> dict[str, float]:
     """The aesthetic scorer folder's open_clip tower and LAION head regress the ground-truth aesthetic of both
-    renders (MSE, on LAION's 0..10 scale); saved back in the scorer folder format.
+    renders and of `sd_images` (the world SD's renders, labelled from their pixels) (MSE, on LAION's 0..10 scale);
+    saved back in the scorer folder format.
 
     A training-only linear head on the same embedding also regresses the five terms the ground truth sums
     (contrast, vividness, cleanliness, sharpness, composition): their separate errors reach the tower where
@@ -383,9 +385,13 @@ def train_world_aesthetic(folder: Path, samples: WorldSamples, world: WorldConfi
     scorer = load_aesthetic_scorer(folder, device="cpu")
     _, spec = load_aesthetic_head(folder)
     tower, head = scorer.clip, scorer.head
-    images = _both_renders(samples)
+    from bp_ray.world.truth import true_aesthetic
+
+    sd_images = np.zeros((0, *samples.images.shape[1:]), np.uint8) if sd_images is None else sd_images
+    images = np.concatenate([_both_renders(samples), sd_images])
     pixels = torch.stack([scorer.preprocess(image) for image in _pil(images)])
-    targets = torch.from_numpy(np.concatenate([samples.aesthetic, samples.plain_aesthetic])).float()
+    sd_truth = np.array([true_aesthetic(image) for image in sd_images], dtype=np.float32)
+    targets = torch.from_numpy(np.concatenate([samples.aesthetic, samples.plain_aesthetic, sd_truth])).float()
     terms = _aesthetic_terms(images)
     terms_head = torch.nn.Linear(head.input_size, terms.shape[1])
     with torch.no_grad():
@@ -408,6 +414,7 @@ def train_world_aesthetic(folder: Path, samples: WorldSamples, world: WorldConfi
     params = [*tower.visual.parameters(), *head.parameters(), *terms_head.parameters()]
     stats = _train_loop(params, loss_fn, len(pixels), world.aesthetic_steps, world.aesthetic_batch_size,
                         world.aesthetic_lr, world.seed)
+    stats["sd_images"] = len(sd_images)
     stats["first_loss"] = score_losses[0] if score_losses else float("nan")
     stats["last_loss"] = float(np.mean(score_losses[-LAST_LOSS_STEPS:])) if score_losses else float("nan")
     tower.eval()

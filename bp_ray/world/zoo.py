@@ -15,16 +15,17 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bp_ray.config import ModelsConfig, TinyZooConfig, WorldConfig
 from bp_ray.models import tiny_zoo
-from bp_ray.models.tiny_zoo import ZOO_ROLES, ZooSummary, build_zoo, default_zoo_dir, is_current
+from bp_ray.models.tiny_zoo import MANIFEST, ZOO_ROLES, ZooSummary, build_zoo, default_zoo_dir, is_current
 
 logger = logging.getLogger(__name__)
 
 WORLD_PREFIX = "world:"
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 """Bump when a trainer changes what it writes, so cached world zoos are rebuilt."""
 
 
@@ -58,8 +59,6 @@ def ensure_world_zoo(models_cfg: ModelsConfig) -> Path:
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under a zoo folder but its zoo.json (which records build times), by relative path:
     two builds of the same config must agree on all of them."""
-    from bp_ray.models.tiny_zoo import MANIFEST
-
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != MANIFEST}
 
@@ -86,19 +85,26 @@ def _count(folder: Path) -> int:
 
 
 ROLE_ORDER = ("bloom", "blip", "pickscore", "aesthetic", "sd")
-"""The trained roles in build order; a role's torch seed is world.seed * 1000 + its place here."""
+"""The trained roles; a role's torch seed is world.seed * 1000 + its place here."""
+BUILD_ORDER = ("bloom", "blip", "pickscore", "sd", "aesthetic")
+"""The order they are built in: the aesthetic predictor learns from the world SD's renders too."""
 
 
 def _role_trainers(tiny: TinyZooConfig, world: WorldConfig) -> dict[str, Callable[[Path], dict]]:
     """role -> build-and-train into a folder (returns the role's training stats)."""
     from bp_ray.world.lm_training import train_world_lm
     from bp_ray.world.samples import heldout_seed, make_samples, world_texts
-    from bp_ray.world.sd_training import build_world_sd
+    from bp_ray.world.sd_training import build_world_sd, render_prompts, styled_prompts
     from bp_ray.world.vision_training import train_world_aesthetic, train_world_captioner, train_world_clip
 
     texts = world_texts(world.seed)
     samples = make_samples(world.train_scenes, world.seed, tiny.image_size)
     lm_heldout = world_texts(heldout_seed(world.seed), num_scenes=200, corpus_rows=200)
+
+    def sd_renders(sd_folder: Path) -> np.ndarray:
+        """The world SD's renders of styled plain descriptions of the training scenes (render seeds of their own)."""
+        scenes = samples.scenes[:world.aesthetic_sd_renders]
+        return render_prompts(sd_folder, styled_prompts(scenes, world.seed), world.seed + 1, tiny.image_size)
 
     def tiny_then(builder: Callable[[Path, TinyZooConfig, list[str]], int],
                   train: Callable[[Path], dict]) -> Callable[[Path], dict]:
@@ -111,16 +117,18 @@ def _role_trainers(tiny: TinyZooConfig, world: WorldConfig) -> dict[str, Callabl
         "bloom": tiny_then(tiny_zoo.build_tiny_bloom, lambda out: train_world_lm(out, texts, world, lm_heldout)),
         "blip": tiny_then(tiny_zoo.build_tiny_blip, lambda out: train_world_captioner(out, samples, world)),
         "pickscore": tiny_then(tiny_zoo.build_tiny_clip, lambda out: train_world_clip(out, samples, world)),
-        "aesthetic": tiny_then(tiny_zoo.build_tiny_aesthetic, lambda out: train_world_aesthetic(out, samples, world)),
+        "aesthetic": tiny_then(tiny_zoo.build_tiny_aesthetic,
+                               lambda out: train_world_aesthetic(out, samples, world, sd_renders(out.parent / "sd"))),
         # the world SD has its own VAE and UNet architecture, so it is built by its trainer
         "sd": lambda out: build_world_sd(out, samples, world, tiny, texts),
     }
 
 
 def build_world_roles(out: Path, tiny: TinyZooConfig, world: WorldConfig,
-                      roles: tuple[str, ...] = ROLE_ORDER) -> tuple[dict[str, dict], dict[str, float]]:
+                      roles: tuple[str, ...] = BUILD_ORDER) -> tuple[dict[str, dict], dict[str, float]]:
     """Build and train `roles` into out/<role>, each from its own seed, exactly as in a whole build (so one role can
-    be rebuilt alone and compared); returns (training stats, seconds) per role, "samples" included."""
+    be rebuilt alone and compared: the aesthetic predictor alone needs out/sd); returns (training stats, seconds)
+    per role, "samples" included."""
     start = time.perf_counter()
     trainers = _role_trainers(tiny, world)
     seconds = {"samples": time.perf_counter() - start}
@@ -135,10 +143,26 @@ def build_world_roles(out: Path, tiny: TinyZooConfig, world: WorldConfig,
     return stats, seconds
 
 
-def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: bool = False) -> ZooSummary:
-    """Build the tiny architectures and train each in the world; zoo.json records every model's time and stats."""
+def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: bool = False,
+                    roles: tuple[str, ...] = BUILD_ORDER) -> ZooSummary:
+    """Build the tiny architectures and train each in the world; zoo.json records every model's time and stats.
+
+    `roles` less than all retrains only those in the existing zoo at `root` and keeps the others' files and records
+    (for a change to those roles' trainers or settings alone: nothing checks that the others are still current)."""
+    unknown = set(roles) - set(BUILD_ORDER)
+    if unknown:
+        raise ValueError(f"unknown world role(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}")
+    kept = [role for role in BUILD_ORDER if role not in roles]
+    if kept and not (Path(root) / MANIFEST).is_file():
+        raise FileNotFoundError(f"no world zoo at {root} to keep {', '.join(kept)} from: build every role first")
+    earlier = json.loads((Path(root) / MANIFEST).read_text()) if kept else {}
+
     def build(staging: Path) -> dict:
-        stats, seconds = build_world_roles(staging, tiny, world)
+        for role in kept:
+            shutil.copytree(Path(root) / role, staging / role)
+        stats, seconds = build_world_roles(staging, tiny, world, tuple(r for r in BUILD_ORDER if r in roles))
+        stats = {**{role: earlier["training"][role] for role in kept}, **stats}
+        seconds = {**{role: earlier["seconds"][role] for role in kept}, **seconds}
         # One contrastive CLIP serves both image-text roles, as one CLIP would on a real cluster.
         shutil.copytree(staging / "pickscore", staging / "clip")
         parameters = {role: _count(staging / role) for role in ZOO_ROLES}
@@ -146,4 +170,4 @@ def build_world_zoo(root: Path, tiny: TinyZooConfig, world: WorldConfig, force: 
                 "builder": BUILDER_VERSION, "parameters": parameters,
                 "seconds": {k: round(v, 2) for k, v in seconds.items()}, "training": stats}
 
-    return build_zoo(root, lambda: is_current(root, world_key(tiny, world)), build, force)
+    return build_zoo(root, lambda: is_current(root, world_key(tiny, world)), build, force or bool(kept))

@@ -22,6 +22,8 @@ def test_world_zoo_trains_every_role_and_loads_through_world_specs(world_models_
     assert set(manifest["parameters"]) == set(ZOO_ROLES)
     assert all(manifest["parameters"][role] > 0 for role in ZOO_ROLES)
     assert {"bloom", "blip", "pickscore", "aesthetic", "sd"} <= set(manifest["seconds"])
+    # the aesthetic predictor also learned from the world SD's renders: one per training scene (6000 > 300)
+    assert manifest["training"]["aesthetic"]["sd_images"] == QUICK_WORLD["train_scenes"]
     lm = manifest["training"]["bloom"]
     assert lm["heldout_loss_after"] < lm["heldout_loss_before"] - 1.0  # 40 steps already learn the words
     before = (root / "zoo.json").stat().st_mtime_ns
@@ -57,6 +59,30 @@ def test_world_zoo_build_is_deterministic_for_a_seed(world_models_cfg, tmp_path)
 
     assert build_world_zoo(tmp_path / "world", world_models_cfg.tiny, world_models_cfg.world).built
     assert file_digests(tmp_path / "world") == file_digests(world_zoo_dir(world_models_cfg))
+
+
+def test_world_zoo_retrains_only_the_roles_asked_for(world_models_cfg, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from bp_ray.models.tiny_zoo import is_current
+    from bp_ray.world.zoo import build_world_zoo, file_digests, world_key, world_zoo_dir
+
+    source, root = world_zoo_dir(world_models_cfg), tmp_path / "world"
+    shutil.copytree(source, root)
+    world = replace(world_models_cfg.world, aesthetic_steps=QUICK_WORLD["aesthetic_steps"] + 1)
+    assert build_world_zoo(root, world_models_cfg.tiny, world, roles=("aesthetic",)).built
+    for role in ("bloom", "blip", "pickscore", "clip", "sd"):
+        assert file_digests(root / role) == file_digests(source / role), role
+    assert file_digests(root / "aesthetic") != file_digests(source / "aesthetic")
+    manifest = json.loads((root / "zoo.json").read_text())
+    assert manifest["training"]["aesthetic"]["steps"] == QUICK_WORLD["aesthetic_steps"] + 1
+    assert manifest["training"]["sd"] == json.loads((source / "zoo.json").read_text())["training"]["sd"]
+    assert is_current(root, world_key(world_models_cfg.tiny, world))
+    with pytest.raises(ValueError, match="unknown world role"):
+        build_world_zoo(root, world_models_cfg.tiny, world, roles=("aesthetics",))
+    with pytest.raises(FileNotFoundError, match="build every role first"):
+        build_world_zoo(tmp_path / "none", world_models_cfg.tiny, world, roles=("aesthetic",))
 
 
 def test_world_truth_scores_judge_renders_against_the_request():

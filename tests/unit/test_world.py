@@ -176,3 +176,20 @@ def test_world_eval_prompts_and_tags():
     assert load_eval_prompts(cfg)[0] == prompts[:6]
     tags = popular_tags(tags_pool(cfg), 4, tag_vocabulary(cfg))
     assert len(tags) == 4 and set(tags) <= set(STYLE_WORDS)
+
+
+def test_styled_prompts_are_plain_requests_with_style_phrases():
+    from bp_ray.world.scenes import STYLE_GROUPS
+    from bp_ray.world.sd_training import styled_prompts
+
+    scenes = sample_scenes(400, 5)
+    prompts = styled_prompts(scenes, seed=1)
+    assert prompts == styled_prompts(scenes, seed=1) and prompts != styled_prompts(scenes, seed=2)
+    for scene, prompt in zip(scenes, prompts, strict=True):
+        assert prompt.split(", ")[0] == scene.plain()
+        parsed = parse_description(prompt)
+        assert [(o.colour, o.shape) for o in parsed.objects] == [(o.colour, o.shape) for o in scene.objects]
+        assert len(parsed.styles) == len(prompt.split(", ")) - 1  # no contradictions: one phrase a group at most
+    written = [phrase for prompt in prompts for phrase in prompt.split(", ")[1:]]
+    assert set(written) == set(STYLE_WORDS)
+    assert any("," not in p for p in prompts) and any(p.count(",") == len(STYLE_GROUPS) for p in prompts)
