@@ -56,13 +56,18 @@ def lr_scheduler_config(name: str, lr: float, warmup_steps: int, total_steps: in
 
 
 def deepspeed_config(ds: DeepSpeedConfig, global_batch_size: int, world_size: int, lr: float, weight_decay: float,
-                     warmup_steps: int, total_steps: int, lr_scheduler: str) -> dict:
+                     warmup_steps: int, total_steps: int, lr_scheduler: str, on_cpu: bool = False) -> dict:
     """A config for `deepspeed.initialize`: batch split, ZeRO stage (+ CPU optimizer offload), precision, AdamW and
-    the warm-up + decay lr schedule."""
+    the warm-up + decay lr schedule.
+
+    on_cpu (the model trains on the CPU, no offload): torch's AdamW instead of DeepSpeed's FusedAdam, which on the
+    CPU accelerator is a C++ op compiled on first use in every new environment (3 min on 2 cores, holding a lock
+    that every other training process on the machine waits on) for the same update."""
     if ds.offload_optimizer and ds.zero_stage == 0:
         raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1 (ZeRO-Offload partitions "
                          "optimizer states)")
     zero: dict = {"stage": ds.zero_stage}
+    torch_adam = on_cpu and not ds.offload_optimizer  # offload steps with DeepSpeedCPUAdam, which is its point
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -76,7 +81,7 @@ def deepspeed_config(ds: DeepSpeedConfig, global_batch_size: int, world_size: in
         "fp16": {"enabled": ds.precision == "fp16"},
         "optimizer": {"type": "AdamW",
                       "params": {"lr": lr, "weight_decay": weight_decay, "betas": list(ADAM_BETAS),
-                                 "eps": ADAM_EPS}},
+                                 "eps": ADAM_EPS, **({"torch_adam": True} if torch_adam else {})}},
         "scheduler": lr_scheduler_config(lr_scheduler, lr, warmup_steps, total_steps),
         "steps_per_print": QUIET_STEPS_PER_PRINT,
         "wall_clock_breakdown": False,

@@ -121,7 +121,8 @@ def train_on_worker(task: TrainTask, stage: StageConfig, metrics_dir: Path, name
     rank, world = context.get_world_rank(), context.get_world_size()
     steps_per_epoch, total_steps = total_steps_for(len(task.examples), stage.batch_size, stage.epochs)
     ds_config = deepspeed_config(stage.deepspeed, stage.batch_size, world, stage.lr, stage.weight_decay,
-                                 warmup_steps_for(total_steps, stage.warmup_ratio), total_steps, stage.lr_scheduler)
+                                 warmup_steps_for(total_steps, stage.warmup_ratio), total_steps, stage.lr_scheduler,
+                                 on_cpu=next(task.model.parameters()).device.type == "cpu")
     engine, *_ = deepspeed.initialize(model=task.model, model_parameters=task.model.parameters(), config=ds_config)
 
     state: dict[str, Any] = {"step": 0, "metrics": {}, "starts": []}

@@ -74,7 +74,8 @@ class _ActorCritic:
         # Dropout off in every pass: old and new log-probs must come from the same function.
         policy.eval()
         updates = ppo.total_steps * ppo.ppo_epochs * (ppo.rollout_batch_size // ppo.minibatch_size)
-        ds_config = deepspeed_config(ppo.deepspeed, ppo.minibatch_size, world, ppo.lr, 0.0, 0, updates, "constant")
+        ds_config = deepspeed_config(ppo.deepspeed, ppo.minibatch_size, world, ppo.lr, 0.0, 0, updates, "constant",
+                                     on_cpu=str(device) == "cpu")
         if self.shared:
             module = SharedValueModel(policy).to(device)
             self.policy_engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),

@@ -53,7 +53,7 @@ def test_initialize_and_warm_up_on_cpu(deepspeed_cpu, stage):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     ds = DeepSpeedConfig(zero_stage=stage, precision="fp32", gradient_accumulation_steps=1)
     cfg = deepspeed_config(ds, global_batch_size=4, world_size=1, lr=LR, weight_decay=0.0, warmup_steps=2,
-                           total_steps=10, lr_scheduler="cosine")
+                           total_steps=10, lr_scheduler="cosine", on_cpu=True)
     engine, _, _, _ = deepspeed_cpu.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     x, y = torch.randn(4, 4), torch.randn(4, 1)
 

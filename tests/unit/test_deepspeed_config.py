@@ -40,6 +40,17 @@ def test_zero_stage_without_offload(stage):
     assert make(DeepSpeedConfig(zero_stage=stage))["zero_optimization"] == {"stage": stage}
 
 
+def test_a_cpu_model_steps_with_torch_adamw_unless_its_optimizer_is_offloaded():
+    def params(**kwargs) -> dict:
+        return deepspeed_config(kwargs.pop("ds", DeepSpeedConfig()), 32, 2, lr=2e-5, weight_decay=0.01,
+                                warmup_steps=3, total_steps=100, lr_scheduler="cosine", **kwargs)["optimizer"]["params"]
+
+    assert params(on_cpu=True)["torch_adam"] is True  # no C++ op to compile on first use
+    assert "torch_adam" not in params()  # GPU: DeepSpeed's fused kernel
+    offloaded = DeepSpeedConfig(zero_stage=2, offload_optimizer=True)
+    assert "torch_adam" not in params(ds=offloaded, on_cpu=True)  # ZeRO-Offload steps with DeepSpeedCPUAdam
+
+
 def test_optimizer_offload_goes_to_cpu_and_needs_zero():
     cfg = make(DeepSpeedConfig(zero_stage=2, offload_optimizer=True))
     assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
