@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--preset", default="world")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--styles", action="append", default=None, metavar="PHRASE,PHRASE",
+                        help="judge only these phrase sets (repeat; '' is the bare prompt) instead of every set")
     parser.add_argument("--other-aesthetic", default=None, metavar="DIR",
                         help="another aesthetic predictor folder, scored beside the preset's ('other' columns)")
     args = parser.parse_args(argv)
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from bp_ray.models.aesthetic import load_aesthetic_scorer
 
         scorers["other"] = load_aesthetic_scorer(args.other_aesthetic, device="cpu")
-    sets = phrase_sets()
+    sets = [tuple(p.strip() for p in text.split(",") if p.strip()) for text in args.styles] if args.styles else \
+        phrase_sets()
+    if () not in sets:
+        sets.insert(0, ())
     start = time.perf_counter()
     rows = []
     for styles in sets:
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     show("best ten sets by PREDICTED aesthetic (what a policy rewarded by the predictor is drawn to)", "predicted")
     from bp_ray.world.scenes import STYLE_WORDS
 
+    if args.styles:
+        return 0
     keys = ("true", *scorers, "shape")
     print("\nmarginal effect of each phrase (sets with it minus sets without it)\n"
           f"| phrase | {' | '.join(keys)} |\n|---|{'---:|' * len(keys)}")
