@@ -132,7 +132,7 @@ def stage_actions(logs: str) -> dict[str, str]:
     return actions
 
 
-@pytest.mark.timeout(1800)  # two whole pipeline jobs: 8 min alone on 2 cores, 15 beside another test process
+@pytest.mark.timeout(1800)  # two whole pipeline jobs: 8 min alone on 2 cores, 17 beside another test process
 def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_nothing(ray_head, tiny_models_cfg,
                                                                                    tmp_path):
     run = tmp_path / "run"
@@ -153,7 +153,8 @@ def test_a_pipeline_job_stopped_mid_stage_and_resubmitted_loses_and_repeats_noth
     assert not (run / "sft" / "_SUCCESS.json").exists(), "SFT finished before the stop: nothing was interrupted"
 
     second = submit_pipeline(ray_head, run, tiny_models_cfg.zoo_dir)
-    state, logs = wait_for(ray_head, second)
+    # sft, rm, ppo and eval: 4 min alone on 2 cores, over 10 beside another test process (3 min a training stage)
+    state, logs = wait_for(ray_head, second, 1200)
     assert state == "SUCCEEDED", logs[-4000:]
     summary = [line for line in ANSI.sub(" ", logs).replace("\r", "\n").splitlines() if "[" in line and ": " in line]
     assert stage_actions(logs) == {"corpus": "skipped", "data": "skipped", "rewards": "skipped", "sft": "resumed",
