@@ -56,6 +56,8 @@ def test_ppo_raises_the_held_out_reward_over_sft_within_the_kl_budget(trained, t
     assert metrics["step"].tolist() == list(range(1, 31))
 
 
+@pytest.mark.slow  # 2 min alone, 6 beside another test process; the training loop's stop and resume (the same code
+# for SFT, RM and PPO) is tested in test_train_recovery.py, and a resumed pipeline job in test_job_submit.py
 def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(trained, tiny_models_cfg, tmp_path):
     common = ("ppo.total_steps=6", "ppo.checkpoint_every=3", "ppo.ppo_epochs=2")
     args = (trained["pairs"], trained["sft"], trained["rm"])
