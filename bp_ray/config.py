@@ -85,8 +85,8 @@ class WorldConfig:
     aesthetic_sd_renders: int = opt(6000, ge=0)
     """Training images the aesthetic predictor gets besides the renderer's: the world SD's renders of plain
     descriptions with random style phrases (a rewrite's shape), labelled with their true aesthetic from pixels, so
-    that it judges what a policy's prompts make SD draw (trained on the renderer's images alone it missed nine
-    tenths of what `grainy` costs an SD render, and PPO wrote it). 0: the renderer's images only."""
+    that it judges what a policy's prompts make SD draw (trained on the renderer's images alone it predicted
+    -0.006 for what `grainy` costs an SD render, truly -1.12, and PPO wrote it). 0: the renderer's images only."""
     vae_steps: int = opt(1000, ge=0)
     """SD's AutoencoderKL, trained first (world/sd_training.py); ~1.5 min on 2 cores."""
     vae_batch_size: int = opt(32, ge=1)
