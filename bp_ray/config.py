@@ -95,7 +95,8 @@ class WorldConfig:
     unet_steps: int = opt(9000, ge=0)
     """SD's UNet and text encoder, trained on the VAE's latents. With 4500 steps (and the 1000-step VAE) the SD
     lost shapes to style phrases: shape match on the evaluation prompts 0.177 bare, 0.115 with the best-scoring
-    phrases (the world's own images of those prompts: 0.615 and 0.896); with 9000 (and 3000) 0.250 and 0.208."""
+    phrases (the world's own images of those prompts: 0.615 and 0.896); with 9000 (and 3000) 0.234 and 0.177, and
+    0.240 with `high contrast, sharp, smooth` (benchmarks/world_headroom.py --truth)."""
     unet_batch_size: int = opt(32, ge=1)
     unet_lr: float = opt(1.0e-3, gt=0)
     caption_dropout: float = opt(0.1, ge=0, le=1)
