@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="judge only these phrase sets (repeat; '' is the bare prompt) instead of every set")
     parser.add_argument("--truth", action="store_true",
                         help="also judge the world renderer's images of each prompt ('truth' columns)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write every set's row to FILE")
     parser.add_argument("--other-aesthetic", default=None, metavar="DIR",
                         help="another aesthetic predictor folder, scored beside the preset's ('other' columns)")
     args = parser.parse_args(argv)
@@ -107,6 +108,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['count']:.3f} | {r['relevance']:.3f} |{''.join(f' {r[name]:.3f} |' for name in extra)}")
 
     show("best ten sets by TRUE aesthetic", "true")
+    kept = [r for r in rows if r["shape"] >= bare["shape"] - 0.03 and r["colour"] >= bare["colour"] - 0.03
+            and r["relevance"] >= bare["relevance"] - 0.02]
+    print(f"\n{len(kept)} of {len(rows)} sets keep colour and shape within 0.03 and relevance within 0.02 of the "
+          "bare prompt's; the best of them by true aesthetic:")
+    rows, every = kept, rows
+    show("best ten sets that keep intent, by TRUE aesthetic", "true")
+    rows = every
+    shape_gap = np.array([r["shape"] - bare["shape"] for r in rows])
+    relevance_gap = np.array([r["relevance"] - bare["relevance"] for r in rows])
+    print(f"over the sets, the CLIP relevance's change correlates {np.corrcoef(shape_gap, relevance_gap)[0, 1]:.3f} "
+          "with the shape match's")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as out:
+            json.dump([{**r, "styles": list(r["styles"])} for r in rows], out, indent=1)
     show("best ten sets by PREDICTED aesthetic (what a policy rewarded by the predictor is drawn to)", "predicted")
     from bp_ray.world.scenes import STYLE_WORDS
 

@@ -1,7 +1,7 @@
 """The main job's promise at reduced size: in the miniature world, with the shipped world zoo, SFT's and PPO's
 prompts give renders of a higher ground-truth aesthetic than the user's own, and keep the colours and the number
 of objects the user asked for. Judged by pixels (bp_ray.world.truth), never by a model; the full-size figures:
-benchmarks/intent_quality.py. (PPO above SFT is not asserted: at full size it does not hold yet, see README.)"""
+benchmarks/intent_quality.py."""
 
 from __future__ import annotations
 
@@ -35,9 +35,11 @@ def test_world_pipeline_raises_true_aesthetic_and_keeps_intent(tmp_path, ray_ses
     original, sft, ppo = table["original"], table["sft"], table["ppo"]
     for system in (sft, ppo):
         assert system["true_aesthetic_mean"] > original["true_aesthetic_mean"] + 0.5
+    print({name: {k: round(v, 3) for k, v in row.items() if k.endswith("_mean")} for name, row in table.items()})
+    assert ppo["true_aesthetic_mean"] > sft["true_aesthetic_mean"]
     for system in (sft, ppo):  # loose: 32 prompts x 2 seeds; the full-size targets are the benchmark's
-        assert system["colour_match_mean"] >= original["colour_match_mean"] - 0.1
-        assert system["count_match_mean"] >= original["count_match_mean"] - 0.1
+        for check in ("colour_match_mean", "shape_match_mean", "count_match_mean"):
+            assert system[check] >= original[check] - 0.1, check
     rewrites = [json.loads(line) for line in (tmp_path / "eval" / "rewrites.jsonl").read_text().splitlines()]
     assert all(r["ppo"].startswith(r["prompt"]) for r in rewrites)  # sft.keep_prompt
     assert len({r["ppo"] for r in rewrites}) >= 0.8 * len({r["prompt"] for r in rewrites})
