@@ -1,14 +1,15 @@
 """The run directory: one subfolder per stage, defined here and nowhere else.
 
     RUN_DIR/
-      config.yaml          resolved config of the last command that wrote here
-      corpus/              embedded DiffusionDB-shaped corpus: metadata.parquet, images/part-*.zip, corpus.json
-      data/                prompt pairs: part-*.parquet + manifest.json           (bp-ray data generate)
-      rewards/             reward labels: part-*.parquet + manifest.json, cache/   (bp-ray rewards label)
-      sft/                 model/ (save_pretrained), checkpoints/, metrics.csv     (bp-ray train sft)
-      rm/                  model/ (save_pretrained), checkpoints/, metrics.csv     (bp-ray train rm)
-      ppo/                 model/ (save_pretrained), checkpoints/, metrics.csv     (bp-ray train ppo)
-      eval/                results.json, results.csv, report.html, images/        (bp-ray eval)
+      config.yaml   resolved config of the last command that wrote here
+      corpus/       embedded corpus: metadata.parquet, images/part-*.zip, corpus.json        (bp-ray data corpus)
+      data/         prompt pairs: part-*.parquet, work/ (committed batches)                  (bp-ray data generate)
+      rewards/      reward labels: part-*.parquet, cache.sqlite, images/ (rewards.keep_images) (bp-ray rewards label)
+      sft/          model/ (save_pretrained), metrics/, ray/sft/checkpoint_*/ (Ray Train)    (bp-ray train sft)
+      rm/           pickscore/ and aesthetic/ (or shared/), each laid out as sft/            (bp-ray train rm)
+      ppo/          model/, critic/, metrics/, ray/ppo/checkpoint_*/                         (bp-ray train ppo)
+      eval/         results.json, results.csv, scores.csv, rewrites.jsonl, report.html, plots/, images/ (bp-ray eval)
+      logs/         bp-ray.log and output.log of bp-ray pipeline
 
 Each stage reads only earlier stages' folders and writes `manifest.json` (config, counts, timings) and, when it
 finished, `_SUCCESS.json`; so each stage reruns alone and `bp-ray status` can summarise a run. `bp-ray pipeline`
@@ -52,9 +53,6 @@ class RunLayout:
     def model_dir(self, stage: str) -> Path:
         """Final Hugging Face export of a training stage, for the next stage and for Serve."""
         return self.stage_dir(stage) / "model"
-
-    def checkpoints_dir(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "checkpoints"
 
     def is_done(self, stage: str) -> bool:
         return self.success_marker(stage).exists()

@@ -128,7 +128,7 @@ def test_reward_actor_serves_concurrent_callers(ray_session, tiny_models_cfg, tm
         for request, answer in zip(requests, answers, strict=True):
             scores = expected.label(request, request).scores
             want = 0.7 * scores[:, :, 0].mean(axis=1) + 0.3 * scores[:, :, 1].mean(axis=1)
-            # batched renders may differ from single ones by one 8-bit pixel level (see README), hence 1e-3
+            # batched renders may differ from single ones by one 8-bit pixel level (see docs/rewards.md), hence 1e-3
             assert np.allclose(answer, want, atol=1e-3)
         stats = ray.get(service.stats.remote())
         assert stats["calls"] == 5 and stats["batches"] < 5  # concurrent callers shared batches
