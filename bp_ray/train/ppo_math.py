@@ -2,13 +2,15 @@
 
 `ppo.py` runs it inside Ray actors; nothing here knows about Ray or DeepSpeed, so every step is unit-tested by hand.
 All per-token tensors are (B, T) over RESPONSE tokens only; `mask` is 1 on a real response token (up to and
-including the first EOS) and 0 on the padding after it. The mask is a prefix of each row: real tokens, then padding.
+including the first stop token: EOS, or a newline, since only a prompt's first line is ever used) and 0 on
+the padding after it. The mask is a prefix of each row: real tokens, then padding.
 One PPO step: token_rewards (score + KL penalty) -> gae (advantages, returns) -> masked_whiten(advantages)
 -> policy_loss + value_loss for a few epochs -> AdaptiveKLController.update.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -154,12 +156,13 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return 1.0 - masked_var(returns - values, mask).item() / returns_variance
 
 
-def response_mask(response_ids: Tensor, eos_id: int) -> Tensor:
-    """(B, T) generated ids -> (B, T) long mask: 1 up to and including each row's first EOS, 0 after it; a row
-    without EOS (cut at max_new_tokens) is all 1. Works when pad_id == eos_id."""
-    is_eos = (response_ids == eos_id).long()
-    eos_before = is_eos.cumsum(dim=1) - is_eos
-    return (eos_before == 0).long()
+def response_mask(response_ids: Tensor, stop_ids: int | Sequence[int]) -> Tensor:
+    """(B, T) generated ids -> (B, T) long mask: 1 up to and including each row's first stop token (EOS, or any
+    of `stop_ids`), 0 after it; a row without one (cut at max_new_tokens) is all 1. Works when pad_id == eos_id."""
+    stops = torch.as_tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=response_ids.device)
+    is_stop = torch.isin(response_ids, stops).long()
+    stop_before = is_stop.cumsum(dim=1) - is_stop
+    return (stop_before == 0).long()
 
 
 class AdaptiveKLController:

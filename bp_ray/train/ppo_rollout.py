@@ -9,6 +9,7 @@ column query_len + t - 1, and its value is the critic's output at that same colu
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ class Rollout:
     attention_mask: torch.Tensor
     query_len: int
     mask: torch.Tensor
-    """(B, response_len) float: 1 on response tokens up to and including the first EOS."""
+    """(B, response_len) float: 1 on response tokens up to and including the first EOS or newline."""
     texts: list[str]
     """Decoded responses (special tokens dropped, first line, stripped)."""
 
@@ -46,10 +47,28 @@ def _first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+@functools.lru_cache(maxsize=8)
+def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """EOS and every vocabulary entry whose text holds a newline: a prompt is its first line, so a response ends
+    at its first newline as at EOS, and tokens after it neither earn reward nor take gradient."""
+    vocab = range(len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in vocab], skip_special_tokens=False)
+    return (tokenizer.eos_token_id, *(i for i, t in zip(vocab, texts, strict=True) if "\n" in t))
+
+
+def end_responses(response: torch.Tensor, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Generated ids -> (ids padded after each row's first EOS or newline, that mask, the texts they decode to)."""
+    mask = response_mask(response, stop_token_ids(tokenizer))
+    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = [_first_line(t) for t in tokenizer.batch_decode(response, skip_special_tokens=True)]
+    return response, mask, texts
+
+
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, greedy: bool = False, max_query_tokens: int = 256) -> Rollout:
-    """Generate one response per query (sampled, or greedy for evaluation) and mask everything after EOS."""
+    """Generate one response per query (sampled, or greedy for evaluation) and mask everything after its first
+    EOS or newline."""
     device = next(model.parameters()).device
     encoded = tokenizer(queries, return_tensors="pt", padding=True, truncation=True,
                         max_length=max_query_tokens).to(device)
@@ -61,9 +80,7 @@ def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, 
     response = output[:, query_len:]
     if response.shape[1] == 0:
         raise RuntimeError("generation produced no tokens; check ppo.max_new_tokens")
-    mask = response_mask(response, tokenizer.eos_token_id)
-    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
-    texts = [_first_line(t) for t in tokenizer.batch_decode(response, skip_special_tokens=True)]
+    response, mask, texts = end_responses(response, tokenizer)
     return Rollout(torch.cat([encoded["input_ids"], response], dim=1),
                    torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1),
                    query_len, mask.float(), texts)

@@ -151,3 +151,24 @@ def test_unknown_tiny_role_is_a_clear_error(tiny_models_cfg):
 def test_hub_ids_and_paths_pass_through_unchanged(tiny_models_cfg):
     assert loading.resolve_model("bigscience/bloom-1b1", tiny_models_cfg) == "bigscience/bloom-1b1"
     assert loading.resolve_model("/some/dir", tiny_models_cfg) == "/some/dir"
+
+
+def test_a_policy_response_ends_at_its_first_newline_as_at_eos(tiny_models_cfg):
+    """Only a prompt's first line is ever rendered or served, so PPO must neither reward nor train the tokens after
+    it: they are masked like the padding after EOS."""
+    from bp_ray.models.loading import load_causal_lm
+    from bp_ray.train.ppo_rollout import end_responses, stop_token_ids
+
+    _, tokenizer = load_causal_lm("tiny:bloom", tiny_models_cfg)
+    stops = stop_token_ids(tokenizer)
+    assert tokenizer.eos_token_id in stops and all("\n" in tokenizer.decode([i]) for i in stops[1:])
+    first = tokenizer("a red circle, sharp", add_special_tokens=False)["input_ids"]
+    rest = tokenizer("\nfree words after the line", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    rows = torch.tensor([[*first, *rest, eos], [*first, eos, *rest]])
+    ids, mask, texts = end_responses(rows, tokenizer)
+    assert texts == ["a red circle, sharp", "a red circle, sharp"]
+    newline_at = len(first) + next(i for i, t in enumerate(rest) if "\n" in tokenizer.decode([t]))
+    assert mask[0].tolist() == [1] * (newline_at + 1) + [0] * (rows.shape[1] - newline_at - 1)
+    assert mask[1].tolist() == [1] * (len(first) + 1) + [0] * len(rest)
+    assert (ids[mask == 0] == tokenizer.pad_token_id).all()

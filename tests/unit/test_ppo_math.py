@@ -199,7 +199,12 @@ def test_padding_values_change_no_output():
     ([2, 2, 2, 2], [1, 0, 0, 0]),  # pad_id == eos_id
 ])
 def test_response_mask(ids, expected):
-    assert response_mask(torch.tensor([ids]), eos_id=2).tolist() == [expected]
+    assert response_mask(torch.tensor([ids]), 2).tolist() == [expected]
+
+
+def test_response_mask_ends_a_row_at_whichever_stop_token_comes_first():
+    rows = torch.tensor([[5, 9, 7, 2], [5, 6, 2, 9], [5, 6, 7, 8]])  # 9: a newline token, 2: EOS
+    assert response_mask(rows, (2, 9)).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
 
 
 # logits
