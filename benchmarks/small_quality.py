@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from bp_ray.summaries import rm_summary
+
+# The small preset reads its prompt pools from $BP_RAY_PROMPTS; this project's machines keep them in ../shared.
+os.environ.setdefault("BP_RAY_PROMPTS", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"))
 
 
 def run_pipeline(run: Path, sets: list[str]) -> float:

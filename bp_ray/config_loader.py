@@ -1,13 +1,16 @@
 """Loading a configuration: dataclass defaults <- configs/<preset>.yaml <- "section.key=value" overrides.
 
-A preset may build on another (`base: tiny`). Overrides are converted to each field's type; `validate()` checks
-every field's choices and bounds and the rules that span sections, and raises ConfigError naming the key.
+A preset may build on another (`base: tiny`), and `${NAME}` in a value is the environment variable NAME.
+Overrides are converted to each field's type; `validate()` checks every field's choices and bounds and the rules
+that span sections, and raises ConfigError naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -70,6 +73,21 @@ def _base_layers(layer: dict[str, Any], depth: int = 0) -> list[dict[str, Any]]:
     return [*_base_layers(parent, depth + 1), parent]
 
 
+ENV_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: Any) -> Any:
+    """`${NAME}` in any string of a YAML tree replaced by that environment variable; an unset one stays as it is,
+    so the file that names it says so when it is opened (prompt_io.read_prompts)."""
+    if isinstance(value, str):
+        return ENV_VARIABLE.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    return value
+
+
 def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
@@ -77,7 +95,7 @@ def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
         raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
+    return expand_env(data)
 
 
 def _split_override(item: str) -> tuple[str, Any]:

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import re
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ def read_prompts(path: str | Path, limit: int | None = None) -> tuple[pd.DataFra
     """
     path = Path(path)
     if not path.exists():
+        unset = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", str(path))
+        if unset:
+            raise FileNotFoundError(f"prompt source {path} names the environment variable {unset[0]}, which is not "
+                                    f"set: export {unset[0]}=DIR (the folder of your prompt files), or name the "
+                                    "files with --prompts / --set")
         raise FileNotFoundError(f"prompt source not found: {path}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")

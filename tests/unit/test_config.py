@@ -135,3 +135,21 @@ def test_hash_of_sections_ignores_other_sections():
     changed = load_config("tiny", ["ppo.lr=0.5"])
     assert base.hash("data", "rewards") == changed.hash("data", "rewards")
     assert base.hash("ppo") != changed.hash("ppo")
+
+
+def test_a_preset_names_prompt_pools_through_an_environment_variable(monkeypatch, tmp_path):
+    """No preset points at ../shared: the small preset's pools live in $BP_RAY_PROMPTS, and a file that names an
+    unset variable says which one when it is opened."""
+    from bp_ray.config_loader import available_presets, preset_text
+    from bp_ray.data.prompt_io import read_prompts
+
+    assert not [p for p in available_presets() if "../shared" in preset_text(p)]
+    monkeypatch.setenv("BP_RAY_PROMPTS", str(tmp_path))
+    cfg = load_config("small")
+    assert cfg.data.source == f"{tmp_path}/diffusiondb_imagereward_refl.jsonl"
+    assert cfg.eval.text_prompts[0] == f"{tmp_path}/partiprompts.jsonl"
+    monkeypatch.delenv("BP_RAY_PROMPTS")
+    source = load_config("small").data.source
+    assert source == "${BP_RAY_PROMPTS}/diffusiondb_imagereward_refl.jsonl"
+    with pytest.raises(FileNotFoundError, match="environment variable BP_RAY_PROMPTS, which is not set"):
+        read_prompts(source)
