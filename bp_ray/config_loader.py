@@ -224,6 +224,22 @@ def validate(cfg: Any, prefix: str = "") -> None:
         _validate_cross_fields(cfg)
 
 
+def _validate_ppo(ppo: Any) -> None:
+    if ppo.minibatch_size > ppo.rollout_batch_size:
+        raise ConfigError(f"ppo.minibatch_size={ppo.minibatch_size} exceeds ppo.rollout_batch_size="
+                          f"{ppo.rollout_batch_size}")
+    if ppo.deepspeed.zero_stage == 3:
+        raise ConfigError("ppo.deepspeed.zero_stage=3 is not supported: each worker generates its rollouts and needs "
+                          "the policy's full weights (use 0-2; ZeRO-2 already partitions optimizer state and grads)")
+    world = ppo.resources.num_workers
+    if ppo.rollout_batch_size % world or ppo.minibatch_size % world:
+        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} and ppo.minibatch_size="
+                          f"{ppo.minibatch_size} must be multiples of ppo.resources.num_workers={world}")
+    if ppo.rollout_batch_size % ppo.minibatch_size:
+        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
+                          f"ppo.minibatch_size={ppo.minibatch_size}")
+
+
 def _validate_cross_fields(cfg: PipelineConfig) -> None:
     pools = {name: getattr(cfg.data, name) for name in ("captioner_pool", "rewriter_pool", "aesthetic_pool",
                                                          "renderer_pool", "scorer_pool")}
@@ -249,9 +265,7 @@ def _validate_cross_fields(cfg: PipelineConfig) -> None:
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
         raise ConfigError(f"serve.min_replicas={cfg.serve.min_replicas} exceeds "
                           f"serve.max_replicas={cfg.serve.max_replicas}")
-    if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
-        raise ConfigError(f"ppo.minibatch_size={cfg.ppo.minibatch_size} exceeds "
-                          f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size}")
+    _validate_ppo(cfg.ppo)
     for render_key, render in (("data.render", cfg.data.render), ("eval.render", cfg.eval.render),
                                ("serve.render", cfg.serve.render)):
         if render.height % 8 or render.width % 8:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bp_ray.config import ConfigError, PipelineConfig
+from bp_ray.config import PipelineConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import MANIFEST, SUCCESS
 from bp_ray.train.loop import DS_DIR, DS_TAG, MODEL_DIR, RNG_DIR, STATE_FILE
@@ -41,20 +41,6 @@ from bp_ray.train.ppo_math import (
 
 CRITIC_DIR = "critic"
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def check_ppo_config(cfg: PipelineConfig) -> None:
-    ppo = cfg.ppo
-    world = ppo.resources.num_workers
-    if ppo.deepspeed.zero_stage == 3:
-        raise ConfigError("ppo.deepspeed.zero_stage=3 is not supported: each worker generates its rollouts and needs "
-                          "the policy's full weights (use 0-2; ZeRO-2 already partitions optimizer state and grads)")
-    if ppo.rollout_batch_size % world or ppo.minibatch_size % world:
-        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} and ppo.minibatch_size="
-                          f"{ppo.minibatch_size} must be multiples of ppo.resources.num_workers={world}")
-    if ppo.rollout_batch_size % ppo.minibatch_size:
-        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
-                          f"ppo.minibatch_size={ppo.minibatch_size}")
 
 
 class _ActorCritic:
@@ -329,7 +315,6 @@ def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | 
     from bp_ray.train.ppo_actors import start_reference_actor, start_reward_actor
     from bp_ray.train.sft import read_pairs_frame
 
-    check_ppo_config(cfg)
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     sft_model = Path(sft_dir).resolve() / MODEL_DIR

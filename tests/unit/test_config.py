@@ -88,6 +88,9 @@ def test_later_override_wins():
     (["sft.instruction=no placeholder"], "must contain the placeholder {raw}"),
     (["eval.systems=original,gpt9"], "unknown system(s) gpt9; choose from: original, tags, sft, ppo, llm"),
     (["ppo.minibatch_size=64", "ppo.rollout_batch_size=16"], "ppo.minibatch_size=64 exceeds"),
+    (["ppo.deepspeed.zero_stage=3"], "ppo.deepspeed.zero_stage=3 is not supported"),
+    (["ppo.resources.num_workers=3"], "must be multiples of ppo.resources.num_workers=3"),
+    (["ppo.minibatch_size=6"], "ppo.rollout_batch_size=16 must be a multiple of ppo.minibatch_size=6"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
