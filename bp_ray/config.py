@@ -336,13 +336,9 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning of the policy: instruction + low prompt -> high prompt (paper Section 4.1)."""
+class TrainingConfig:
+    """What SFT and the reward models share: one Ray Train + DeepSpeed loop (train/loop.py) reads these."""
 
-    instruction: str = PAPER_INSTRUCTION
-    keep_prompt: bool = False
-    """The beautifier's answer begins with the user prompt verbatim and the model writes only what follows (SFT,
-    PPO, evaluation and serving alike): the user's subject can never be changed, only added to."""
     lr: float = opt(2e-5, gt=0)
     batch_size: int = opt(16, ge=1)
     """Global batch size (split across workers and gradient accumulation)."""
@@ -352,7 +348,6 @@ class SFTConfig:
     lr_scheduler: str = opt("cosine", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.03, ge=0, le=1)
     eval_fraction: float = opt(0.05, ge=0, le=0.5)
-    packing: bool = False
     checkpoint_every: int = opt(100, ge=1)
     """Steps between checkpoints (Hugging Face model + DeepSpeed state), each with a held-out evaluation."""
     stop_after_step: int = opt(0, ge=0)
@@ -364,13 +359,23 @@ class SFTConfig:
 
 
 @dataclass
-class RMConfig:
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning of the policy: instruction + low prompt -> high prompt (paper Section 4.1)."""
+
+    instruction: str = PAPER_INSTRUCTION
+    keep_prompt: bool = False
+    """The beautifier's answer begins with the user prompt verbatim and the model writes only what follows (SFT,
+    PPO, evaluation and serving alike): the user's subject can never be changed, only added to."""
+    packing: bool = False
+
+
+@dataclass
+class RMConfig(TrainingConfig):
     """Reward models: MSE regression onto seed-averaged PickScore and aesthetic labels (paper Section 4.2)."""
 
     lr: float = opt(1e-5, gt=0)
-    batch_size: int = opt(16, ge=1)
     epochs: float = opt(1.0, gt=0)
-    max_length: int = opt(384, ge=8)
+    eval_fraction: float = opt(0.1, ge=0, le=0.5)
     heads: str = opt("two_models", choices=("two_models", "shared_backbone"))
     """One backbone per score (paper) or two scalar heads on one backbone."""
     pickscore_input: str = opt("low+high", choices=("high", "low+high"))
@@ -379,16 +384,6 @@ class RMConfig:
     """Paper: the aesthetic RM reads the generated prompt only."""
     label_roles: list[str] = opt(["low", "high"], choices=("low", "high"))
     """Which labelled prompts of each pair the RMs learn from: the low one, the high one or both."""
-    weight_decay: float = opt(0.0, ge=0)
-    lr_scheduler: str = opt("cosine", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.03, ge=0, le=1)
-    eval_fraction: float = opt(0.1, ge=0, le=0.5)
-    checkpoint_every: int = opt(100, ge=1)
-    stop_after_step: int = opt(0, ge=0)
-    """As sft.stop_after_step."""
-    seed: int = 42
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    resources: TrainResources = field(default_factory=TrainResources)
 
 
 @dataclass

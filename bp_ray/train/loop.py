@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from bp_ray.config import DeepSpeedConfig, PipelineConfig, TrainResources
+from bp_ray.config import PipelineConfig, TrainingConfig, TrainResources
 from bp_ray.layout import MANIFEST, SUCCESS
 
 logger = logging.getLogger(__name__)
@@ -39,22 +39,6 @@ DS_DIR = "deepspeed"
 DS_TAG = "state"
 RNG_DIR = "rng"
 MODEL_DIR = "model"
-
-
-class StageConfig(Protocol):
-    """The fields of SFTConfig / RMConfig the shared loop reads."""
-
-    lr: float
-    batch_size: int
-    epochs: float
-    weight_decay: float
-    lr_scheduler: str
-    warmup_ratio: float
-    checkpoint_every: int
-    stop_after_step: int
-    seed: int
-    deepspeed: DeepSpeedConfig
-    resources: TrainResources
 
 
 @dataclass
@@ -108,7 +92,7 @@ def _restore(engine: Any, folder: Path, rank: int) -> dict[str, Any]:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def train_on_worker(task: TrainTask, stage: StageConfig, metrics_dir: Path, name: str) -> None:
+def train_on_worker(task: TrainTask, stage: TrainingConfig, metrics_dir: Path, name: str) -> None:
     """Run (or go on with) the training of one stage on this Ray Train worker."""
     import deepspeed
     import ray.train
