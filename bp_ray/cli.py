@@ -81,6 +81,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_explain(args: argparse.Namespace) -> int:
+    from bp_ray.config_loader import explain
+
+    print(explain(config_from_args(args), args.key))
+    return 0
+
+
 def cmd_config_presets(args: argparse.Namespace) -> int:
     for name in available_presets():
         print(name)
@@ -548,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = config_sub.add_parser("show", parents=[_config_options()], help="print the resolved config")
     p.add_argument("--format", choices=("yaml", "json"), default="yaml")
     p.set_defaults(func=cmd_config_show)
+    p = config_sub.add_parser("explain", parents=[_config_options()],
+                              help="what a key means: value, default, type, allowed values and help",
+                              description="bp-ray config explain ppo.relevance_coef --preset world; a section "
+                                          "(e.g. ppo) lists its keys, each with its value and help")
+    p.add_argument("key", nargs="?", default="", help="section.key, a section, or nothing for the top level")
+    p.set_defaults(func=cmd_config_explain)
     p = config_sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_config_presets)
     return parser

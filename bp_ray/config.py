@@ -2,13 +2,19 @@
 
 Dataclass defaults hold the method (the paper's hyperparameters); presets set the scale (model ids, batch
 sizes, workers, GPUs). Every field may carry `choices` or bounds in its metadata, which
-`config_loader.validate()` checks; `ConfigError` names the offending key and what would be accepted.
+`config_loader.validate()` checks; `ConfigError` names the offending key and what would be accepted. The string
+under a field is its help: it lands in the field's metadata (`help`), and `bp-ray config explain KEY` prints it.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
+import inspect
 import json
+import sys
+import types
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -577,3 +583,24 @@ class PipelineConfig:
 
 
 EVAL_SYSTEMS = ("original", "tags", "sft", "ppo", "llm")
+
+
+def _attach_field_help() -> None:
+    """Each field's docstring (the string literal right under it) becomes its metadata["help"], so the help is
+    read where the field is declared and shown by `bp-ray config explain`."""
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    for node in tree.body:
+        cls = globals().get(node.name) if isinstance(node, ast.ClassDef) else None
+        if not dataclasses.is_dataclass(cls):
+            continue
+        docs = {stmt.target.id: inspect.cleandoc(after.value.value)
+                for stmt, after in zip(node.body, node.body[1:], strict=False)
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)}
+        for f in dataclasses.fields(cls):
+            if f.name in docs:
+                f.metadata = types.MappingProxyType({**f.metadata, "help": docs[f.name]})
+
+
+_attach_field_help()

@@ -146,6 +146,43 @@ def _unknown_key_message(shown: str, name: str, valid: list[str]) -> str:
     return f"unknown config key {shown!r}{hint}; valid keys here: {', '.join(valid)}"
 
 
+def explain(cfg: PipelineConfig, key: str) -> str:
+    """What a key means: its value in `cfg`, its default, type, allowed values and help; for a section (or "" for
+    the top level), one line per key."""
+    node: Any = cfg
+    defaults: Any = PipelineConfig()
+    found: dataclasses.Field | None = None
+    owner: type = PipelineConfig
+    shown = ""
+    for name in [part for part in key.split(".") if part]:
+        if not is_dataclass(node):
+            raise ConfigError(f"{shown} is a value, not a section")
+        field_map = {f.name: f for f in fields(node)}
+        shown = f"{shown}.{name}" if shown else name
+        if name not in field_map:
+            raise ConfigError(_unknown_key_message(shown, name, list(field_map)))
+        owner, found = type(node), field_map[name]
+        node, defaults = getattr(node, name), getattr(defaults, name)
+    if is_dataclass(node):
+        lines = [f"{shown or '(top level)'}: {(type(node).__doc__ or '').strip().splitlines()[0]}"]
+        for f in fields(node):
+            value = getattr(node, f.name)
+            text = "(section)" if is_dataclass(value) else repr(value)
+            first = f.metadata.get("help", "").split("\n")[0]
+            lines.append(f"  {f.name} = {text}" + (f"  # {first}" if first else ""))
+        return "\n".join(lines)
+    assert found is not None
+    tp = _field_type(owner, found)
+    meta = found.metadata
+    rules = [f"one of {', '.join(map(str, meta['choices']))}" if meta.get("choices") else "",
+             *(f"{sign} {meta[k]}" for k, sign in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta.get(k) is not None)]
+    lines = [f"{shown} = {node!r}   (default {defaults!r})",
+             f"  type: {getattr(tp, '__name__', str(tp))}" + "".join(f"; {r}" for r in rules if r)]
+    if meta.get("help"):
+        lines += ["  " + line for line in meta["help"].splitlines()]
+    return "\n".join(lines)
+
+
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return typing.get_type_hints(cls)[f.name]
 

@@ -156,3 +156,19 @@ def test_a_preset_names_prompt_pools_through_an_environment_variable(monkeypatch
     assert source == "${BP_RAY_PROMPTS}/diffusiondb_imagereward_refl.jsonl"
     with pytest.raises(FileNotFoundError, match="environment variable BP_RAY_PROMPTS, which is not set"):
         read_prompts(source)
+
+
+def test_explain_shows_a_keys_value_default_rules_and_the_help_written_under_its_field():
+    from bp_ray.config_loader import explain
+
+    text = explain(load_config("world"), "ppo.relevance_coef")
+    assert text.splitlines()[:2] == ["ppo.relevance_coef = 10.0   (default 0.0)", "  type: float; >= 0"]
+    assert "Guard: + coef x CLIP similarity" in text
+    assert "one of two_models, shared_backbone" in explain(load_config("tiny"), "rm.heads")
+    # a field SFT inherits from the training base keeps its help
+    assert "Global batch size" in explain(load_config("tiny"), "rm.batch_size")
+    section = explain(load_config("tiny"), "sft").splitlines()
+    assert section[0].startswith("sft: Supervised fine-tuning") and "  keep_prompt = False  # The beautifier's" in \
+        "\n".join(section)
+    with pytest.raises(ConfigError, match="did you mean 'relevance_coef'"):
+        explain(load_config("tiny"), "ppo.relevanc")
