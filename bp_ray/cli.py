@@ -13,22 +13,16 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from bp_ray.config import ConfigError, PipelineConfig
 from bp_ray.config_loader import available_presets, load_config
-from bp_ray.layout import STAGES, RunLayout
+from bp_ray.layout import RunLayout
+from bp_ray.stages import BY_NAME, STAGE_NAMES, Stage
 from bp_ray.summaries import (
-    corpus_summary,
-    data_summary,
     eval_summary,
     example_rewrites,
     logs_summary,
-    ppo_summary,
-    rewards_summary,
-    rm_summary,
-    sft_summary,
     stage_outcome,
     stage_summary,
     text_eval_summary,
@@ -51,11 +45,13 @@ def _config_options() -> argparse.ArgumentParser:
     return parent
 
 
-def _stage_options(*inputs: str) -> argparse.ArgumentParser:
+def _stage_options(stage: Stage | None, *inputs: str) -> argparse.ArgumentParser:
+    """--preset / --config / --set, --out, and an input option per folder the stage reads (or per name given)."""
     parent = argparse.ArgumentParser(add_help=False, parents=[_config_options()])
     parent.add_argument("--out", default=None, metavar="DIR", help="output folder of this stage")
-    for name in inputs:
-        parent.add_argument(f"--{name}", default=None, metavar="DIR", help=f"input: the {name} stage's folder")
+    for option, read in (stage.reads.items() if stage else ((name, name) for name in inputs)):
+        parent.add_argument(f"--{option}", default=None, metavar="DIR", help=f"input: the {read} stage's folder "
+                            "(default: beside --out, else in the run directory)")
     return parent
 
 
@@ -170,83 +166,27 @@ def cmd_models_convert_aesthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_corpus(args: argparse.Namespace) -> int:
+def stage_folders(cfg: PipelineConfig, args: argparse.Namespace, stage: Stage) -> tuple[Path, dict[str, Path]]:
+    """(output folder, input folders by stage) of a stage command: --out, else the stage's folder of the run
+    directory; each input as its option gives it, else that stage's folder beside the output."""
+    layout = RunLayout(Path(args.out).parent) if args.out else RunLayout(Path(cfg.output_dir))
+    out = Path(args.out) if args.out else layout.stage_dir(stage.name)
+    inputs = {}
+    for option, input_stage in stage.reads.items():
+        given = getattr(args, option, None)
+        inputs[input_stage] = Path(given) if given else layout.stage_dir(input_stage)
+    return out, inputs
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """`bp-ray data corpus`, `data generate`, `rewards label`, `train sft|rm|ppo`: the declared stage, alone."""
+    stage = BY_NAME[args.stage]
     cfg = config_from_args(args)
-    out = Path(args.out) if args.out else RunLayout(Path(cfg.output_dir)).stage_dir("corpus")
-    summary = write_corpus_for(cfg, out)
-    print(corpus_summary(asdict(summary)))
-    return 0
-
-
-def write_corpus_for(cfg: PipelineConfig, out: Path):
-    from bp_ray.data.corpus import write_corpus
-    from bp_ray.data.pipeline import corpus_spec
-
-    return write_corpus(out, corpus_spec(cfg))
-
-
-def cmd_data_generate(args: argparse.Namespace) -> int:
-    from bp_ray.data.pipeline import run_data_generation
-
-    cfg = config_from_args(args)
-    out = Path(args.out) if args.out else RunLayout(Path(cfg.output_dir)).stage_dir("data")
-    manifest = run_data_generation(cfg, out, corpus_dir=Path(args.corpus) if args.corpus else None,
-                                   fresh=args.fresh)
-    print(data_summary(manifest, out))
-    return 0
-
-
-def cmd_rewards_label(args: argparse.Namespace) -> int:
-    from bp_ray.rewards.pipeline import run_reward_labels
-
-    cfg = config_from_args(args)
-    out, pairs = stage_folders(cfg, args, "rewards", args.pairs, "data")
-    print(rewards_summary(run_reward_labels(cfg, pairs, out), out))
-    return 0
-
-
-def stage_folders(cfg: PipelineConfig, args: argparse.Namespace, stage: str, given_input: str | None,
-                  input_stage: str) -> tuple[Path, Path]:
-    """(output folder, input folder) of a stage command: --out, else the stage's folder of the run directory;
-    the input as given, else the input stage's folder beside the output."""
-    layout = RunLayout(Path(cfg.output_dir))
-    out = Path(args.out) if args.out else layout.stage_dir(stage)
-    if given_input:
-        return out, Path(given_input)
-    return out, out.parent / input_stage if args.out else layout.stage_dir(input_stage)
-
-
-def cmd_train_sft(args: argparse.Namespace) -> int:
-    from bp_ray.train.sft import run_sft
-
-    cfg = config_from_args(args)
-    out, pairs = stage_folders(cfg, args, "sft", args.pairs, "data")
-    print(sft_summary(run_sft(cfg, pairs, out, resume=args.resume)))
-    return 0
-
-
-def cmd_train_rm(args: argparse.Namespace) -> int:
-    from bp_ray.train.reward import run_rm
-
-    cfg = config_from_args(args)
-    out, labels = stage_folders(cfg, args, "rm", args.labels, "rewards")
-    manifest = run_rm(cfg, labels, out, resume=args.resume)
-    print(rm_summary(manifest, out))
-    return 0
-
-
-def cmd_train_ppo(args: argparse.Namespace) -> int:
-    from bp_ray.rewards.pipeline import reward_cache_path
-    from bp_ray.train.ppo import run_ppo
-
-    cfg = config_from_args(args)
-    out, pairs = stage_folders(cfg, args, "ppo", args.pairs, "data")
-    _, sft = stage_folders(cfg, args, "ppo", args.sft, "sft")
-    _, rm = stage_folders(cfg, args, "ppo", args.rm, "rm")
-    _, rewards = stage_folders(cfg, args, "ppo", None, "rewards")
-    manifest = run_ppo(cfg, pairs, sft, rm if cfg.ppo.reward_source == "rm" else None, out, resume=args.resume,
-                       cache_path=reward_cache_path(cfg, rewards))
-    print(ppo_summary(manifest))
+    out, inputs = stage_folders(cfg, args, stage)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = getattr(args, "resume", False) or (stage.name == "data" and not args.fresh)
+    manifest = stage.run(cfg, inputs, out, resume)
+    print(stage_summary(stage.name, manifest, out))
     return 0
 
 
@@ -254,14 +194,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bp_ray.eval.run import run_evaluation
 
     cfg = config_from_args(args)
-    out, _ = stage_folders(cfg, args, "eval", None, "sft")
+    out, _ = stage_folders(cfg, args, BY_NAME["eval"])
     layout = RunLayout(out.parent) if args.out else RunLayout(Path(cfg.output_dir))
     sft = args.sft or _if_done(layout, "sft")
     ppo = args.ppo or _if_done(layout, "ppo")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     if systems is None:  # the configured systems, less the checkpoints this run does not have
         systems = [s for s in cfg.eval.systems if {"sft": sft, "ppo": ppo}.get(s, True)]
-    training = {stage: Path(d) for stage, d in (("sft", sft), ("rm", _if_done(layout, "rm")), ("ppo", ppo)) if d}
+    training = {stage: Path(d) for stage, d in (("sft", sft), ("rm", args.rm or _if_done(layout, "rm")), ("ppo", ppo))
+                if d}
     manifest = run_evaluation(cfg, out, sft=Path(sft) if sft else None, ppo=Path(ppo) if ppo else None,
                               prompts_file=args.prompts, systems=systems, training_dirs=training)
     print(eval_summary(out))
@@ -344,47 +285,6 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
     folder = layout.stage_dir
-
-    def corpus(resume: bool) -> dict:
-        manifest = asdict(write_corpus_for(cfg, folder("corpus")))  # itself skips a corpus that is up to date
-        layout.manifest("corpus").write_text(json.dumps(manifest, indent=2))
-        return manifest
-
-    def data(resume: bool) -> dict:
-        from bp_ray.data.pipeline import run_data_generation
-
-        return run_data_generation(cfg, folder("data"), folder("corpus"), fresh=not resume)
-
-    def rewards(resume: bool) -> dict:
-        from bp_ray.rewards.pipeline import run_reward_labels
-
-        return run_reward_labels(cfg, folder("data"), folder("rewards"))  # the reward cache is its resume
-
-    def sft(resume: bool) -> dict:
-        from bp_ray.train.sft import run_sft
-
-        return run_sft(cfg, folder("data"), folder("sft"), resume=resume)
-
-    def rm(resume: bool) -> dict:
-        from bp_ray.train.reward import run_rm
-
-        return run_rm(cfg, folder("rewards"), folder("rm"), resume=resume)
-
-    def ppo(resume: bool) -> dict:
-        from bp_ray.rewards.pipeline import reward_cache_path
-        from bp_ray.train.ppo import run_ppo
-
-        return run_ppo(cfg, folder("data"), folder("sft"), folder("rm"), folder("ppo"), resume=resume,
-                       cache_path=reward_cache_path(cfg, folder("rewards")))
-
-    def evaluate(resume: bool) -> dict:
-        from bp_ray.eval.run import run_evaluation
-
-        trained = {stage: folder(stage) for stage in ("sft", "rm", "ppo")}
-        return run_evaluation(cfg, folder("eval"), sft=trained["sft"], ppo=trained["ppo"], training_dirs=trained)
-
-    runners = {"corpus": corpus, "data": data, "rewards": rewards, "sft": sft, "rm": rm, "ppo": ppo,
-               "eval": evaluate}
     with pipeline_console(layout.root, args.verbose) as (console, warnings):
         console.print(f"bp-ray pipeline ({cfg.preset}) -> {layout.root}   library logs: {layout.root / LOGS_DIR}"
                       + ("" if args.verbose else " (bp-ray -v pipeline shows them here)"))
@@ -393,7 +293,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             zoo = _ensure_zoo(cfg)
             console.finish("models", f"ready in {time.perf_counter() - started:.1f} s")
-            runs = run_pipeline(cfg, runners, layout, on_stage=console.start,
+            runs = run_pipeline(cfg, None, layout, on_stage=console.start,
                                 on_done=lambda run: console.finish(run.stage, stage_outcome(run)))
         except BaseException as error:
             console.fail(error)
@@ -429,7 +329,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     layout = RunLayout(Path(args.run_dir))
     if not layout.root.is_dir():
         raise FileNotFoundError(f"no run directory at {layout.root}")
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         info = layout.stage_status(stage)
         size = f"{info['bytes'] / 1e6:8.1f} MB" if "bytes" in info else ""
         print(f"{stage:<8} {info['state']:<8} {size}")
@@ -447,32 +347,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prompt data: embedded corpus, prompt-pair generation")
     data_sub = data.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = data_sub.add_parser("corpus", parents=[_stage_options()], help="write the embedded DiffusionDB-shaped "
-                            "corpus (metadata.parquet + image zips)")
-    p.set_defaults(func=cmd_data_corpus)
-    p = data_sub.add_parser("generate", parents=[_stage_options("corpus")],
+    p = data_sub.add_parser("corpus", parents=[_stage_options(BY_NAME["corpus"])],
+                            help="write the embedded DiffusionDB-shaped corpus (metadata.parquet + image zips)")
+    p.set_defaults(func=cmd_stage, stage="corpus")
+    p = data_sub.add_parser("generate", parents=[_stage_options(BY_NAME["data"])],
                             help="low->high prompt pairs on Ray Data (resumes where a killed run stopped)")
     p.add_argument("--fresh", action="store_true", help="discard committed work and start over")
     _source_prompts_option(p)
-    p.set_defaults(func=cmd_data_generate)
+    p.set_defaults(func=cmd_stage, stage="data")
 
     rewards = sub.add_parser("rewards", help="render prompts with N seeds and score the images")
     rewards_sub = rewards.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = rewards_sub.add_parser("label", parents=[_stage_options("pairs")],
+    p = rewards_sub.add_parser("label", parents=[_stage_options(BY_NAME["rewards"])],
                                help="render every pair prompt with N seeds and score it (cached)")
-    p.set_defaults(func=cmd_rewards_label)
+    p.set_defaults(func=cmd_stage, stage="rewards")
 
     train = sub.add_parser("train", help="train the SFT policy, the reward model or PPO")
     train_sub = train.add_subparsers(dest="action", metavar="STAGE", required=True)
-    for name, inputs in (("sft", ("pairs",)), ("rm", ("labels",)), ("ppo", ("pairs", "sft", "rm"))):
+    for name in ("sft", "rm", "ppo"):
         help_text = {"sft": "SFT on Ray Train + DeepSpeed",
                      "rm": "reward models (PickScore, aesthetic) on Ray Train + DeepSpeed",
                      "ppo": "PPO with an adaptive KL penalty, reference and reward actors"}[name]
-        p = train_sub.add_parser(name, parents=[_stage_options(*inputs)], help=help_text)
+        p = train_sub.add_parser(name, parents=[_stage_options(BY_NAME[name])], help=help_text)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-        p.set_defaults(func={"sft": cmd_train_sft, "rm": cmd_train_rm, "ppo": cmd_train_ppo}[name])
+        p.set_defaults(func=cmd_stage, stage=name)
 
-    p = sub.add_parser("eval", parents=[_stage_options("sft", "ppo")],
+    p = sub.add_parser("eval", parents=[_stage_options(BY_NAME["eval"])],
                        help="rewrite user prompts with each system, render with N seeds, score against the user "
                        "prompt; results.json / results.csv / report.html")
     p.add_argument("--prompts", default=None, metavar="FILE", help="JSON Lines / CSV / TSV / text file of user "
@@ -481,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval.systems, less sft/ppo when the run has no such checkpoint)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("eval-text", parents=[_stage_options("sft", "ppo", "rm", "pairs")],
+    p = sub.add_parser("eval-text", parents=[_stage_options(None, "sft", "ppo", "rm", "pairs")],
                        help="judge the rewrites as text, no rendering: subject kept, tags, length, repetition and the "
                        "reward model's score for original / base / sft / ppo; results_text.json")
     p.add_argument("--run", default=None, metavar="DIR", help="run directory whose finished sft / ppo / rm / data "
@@ -510,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole response body")
     p.set_defaults(func=cmd_client)
 
-    p = sub.add_parser("pipeline", parents=[_stage_options()], help="the main job: every stage in order "
+    p = sub.add_parser("pipeline", parents=[_stage_options(None)], help="the main job: every stage in order "
                        "on one run directory (--out)")
     _source_prompts_option(p)
     p.set_defaults(func=cmd_pipeline)

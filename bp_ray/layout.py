@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGES = ("corpus", "data", "rewards", "sft", "rm", "ppo", "eval")
+from bp_ray.stages import STAGE_NAMES
+
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS.json"
 
@@ -36,8 +37,8 @@ class RunLayout:
     root: Path
 
     def stage_dir(self, stage: str) -> Path:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
+        if stage not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGE_NAMES)}")
         return self.root / stage
 
     @property

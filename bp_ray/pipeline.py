@@ -21,32 +21,15 @@ from typing import Any
 
 from bp_ray.config import PipelineConfig
 from bp_ray.layout import MANIFEST, RunLayout
+from bp_ray.stages import STAGE_NAMES, STAGES
 
 logger = logging.getLogger(__name__)
 
 STARTED = "_STARTED.json"
-PIPELINE_STAGES = ("corpus", "data", "rewards", "sft", "rm", "ppo", "eval")
-
-INPUTS = {"corpus": (), "data": ("corpus",), "rewards": ("data",), "sft": ("data",), "rm": ("rewards",),
-          "ppo": ("data", "sft", "rm", "rewards"), "eval": ("sft", "rm", "ppo")}
-"""The stages whose outputs each stage reads (eval reads rm's training curves)."""
-
-# Config values that decide each stage's output, as dotted keys; `-` entries are left out of the key before them.
-# Resources and service batching change how fast a stage runs, not what it writes, except for training, where
-# the number of workers changes the batches, so the training sections count whole.
-CONFIG_KEYS = {
-    "corpus": ("seed", "data.corpus_rows", "data.corpus_seed", "data.corpus_kind", "models.tiny.image_size"),
-    "data": ("seed", "data", "-data.render", "-data.num_seeds", "-data.renderer_pool", "-data.scorer_pool",
-             "-data.captioner_pool", "-data.rewriter_pool", "-data.aesthetic_pool", "models"),
-    "rewards": ("data.render", "data.num_seeds", "rewards", "-rewards.service_max_batch",
-                "-rewards.service_batch_wait_s", "models"),
-    "sft": ("sft", "models"),
-    "rm": ("rm", "rewards.alpha", "models"),
-    "ppo": ("ppo", "sft.instruction", "rewards", "-rewards.service_max_batch", "-rewards.service_batch_wait_s",
-            "models"),
-    "eval": ("eval", "sft.instruction", "rewards.alpha", "rewards.seed_base", "models", "data.openai_base_url",
-             "data.openai_model", "data.openai_api", "data.corpus_rows", "data.corpus_seed", "data.corpus_kind"),
-}
+PIPELINE_STAGES = STAGE_NAMES
+INPUTS = {stage.name: stage.inputs for stage in STAGES}
+"""The stages whose outputs each stage reads."""
+CONFIG_KEYS = {stage.name: stage.config_keys for stage in STAGES}
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
@@ -117,11 +100,22 @@ def plan(layout: RunLayout, prints: dict[str, str]) -> dict[str, str]:
     return actions
 
 
-def run_pipeline(cfg: PipelineConfig, runners: dict[str, Callable[[bool], dict[str, Any]]],
+def stage_runners(cfg: PipelineConfig, layout: RunLayout) -> dict[str, Callable[[bool], dict[str, Any]]]:
+    """Stage -> run(resume) on this run folder: each stage's declared run, its inputs the folders beside it."""
+    def runner(stage: Any) -> Callable[[bool], dict[str, Any]]:
+        inputs = {name: layout.stage_dir(name) for name in stage.inputs}
+        return lambda resume: stage.run(cfg, inputs, layout.stage_dir(stage.name), resume)
+
+    return {stage.name: runner(stage) for stage in STAGES}
+
+
+def run_pipeline(cfg: PipelineConfig, runners: dict[str, Callable[[bool], dict[str, Any]]] | None,
                  layout: RunLayout, on_stage: Callable[[str], None] | None = None,
                  on_done: Callable[[StageRun], None] | None = None) -> list[StageRun]:
-    """Run, resume or skip every stage in order; `runners[stage](resume)` runs one stage and returns its manifest.
-    `on_stage(stage)` is called before each stage and `on_done(run)` after it (the console's line per stage)."""
+    """Run, resume or skip every stage in order; `runners[stage](resume)` runs one stage and returns its manifest
+    (None: `stage_runners`, the declared stages). `on_stage(stage)` is called before each stage and `on_done(run)`
+    after it (the console's line per stage)."""
+    runners = runners or stage_runners(cfg, layout)
     prints = fingerprints(cfg)
     actions = plan(layout, prints)
     logger.info("pipeline plan: %s", ", ".join(f"{s} {a}" for s, a in actions.items()))

@@ -21,7 +21,8 @@ import yaml
 
 from bp_ray.cli import build_parser
 from bp_ray.config_loader import load_config
-from bp_ray.layout import STAGES, RunLayout
+from bp_ray.layout import RunLayout
+from bp_ray.stages import STAGE_NAMES as STAGES
 from tests.conftest import REPO, shared_path
 
 CLUSTER = REPO / "cluster"

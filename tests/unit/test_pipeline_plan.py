@@ -85,3 +85,29 @@ def test_an_incomplete_stage_is_not_marked_done(tmp_path):
     run_pipeline(cfg, runners, layout)
     assert not layout.is_done("rm") and layout.is_done("sft")
     assert plan(layout, fingerprints(cfg))["rm"] == "resume"
+
+
+def test_each_declared_stage_reads_earlier_stages_and_runs_on_the_run_folders(tmp_path, monkeypatch):
+    import dataclasses
+
+    import bp_ray.pipeline as pipeline
+    from bp_ray.stages import STAGES
+
+    calls = {}
+
+    def recorder(name):
+        def run(cfg, inputs, out, resume):
+            calls[name] = (inputs, out, resume)
+            return {"stage": name}
+        return run
+
+    monkeypatch.setattr(pipeline, "STAGES", tuple(dataclasses.replace(s, run=recorder(s.name)) for s in STAGES))
+    layout = RunLayout(tmp_path)
+    runners = pipeline.stage_runners(load_config("tiny"), layout)
+    assert list(runners) == list(PIPELINE_STAGES)
+    for position, stage in enumerate(STAGES):
+        assert all(PIPELINE_STAGES.index(read) < position for read in stage.inputs), stage.name
+        runners[stage.name](True)
+        inputs, out, resume = calls[stage.name]
+        assert inputs == {read: tmp_path / read for read in stage.inputs} and out == tmp_path / stage.name and resume
+    assert calls["ppo"][0].keys() == {"data", "sft", "rm", "rewards"}
