@@ -30,6 +30,16 @@ MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS.json"
 
 
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write a stage's manifest.json and, when it finished (`complete`, default true), its _SUCCESS.json: the one
+    place a stage marks itself done."""
+    out_dir = Path(out_dir)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if manifest.get("complete", True):
+        (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest.get("config_hash")}))
+    return manifest
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Paths of one run directory."""

@@ -31,7 +31,7 @@ from bp_ray.data.pairs import SOURCES, build_candidates, clean_candidates, llm_r
 from bp_ray.data.prompt_io import ReadReport, read_prompts
 from bp_ray.data.prompt_rules import SplitRules, annotate_prompts, content_flag, dedup_key, nsfw_score_flag
 from bp_ray.data.vocab import load_vocab, tag_terms
-from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.layout import SUCCESS, write_manifest
 from bp_ray.ray_runtime import actor_pool_args
 
 logger = logging.getLogger(__name__)
@@ -244,6 +244,4 @@ def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | N
         "llm_backend": cfg.data.llm_backend,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
-    return manifest
+    return write_manifest(out_dir, manifest)

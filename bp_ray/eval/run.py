@@ -33,7 +33,7 @@ from bp_ray.eval.systems import (
     tag_vocabulary,
     tags_pool,
 )
-from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.layout import SUCCESS, write_manifest
 from bp_ray.rewards.render import seeds_for
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
 
@@ -322,6 +322,4 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
                 "files": sorted(["results.json", "results.csv", "scores.csv", "rewrites.jsonl", *files]),
                 "config_hash": cfg.hash("eval", "models", "rewards"),
                 "render_s": round(rendered_s, 2), "wall_time_s": round(time.perf_counter() - start, 2)}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
-    return manifest
+    return write_manifest(out_dir, manifest)

@@ -10,7 +10,6 @@ once; the SQLite cache makes a rerun (or PPO and evaluation later) skip every im
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 from bp_ray.config import PipelineConfig
 from bp_ray.console import report_progress
 from bp_ray.data import columns as C
-from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.layout import SUCCESS, write_manifest
 from bp_ray.ray_runtime import actor_pool_args
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward, seed_stats
 
@@ -246,6 +245,4 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
         "cache": str(cache_path), "config_hash": cfg.hash("data", "rewards"),
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
-    return manifest
+    return write_manifest(out_dir, manifest)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bp_ray.config import PipelineConfig, TrainingConfig, TrainResources
-from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.layout import write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,4 @@ def finish_stage(stage: str, out_dir: Path, checkpoint: Path, state: dict[str, A
                 "final_metrics": state["metrics"], **manifest,
                 "wall_time_s": round(time.perf_counter() - started, 2)}
     shutil.rmtree(checkpoint, ignore_errors=True)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    if complete:
-        (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
-    return manifest
+    return write_manifest(out_dir, manifest)

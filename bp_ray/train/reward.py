@@ -8,7 +8,6 @@ the shared DeepSpeed loop; the held-out split is by pair, so a pair's low and hi
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 
 from bp_ray.config import PipelineConfig, RMConfig
 from bp_ray.data import columns as C
-from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.layout import SUCCESS, write_manifest
 from bp_ray.train.reward_data import HEADS, fit_head_spec, label_column, read_labels
 
 
@@ -139,7 +138,4 @@ def run_rm(cfg: PipelineConfig, labels_dir: Path, out_dir: Path, resume: bool = 
         "parts": {name: part["model"] for name, part in models.items()}, "backbone": cfg.models.rm_backbone,
         "config_hash": cfg.hash("rm", "models"), "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    if complete:
-        (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest["config_hash"]}))
-    return manifest
+    return write_manifest(out_dir, manifest)
