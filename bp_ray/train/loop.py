@@ -189,13 +189,30 @@ def worker_device(resources: TrainResources) -> str:
         import ray.train.torch
 
         return str(ray.train.torch.get_device())
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _cache_cpu_info()
+    prepare_cpu_deepspeed()
     import torch
 
     # Workers start with OMP_NUM_THREADS=1 (ray_runtime.WORKER_ENV): a CPU worker computes on the cores it holds.
     torch.set_num_threads(max(1, math.ceil(resources.cpus_per_worker)))
     return "cpu"
+
+
+def prepare_cpu_deepspeed() -> None:
+    """DeepSpeed on the CPU accelerator, without its two start-up costs on a 2-core machine (below); call before
+    deepspeed is first imported."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _cache_cpu_info()
+    _skip_shm_comm_op()
+
+
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op with g++ the first time a process on a
+    machine starts it (over 3 min on 2 cores beside the test suite, seen in CI), and every other process waits on
+    its lock. Only DeepSpeed's inference all-reduce uses it; ZeRO's training collectives go through gloo either
+    way. Marked incompatible, it is never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _cache_cpu_info() -> None:

@@ -1,7 +1,7 @@
 """deepspeed.initialize accepts our config on CPU (gloo, world size 1) for ZeRO 0-3, and the lr warms up.
 
-The first run on a machine JIT-compiles DeepSpeed's fused_adam and shm_comm ops with g++ (minutes on 2 cores,
-then cached under ~/.cache/torch_extensions); later runs take seconds.
+DeepSpeed is prepared as the training workers prepare it (`prepare_cpu_deepspeed`): no C++ op is compiled, so the
+first run on a machine takes seconds too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def deepspeed_cpu():
     with pytest.MonkeyPatch.context() as mp:
         # DS_ACCELERATOR is read once, when deepspeed first picks its accelerator.
         mp.setenv("DS_ACCELERATOR", "cpu")
+        from bp_ray.train.loop import prepare_cpu_deepspeed
+
+        prepare_cpu_deepspeed()
         for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
             mp.setenv(key, value)

@@ -133,3 +133,16 @@ def test_a_cpu_worker_computes_with_as_many_threads_as_cpus_it_holds(monkeypatch
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_cpu_worker_never_compiles_deepspeeds_shared_memory_all_reduce(monkeypatch):
+    """DeepSpeed's CPU backend would build a C++ op with g++ at its first start on a machine (minutes on 2 cores,
+    every other process waiting on its lock); training's collectives use gloo without it."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from bp_ray.config import TrainResources
+    from bp_ray.train.loop import worker_device
+
+    worker_device(TrainResources(num_workers=1, use_gpu=False))
+    from deepspeed.comm.torch import build_shm_op
+
+    assert build_shm_op() is None
