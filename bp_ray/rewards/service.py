@@ -103,6 +103,14 @@ class RewardService:
     async def score_detailed(self, prompts: list[str], intents: list[str]) -> np.ndarray:
         return await self.core.scores(prompts, intents)
 
+    async def score_rewrites(self, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
+        """PPO's reward interface (as the learned reward's): per rewrite, the seed means of PickScore, aesthetic
+        and the CLIP relevance of its renders to the user prompt, and the combined reward."""
+        means = np.asarray(await self.core.scores(highs, lows), dtype=np.float64).reshape(len(highs), -1, 3)
+        means = means.mean(axis=1) if means.shape[1] else np.zeros((len(highs), 3))
+        return {"pickscore": means[:, 0], "aesthetic": means[:, 1], "relevance": means[:, 2],
+                "reward": combined_reward(means[:, 0], means[:, 1], self.core.alpha)}
+
     async def score_with_images(self, prompts: list[str], intents: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per-seed scores and the images. Images of prompts served from the cache are zeros: evaluation, which
         needs every image, runs its service without a cache."""

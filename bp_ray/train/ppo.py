@@ -168,7 +168,7 @@ def ppo_worker_loop(config: dict) -> None:
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
 
     def scores_of(lows: list[str], texts: list[str]) -> dict[str, np.ndarray]:
-        return remote_scores(reward_actor, ppo.reward_source, cfg.rewards.alpha, lows, texts)
+        return remote_scores(reward_actor, lows, texts)
 
     def baseline_of(rows: Any) -> np.ndarray:
         """Reward of each pair's own high prompt (the paper's reference output).

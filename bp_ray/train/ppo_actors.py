@@ -52,7 +52,7 @@ class LearnedRewardScorer:
         self.clip = load_clip_relevance(models_cfg, device) if relevance else None
 
     @torch.no_grad()
-    def score(self, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
+    def score_rewrites(self, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
         scores = self.reward.scores(lows, highs)
         relevance = np.zeros(len(lows))
         if self.clip is not None and lows:
@@ -85,14 +85,9 @@ def start_reference_actor(cfg: PipelineConfig, sft_model: Path) -> Any:
     return actor.remote(str(sft_model), cfg.models, "cuda" if ppo.actor_gpus else "cpu")
 
 
-def remote_scores(actor: Any, source: str, alpha: float, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
-    """{"reward", "pickscore", "aesthetic", "relevance"}: (B,) each, from either kind of reward actor."""
+def remote_scores(actor: Any, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
+    """{"reward", "pickscore", "aesthetic", "relevance"}: (B,) each, from either kind of reward actor (both answer
+    `score_rewrites`)."""
     import ray
 
-    if source == "rm":
-        return ray.get(actor.score.remote(lows, highs))
-    # The reward service scores the high prompt's images against the low prompt as intent (relevance).
-    per_seed = np.asarray(ray.get(actor.score_detailed.remote(highs, lows)), dtype=np.float64)  # (B, S, 3)
-    means = per_seed.mean(axis=1)
-    return {"pickscore": means[:, 0], "aesthetic": means[:, 1], "relevance": means[:, 2],
-            "reward": combined_reward(means[:, 0], means[:, 1], alpha)}
+    return ray.get(actor.score_rewrites.remote(lows, highs))

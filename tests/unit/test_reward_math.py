@@ -121,3 +121,26 @@ def test_mismatched_lengths_are_refused():
     scorer = BatchingScorer(fake_labeler([]), alpha=0.7, max_batch=4, wait_s=0.0)
     with pytest.raises(ValueError, match="2 prompts but 1 intents"):
         asyncio.run(scorer.scores(["a", "b"], ["a"]))
+
+
+def test_the_online_reward_answers_ppo_as_the_learned_one_does():
+    """`score_rewrites(lows, highs)`: the rewrites (highs) are rendered and judged against the user prompts (lows);
+    per rewrite the seed means of each score and alpha * PickScore + (1 - alpha) * aesthetic."""
+    from bp_ray.rewards.service import RewardService
+
+    seen = []
+
+    def label(prompts, intents, keep_pixels):
+        seen.append((prompts, intents))
+        per_seed = {"a red circle, sharp": [[20.0, 6.0, 0.7], [22.0, 8.0, 0.9]],
+                    "a cat, glowing": [[10.0, 4.0, 0.5], [12.0, 4.0, 0.3]]}
+        return np.array([per_seed[p] for p in prompts]), None
+
+    service = RewardService.__new__(RewardService)  # the actor's methods over a scorer that needs no models
+    service.core = BatchingScorer(label, alpha=0.25, max_batch=8, wait_s=0.0)
+    got = asyncio.run(service.score_rewrites(["a red circle", "a cat"], ["a red circle, sharp", "a cat, glowing"]))
+    assert seen == [(["a red circle, sharp", "a cat, glowing"], ["a red circle", "a cat"])]
+    np.testing.assert_allclose(got["pickscore"], [21.0, 11.0])
+    np.testing.assert_allclose(got["aesthetic"], [7.0, 4.0])
+    np.testing.assert_allclose(got["relevance"], [0.8, 0.4])
+    np.testing.assert_allclose(got["reward"], [0.25 * 21 + 0.75 * 7, 0.25 * 11 + 0.75 * 4])
