@@ -42,7 +42,11 @@ def _corpus(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, resume: boo
     from bp_ray.data.pipeline import corpus_spec
     from bp_ray.layout import MANIFEST
 
-    manifest = asdict(write_corpus(out, corpus_spec(cfg)))  # itself skips a corpus that is up to date
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.data.source != "corpus":  # the pairs come from real prompt files: nothing to generate
+        manifest: dict[str, Any] = {"stage": "corpus", "not_used": True, "source": cfg.data.source}
+    else:
+        manifest = asdict(write_corpus(out, corpus_spec(cfg)))  # itself skips a corpus that is up to date
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -87,7 +91,7 @@ def _eval(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, resume: bool)
 
 
 STAGES = (
-    Stage("corpus", {}, ("seed", "data.corpus_rows", "data.corpus_seed", "data.corpus_kind",
+    Stage("corpus", {}, ("seed", "data.source", "data.corpus_rows", "data.corpus_seed", "data.corpus_kind",
                          "models.tiny.image_size"), _corpus),
     Stage("data", {"corpus": "corpus"},
           ("seed", "data", "-data.render", "-data.num_seeds", "-data.renderer_pool", "-data.scorer_pool",

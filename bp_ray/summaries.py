@@ -23,6 +23,8 @@ def zoo_summary(cfg: PipelineConfig, zoo: Path | None) -> str:
 
 
 def corpus_summary(summary: dict) -> str:
+    if summary.get("not_used"):
+        return f"corpus: not used (data.source is {summary['source']})"
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary["kind_counts"].items()))
     return (f"corpus: {summary['num_rows']} rows ({kinds}), {summary['num_images']} images in "
             f"{summary['num_parts']} part(s), {summary['bytes_on_disk'] / 1e6:.1f} MB at {summary['out_dir']}")

@@ -111,3 +111,16 @@ def test_each_declared_stage_reads_earlier_stages_and_runs_on_the_run_folders(tm
         inputs, out, resume = calls[stage.name]
         assert inputs == {read: tmp_path / read for read in stage.inputs} and out == tmp_path / stage.name and resume
     assert calls["ppo"][0].keys() == {"data", "sft", "rm", "rewards"}
+
+
+def test_the_corpus_stage_generates_nothing_when_the_pairs_come_from_prompt_files(tmp_path):
+    from bp_ray.stages import BY_NAME
+    from bp_ray.summaries import corpus_summary
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a sofa\n")
+    cfg = load_config("tiny", [f"data.source={prompts}"])
+    manifest = BY_NAME["corpus"].run(cfg, {}, tmp_path / "corpus", False)
+    assert manifest["not_used"] and not list((tmp_path / "corpus").glob("*.parquet"))
+    assert corpus_summary(manifest) == f"corpus: not used (data.source is {prompts})"
+    assert fingerprints(cfg)["corpus"] != BASE["corpus"]  # switching back to the corpus generates it
