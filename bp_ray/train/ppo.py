@@ -9,6 +9,10 @@ of the policy (clipped surrogate, optional entropy bonus) and the critic (clippe
 engine. Every `checkpoint_every` iterations: greedy decoding of held-out low prompts is scored, and a checkpoint
 (policy in Hugging Face format, critic, DeepSpeed states, the KL coefficient, RNG) is reported to Ray Train.
 Iteration i samples with a generator seeded by (seed, i, rank), so a resumed run repeats the same iterations.
+
+The loop reads as the algorithm: `rollout()` (samples, old log-probs and values, reference log-probs, shaped
+scores), `advantages()` (token rewards with the KL penalty, GAE, whitening), `update()` (the clipped policy and
+value losses over minibatches); the math is in `ppo_math.py`, one function per equation.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +96,22 @@ class _ActorCritic:
             return logits[:, start:-1].float(), values[:, start:-1]
         return response_logits(self.policy_engine, rollout), response_values(self.critic_engine, rollout)
 
+    def logprobs_and_values(self, rollout: Any) -> tuple[Any, Any]:
+        """(B, R) log-probs and values of the sampled response tokens, without grad (the "old" ones of PPO)."""
+        import torch
+
+        from bp_ray.train.ppo_rollout import response_logprobs, response_values
+
+        with torch.no_grad():
+            if self.shared:
+                logits, values = self.logits_and_values(rollout)
+                return logprobs_from_logits(logits, rollout.response_ids), values
+            return (response_logprobs(self.policy_engine.module, rollout),
+                    response_values(self.critic_engine.module, rollout))
+
     def step(self, policy_loss: Any, value_loss: Any, vf_coef: float) -> None:
+        """One optimizer step. Shared backbone: on policy_loss + vf_coef * value_loss. Separate critic: each
+        network on its own loss (its own Adam, which vf_coef would only rescale)."""
         if self.shared:
             self.policy_engine.backward(policy_loss + vf_coef * value_loss)
             self.policy_engine.step()
@@ -130,6 +150,134 @@ def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
     return dict(zip(keys, (tensor / world).tolist(), strict=True))
 
 
+@dataclass
+class Scorer:
+    """What a rollout's texts score: the reward actor (learned or online), less the paper's baseline (the reward
+    of each pair's own high prompt), shaped by the reward-hacking guards."""
+
+    actor: Any
+    ppo: Any
+    guards: Any
+
+    def scores(self, lows: list[str], texts: list[str]) -> dict[str, np.ndarray]:
+        from bp_ray.train.ppo_actors import remote_scores
+
+        return remote_scores(self.actor, lows, texts)
+
+    def baseline(self, rows: Any) -> np.ndarray:
+        """Scored with the iteration's whole batch every time rather than cached per pair: padding makes a score
+        depend on its batch in the last float bits, and a resumed run must repeat the same numbers. Cheap: the
+        learned reward is one forward pass, and the online reward answers repeats from its cache."""
+        if self.ppo.reward_baseline == "none":
+            return np.zeros(len(rows))
+        return np.asarray(self.scores(rows[C.LOW].tolist(), rows[C.HIGH].tolist())["reward"], dtype=np.float64)
+
+    def intent(self, lows: list[str]) -> np.ndarray | None:
+        """Relevance of each low prompt to itself: through its own renders (online, cached after the first time),
+        or 1 for the text reward (a prompt's CLIP text embedding against itself)."""
+        if not self.ppo.intent_hinge_coef:
+            return None
+        if self.ppo.reward_source == "rm":
+            return np.ones(len(lows))
+        return np.asarray(self.scores(lows, lows)["relevance"], dtype=np.float64)
+
+    def shape(self, scores: dict[str, np.ndarray], rows: Any, texts: list[str]) -> tuple[np.ndarray, dict]:
+        return self.guards.shape(scores["reward"], self.baseline(rows), scores["relevance"], texts,
+                                 self.intent(rows[C.LOW].tolist()))
+
+
+@dataclass
+class Experience:
+    """One iteration's samples on this worker and everything the update needs of them."""
+
+    rollout: Any
+    """ppo_rollout.Rollout: queries, responses, their mask and decoded texts."""
+    old_logprobs: Any
+    old_values: Any
+    ref_logprobs: Any
+    scores: dict[str, np.ndarray]
+    shaped: np.ndarray
+    """(B,) each response's score: reward - baseline + guards."""
+    reward_terms: dict[str, float]
+    generate_s: float
+    reward_s: float
+
+
+def rollout(model: _ActorCritic, reference: Any, cfg: PipelineConfig, rows: Any, scorer: Scorer) -> Experience:
+    """Sample a response to each pair's low prompt, read its old log-probs and values, the reference's log-probs
+    (an actor, asked while the rest runs) and its scores, shaped by the baseline and the guards."""
+    import ray
+    import torch
+
+    from bp_ray.train.ppo_rollout import sample
+    from bp_ray.train.sft_data import format_prompt, policy_text
+
+    ppo, keep = cfg.ppo, cfg.sft.keep_prompt  # with keep_prompt the policy writes only what follows the user prompt
+    lows = rows[C.LOW].tolist()
+    began = time.perf_counter()
+    out = sample(model.policy, model.tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in lows],
+                 ppo.max_new_tokens, ppo.temperature, ppo.top_p, max_query_tokens=ppo.max_query_tokens)
+    out.texts = [policy_text(low, text, keep) for low, text in zip(lows, out.texts, strict=True)]
+    generated = time.perf_counter()
+    ref_future = reference.logprobs.remote(out.input_ids.cpu().numpy(), out.attention_mask.cpu().numpy(),
+                                           out.query_len)
+    old_logprobs, old_values = model.logprobs_and_values(out)
+    scores = scorer.scores(lows, out.texts)
+    ref_logprobs = torch.as_tensor(ray.get(ref_future), device=old_logprobs.device)
+    shaped, terms = scorer.shape(scores, rows, out.texts)
+    return Experience(out, old_logprobs, old_values, ref_logprobs, scores, shaped, terms, generated - began,
+                      time.perf_counter() - generated)
+
+
+def advantages(exp: Experience, kl_coef: float, ppo: Any) -> tuple[Any, Any, Any]:
+    """(advantages, returns, per-token KL): the KL penalty on every token and the score on the last
+    (token_rewards), GAE over them, advantages whitened."""
+    import torch
+
+    mask = exp.rollout.mask.to(exp.old_logprobs.device)
+    rewards, kl = token_rewards(torch.as_tensor(exp.shaped, dtype=torch.float32, device=mask.device),
+                                exp.old_logprobs, exp.ref_logprobs, mask, kl_coef, ppo.kl_estimator)
+    adv, returns = gae(exp.old_values, rewards, mask, ppo.gamma, ppo.lam)
+    return (masked_whiten(adv, mask) if ppo.whiten_advantages else adv), returns, kl
+
+
+def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: Any, world: int) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout in minibatches: the clipped surrogate minus the entropy bonus for the
+    policy, the clipped value loss for the critic; returns each loss and statistic averaged over the steps."""
+    import torch
+
+    mask = exp.rollout.mask.to(exp.old_logprobs.device)
+    stats: dict[str, list[float]] = {"loss/policy": [], "loss/value": [], "clipfrac": [], "approx_kl": [],
+                                     "value_clipfrac": [], "entropy": []}
+    for _ in range(ppo.ppo_epochs):
+        for rows in torch.randperm(len(exp.rollout.texts)).split(ppo.minibatch_size // world):
+            part = exp.rollout.select(rows)
+            logits, values = model.logits_and_values(part)
+            pg, pg_stats = policy_loss(logprobs_from_logits(logits, part.response_ids), exp.old_logprobs[rows],
+                                       adv[rows], mask[rows], ppo.clip_range)
+            vf, vf_stats = value_loss(values, exp.old_values[rows], returns[rows], mask[rows], ppo.clip_range_value)
+            entropy = masked_mean(entropy_from_logits(logits), mask[rows])
+            model.step(pg - ppo.entropy_coef * entropy, vf, ppo.vf_coef)
+            for key, value in {"loss/policy": pg, "loss/value": vf, "entropy": entropy, **pg_stats,
+                               **vf_stats}.items():
+                stats[key].append(float(value))
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def evaluate(model: _ActorCritic, cfg: PipelineConfig, lows: list[str], scorer: Scorer, world: int) -> dict:
+    """Greedy rewrites of this rank's share of the held-out low prompts, scored; averaged over the ranks."""
+    from bp_ray.train.ppo_rollout import sample
+    from bp_ray.train.sft_data import format_prompt, policy_text
+
+    keep = cfg.sft.keep_prompt
+    out = sample(model.policy, model.tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in lows],
+                 cfg.ppo.max_new_tokens, greedy=True, max_query_tokens=cfg.ppo.max_query_tokens)
+    texts = [policy_text(low, text, keep) for low, text in zip(lows, out.texts, strict=True)]
+    got = scorer.scores(lows, texts)
+    return _all_mean({"eval/reward": float(np.mean(got["reward"])),
+                      "eval/words": float(np.mean([len(t.split()) for t in texts]))}, world)
+
+
 def ppo_worker_loop(config: dict) -> None:
     """Ray Train worker: PPO iterations from the latest checkpoint (if any) to ppo.total_steps."""
     from bp_ray.train.loop import finish_logs, log_step, progress_bar, report_checkpoint, worker_device
@@ -141,10 +289,9 @@ def ppo_worker_loop(config: dict) -> None:
     import torch
 
     from bp_ray.train.metrics import MetricsWriter
-    from bp_ray.train.ppo_actors import remote_scores
-    from bp_ray.train.ppo_rollout import Guards, response_logprobs, response_values, sample
+    from bp_ray.train.ppo_rollout import Guards
     from bp_ray.train.sft import read_pairs_frame
-    from bp_ray.train.sft_data import batches_for_rank, epoch_order, format_prompt, policy_text, split_held_out
+    from bp_ray.train.sft_data import batches_for_rank, epoch_order, split_held_out
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -155,50 +302,16 @@ def ppo_worker_loop(config: dict) -> None:
         device = str(rtt.get_device())
     torch.manual_seed(ppo.seed)  # the critic's new value head: the same start on every rank and every run
     model = _ActorCritic(cfg, config["sft_model"], device, world)
-    tokenizer = model.tokenizer
-    reference, reward_actor = config["reference"], config["reward"]
+    reference = config["reference"]
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
     held_out = split_held_out(pairs[C.PAIR_ID].tolist(), cfg.sft.eval_fraction, cfg.sft.seed)
     train, evaluation = pairs[~held_out].reset_index(drop=True), pairs[held_out].head(ppo.eval_prompts)
     if len(train) < ppo.rollout_batch_size:
         raise ValueError(f"{len(train)} training pairs are fewer than ppo.rollout_batch_size={ppo.rollout_batch_size}")
-    keep = cfg.sft.keep_prompt  # the policy writes only what follows the user prompt; rewards judge the whole
-    guards = Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef, ppo.repetition_coef,
-                    ppo.intent_hinge_coef, ppo.intent_margin)
+    scorer = Scorer(config["reward"], ppo, Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef,
+                                                  ppo.repetition_coef, ppo.intent_hinge_coef, ppo.intent_margin))
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
-
-    def scores_of(lows: list[str], texts: list[str]) -> dict[str, np.ndarray]:
-        return remote_scores(reward_actor, lows, texts)
-
-    def baseline_of(rows: Any) -> np.ndarray:
-        """Reward of each pair's own high prompt (the paper's reference output).
-
-        Scored with the iteration's whole batch every time rather than cached per pair: padding makes a score
-        depend on its batch in the last float bits, and a resumed run must repeat the same numbers. Cheap: the
-        learned reward is one forward pass, and the online reward answers repeats from its cache."""
-        if ppo.reward_baseline == "none":
-            return np.zeros(len(rows))
-        return np.asarray(scores_of(rows[C.LOW].tolist(), rows[C.HIGH].tolist())["reward"], dtype=np.float64)
-
-    def intent_of(lows: list[str]) -> np.ndarray | None:
-        """Relevance of each low prompt to itself: through its own renders (online, cached after the first time),
-        or 1 for the text reward (a prompt's CLIP text embedding against itself)."""
-        if not ppo.intent_hinge_coef:
-            return None
-        if ppo.reward_source == "rm":
-            return np.ones(len(lows))
-        return np.asarray(scores_of(lows, lows)["relevance"], dtype=np.float64)
-
-    def evaluate() -> dict[str, float]:
-        lows = evaluation[C.LOW].tolist()
-        mine = lows[rank::world]
-        out = sample(model.policy, tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in mine],
-                     ppo.max_new_tokens, greedy=True, max_query_tokens=ppo.max_query_tokens)
-        texts = [policy_text(low, text, keep) for low, text in zip(mine, out.texts, strict=True)]
-        got = scores_of(mine, texts)
-        words = [len(t.split()) for t in texts]
-        local = {"eval/reward": float(np.mean(got["reward"])), "eval/words": float(np.mean(words))}
-        return _all_mean(local, world)
+    held_out_lows = evaluation[C.LOW].tolist()[rank::world]
 
     state: dict[str, Any] = {"step": 0, "metrics": {}, "starts": []}
     checkpoint = ray.train.get_checkpoint()
@@ -209,7 +322,7 @@ def ppo_worker_loop(config: dict) -> None:
             state = json.loads((Path(folder) / STATE_FILE).read_text())
             controller.load_state_dict(state["kl_controller"])
     else:
-        state["initial_eval"] = evaluate()  # the SFT policy's held-out reward, for comparison
+        state["initial_eval"] = evaluate(model, cfg, held_out_lows, scorer, world)  # the SFT policy's, to compare
     state["starts"] = [*state.get("starts", []), state["step"]]
     start_step = state["step"]
     end_step = min(ppo.total_steps, ppo.stop_after_step) if ppo.stop_after_step else ppo.total_steps
@@ -222,68 +335,27 @@ def ppo_worker_loop(config: dict) -> None:
         epoch, index = divmod(step, per_epoch)
         rows = train.iloc[batches_for_rank(epoch_order(len(train), epoch, ppo.seed), ppo.rollout_batch_size,
                                            rank, world)[index]]
-        lows = rows[C.LOW].tolist()
         torch.manual_seed(hash((ppo.seed, step, rank)) % 2**31)
-        rollout = sample(model.policy, tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in lows],
-                         ppo.max_new_tokens, ppo.temperature, ppo.top_p, max_query_tokens=ppo.max_query_tokens)
-        rollout.texts = [policy_text(low, text, keep) for low, text in zip(lows, rollout.texts, strict=True)]
-        generated = time.perf_counter()
-        ref_future = reference.logprobs.remote(rollout.input_ids.cpu().numpy(),
-                                               rollout.attention_mask.cpu().numpy(), rollout.query_len)
-        with torch.no_grad():
-            if model.shared:
-                old_logits, old_values = model.logits_and_values(rollout)
-                old_logprobs = logprobs_from_logits(old_logits, rollout.response_ids)
-            else:
-                old_logprobs = response_logprobs(model.policy_engine.module, rollout)
-                old_values = response_values(model.critic_engine.module, rollout)
-        scores = scores_of(lows, rollout.texts)
-        ref_logprobs = torch.as_tensor(ray.get(ref_future), device=old_logprobs.device)
-        shaped, reward_terms = guards.shape(scores["reward"], baseline_of(rows), scores["relevance"], rollout.texts,
-                                            intent_of(lows))
-        rewarded = time.perf_counter()
-
-        mask = rollout.mask.to(old_logprobs.device)
-        rewards, kl = token_rewards(torch.as_tensor(shaped, dtype=torch.float32, device=mask.device), old_logprobs,
-                                    ref_logprobs, mask, controller.value, ppo.kl_estimator)
-        advantages, returns = gae(old_values, rewards, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        stats: dict[str, list[float]] = {"loss/policy": [], "loss/value": [], "clipfrac": [], "approx_kl": [],
-                                         "value_clipfrac": [], "entropy": []}
-        share = ppo.minibatch_size // world
-        for _ in range(ppo.ppo_epochs):
-            for rows_idx in torch.randperm(len(lows)).split(share):
-                part = rollout.select(rows_idx)
-                part_mask = mask[rows_idx]
-                logits, values = model.logits_and_values(part)
-                logprobs = logprobs_from_logits(logits, part.response_ids)
-                pg, pg_stats = policy_loss(logprobs, old_logprobs[rows_idx], advantages[rows_idx], part_mask,
-                                           ppo.clip_range)
-                vf, vf_stats = value_loss(values, old_values[rows_idx], returns[rows_idx], part_mask,
-                                          ppo.clip_range_value)
-                entropy = masked_mean(entropy_from_logits(logits), part_mask)
-                model.step(pg - ppo.entropy_coef * entropy, vf, ppo.vf_coef)
-                for key, value in {"loss/policy": float(pg), "loss/value": float(vf), "entropy": float(entropy),
-                                   **pg_stats, **vf_stats}.items():
-                    stats[key].append(float(value))
+        exp = rollout(model, reference, cfg, rows, scorer)
+        adv, returns, kl = advantages(exp, controller.value, ppo)
+        stats = update(model, exp, adv, returns, ppo, world)
         updated = time.perf_counter()
 
-        sequence_kl = float((kl * mask).sum(-1).mean())
-        local = {**reward_terms, **{k: float(np.mean(v)) for k, v in stats.items()},
-                 "reward/pickscore": float(np.mean(scores["pickscore"])),
-                 "reward/aesthetic": float(np.mean(scores["aesthetic"])),
-                 "kl": sequence_kl, "response_tokens": float(mask.sum(-1).mean()),
-                 "explained_variance": explained_variance(old_values, returns, mask),
-                 "time/generate_s": generated - began, "time/reward_s": rewarded - generated,
-                 "time/update_s": updated - rewarded}
+        mask = exp.rollout.mask.to(kl.device)
+        local = {**exp.reward_terms, **stats,
+                 "reward/pickscore": float(np.mean(exp.scores["pickscore"])),
+                 "reward/aesthetic": float(np.mean(exp.scores["aesthetic"])),
+                 "kl": float((kl * mask).sum(-1).mean()), "response_tokens": float(mask.sum(-1).mean()),
+                 "explained_variance": explained_variance(exp.old_values, returns, mask),
+                 "time/generate_s": exp.generate_s, "time/reward_s": exp.reward_s,
+                 "time/update_s": updated - began - exp.generate_s - exp.reward_s}
         metrics = _all_mean(local, world)
         metrics["kl_coef"] = controller.value
         controller.update(metrics["kl"], ppo.rollout_batch_size)
         metrics["perf/samples_per_s"] = ppo.rollout_batch_size / (time.perf_counter() - began)
         done = step + 1
         if done % ppo.checkpoint_every == 0 or done == end_step:
-            metrics.update(evaluate())
+            metrics.update(evaluate(model, cfg, held_out_lows, scorer, world))
             state.update(step=done, metrics=metrics, total_steps=ppo.total_steps,
                          kl_controller=controller.state_dict())
             report_checkpoint(_save_checkpoint(model, state, rank), metrics, done)
