@@ -124,9 +124,11 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
             return {n for ids in seen.values() for n in ids}
 
         if scenario == "churn":
-            # Remove a node that holds actors, once the pools have spread over both and some work is committed.
+            # Remove a node that holds actors as soon as the pools have spread over both and a first batch is
+            # committed: later (after two batches), on a quiet machine the pools had finished their work and the
+            # displaced actor had nothing left to restart for (seen in CI).
             deadline = time.monotonic() + 120
-            while worker.is_alive() and time.monotonic() < deadline and (committed() < 2 or len(sample()) < 2):
+            while worker.is_alive() and time.monotonic() < deadline and (committed() < 1 or len(sample()) < 2):
                 time.sleep(0.5)
             cluster.remove_node(nodes["worker-2"])
             events.append(f"removed worker-2 after {committed()} batches")
