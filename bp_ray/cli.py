@@ -184,8 +184,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out, inputs = stage_folders(cfg, args, stage)
     out.mkdir(parents=True, exist_ok=True)
-    resume = getattr(args, "resume", False) or (stage.name == "data" and not args.fresh)
-    manifest = stage.run(cfg, inputs, out, resume)
+    manifest = stage.run(cfg, inputs, out, getattr(args, "resume", False))
     print(stage_summary(stage.name, manifest, out))
     return 0
 
@@ -352,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stage, stage="corpus")
     p = data_sub.add_parser("generate", parents=[_stage_options(BY_NAME["data"])],
                             help="low->high prompt pairs on Ray Data (resumes where a killed run stopped)")
-    p.add_argument("--fresh", action="store_true", help="discard committed work and start over")
+    p.add_argument("--fresh", dest="resume", action="store_false",
+                   help="discard committed work and start over (default: go on from it)")
     _source_prompts_option(p)
     p.set_defaults(func=cmd_stage, stage="data")
 
