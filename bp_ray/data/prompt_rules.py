@@ -391,3 +391,12 @@ def first_line(output: str | None) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+def repetition_share(text: str, n: int = 3) -> float:
+    """Share of the word n-grams of `text` that repeat an earlier one (0 for texts shorter than n + 1 words)."""
+    words = text.lower().replace(",", " , ").split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)

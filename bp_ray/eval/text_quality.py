@@ -25,9 +25,8 @@ import numpy as np
 
 from bp_ray.config import PipelineConfig
 from bp_ray.data.content import content_kept
-from bp_ray.data.prompt_rules import dedup_key, prompt_features
+from bp_ray.data.prompt_rules import dedup_key, prompt_features, repetition_share
 from bp_ray.data.vocab import load_vocab, tag_terms
-from bp_ray.train.ppo_rollout import repetition_share
 
 TEXT_SYSTEMS = ("original", "base", "sft", "ppo")
 TEXT_METRICS = ("subject_kept", "content_kept", "tags", "words", "repetition", "rm_score")
@@ -118,7 +117,7 @@ def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequen
     terms = tag_terms(load_vocab())
     reward = None
     if rm_dir is not None:
-        from bp_ray.models.reward_model import LearnedReward
+        from bp_ray.rewards.learned import LearnedReward
 
         reward = LearnedReward.load(Path(rm_dir), cfg.rewards.alpha, cfg.models.device)
     per_output, examples, timings = [], [], {}

@@ -1,5 +1,5 @@
-"""Learned reward models: a causal-LM backbone with scalar regression heads, and the combined reward PPO and eval
-use, reward = alpha * PickScore + (1 - alpha) * aesthetic (paper Section 3.3).
+"""Learned reward models: a causal-LM backbone with scalar regression heads (paper Section 4.2); `rewards.learned`
+turns a trained folder into the combined reward PPO and eval use.
 
 The heads are Hugging Face's `AutoModelForSequenceClassification` with `problem_type="regression"`: the score is
 read at the last non-padding token, and the checkpoint is a plain `save_pretrained` folder plus `reward_head.json`.
@@ -7,16 +7,12 @@ read at the last non-padding token, and the checkpoint is a plain `save_pretrain
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bp_ray.config import ModelsConfig
-from bp_ray.layout import MANIFEST
-from bp_ray.train.reward_data import HEADS, HeadSpec, reward_text
 
 
 def load_regressor(spec: str, models_cfg: ModelsConfig | None, num_heads: int, device: str = "cpu") -> tuple[Any, Any]:
@@ -50,54 +46,3 @@ def predict_standardised(model: Any, tokenizer: Any, texts: Sequence[str], max_l
                               truncation=True, max_length=max_length).to(model.device)
             outputs.append(model(**batch).logits.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels))
-
-
-class LearnedReward:
-    """The reward models of one `bp-ray train rm` output folder, for PPO and evaluation.
-
-        reward = LearnedReward.load("runs/tiny/rm", alpha=cfg.rewards.alpha)
-        reward.scores(lows, highs)   # {"pickscore": (N,), "aesthetic": (N,)} in the scorers' units
-        reward(lows, highs)          # (N,) alpha * pickscore + (1 - alpha) * aesthetic
-    """
-
-    def __init__(self, models: list[tuple[Any, Any, HeadSpec]], alpha: float, max_length: int):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha={alpha} must lie in [0, 1]")
-        covered = [head for _, _, spec in models for head in spec.heads]
-        if sorted(covered) != sorted(HEADS):
-            raise ValueError(f"reward models cover heads {covered}; the combined reward needs exactly {list(HEADS)}")
-        self.models, self.alpha, self.max_length = models, alpha, max_length
-
-    @classmethod
-    def load(cls, rm_dir: Path, alpha: float, device: str = "cpu") -> LearnedReward:
-        manifest_path = Path(rm_dir) / MANIFEST
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{manifest_path} is missing: train the reward models first (bp-ray train rm)")
-        manifest = json.loads(manifest_path.read_text())
-        models = []
-        for relative in manifest["models"].values():
-            folder = Path(rm_dir) / relative
-            spec = HeadSpec.load(folder)
-            model, tokenizer = load_regressor(str(folder), None, len(spec.heads), device)
-            models.append((model, tokenizer, spec))
-        return cls(models, alpha, manifest["max_length"])
-
-    def scores(self, lows: Sequence[str], highs: Sequence[str]) -> dict[str, np.ndarray]:
-        """Predicted seed-averaged PickScore and aesthetic score of rendering each high prompt for its low one."""
-        if len(lows) != len(highs):
-            raise ValueError(f"{len(lows)} low prompts but {len(highs)} high prompts")
-        out: dict[str, np.ndarray] = {}
-        for model, tokenizer, spec in self.models:
-            for mode in dict.fromkeys(spec.inputs):
-                texts = [reward_text(mode, low, high) for low, high in zip(lows, highs, strict=True)]
-                values = spec.to_units(predict_standardised(model, tokenizer, texts, self.max_length))
-                for column, head in enumerate(spec.heads):
-                    if spec.inputs[column] == mode:
-                        out[head] = values[:, column]
-        return out
-
-    def __call__(self, lows: Sequence[str], highs: Sequence[str]) -> np.ndarray:
-        from bp_ray.rewards.scoring import combined_reward
-
-        scores = self.scores(lows, highs)
-        return np.asarray(combined_reward(scores["pickscore"], scores["aesthetic"], self.alpha), dtype=np.float64)

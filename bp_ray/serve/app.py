@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from bp_ray import __version__
 from bp_ray.config import PipelineConfig
 from bp_ray.config_loader import load_config
+from bp_ray.data.policy_format import kept_prefix
 from bp_ray.layout import RunLayout
 from bp_ray.serve import schemas as S
 from bp_ray.serve.errors import ERRORS, ApiError, Limits, install_error_handlers
@@ -39,7 +40,6 @@ from bp_ray.serve.generation import (
     stream,
 )
 from bp_ray.serve.openapi_spec import BeautifierAPI
-from bp_ray.train.sft_data import kept_prefix
 
 logger = logging.getLogger(__name__)
 

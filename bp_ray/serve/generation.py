@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from bp_ray.data.policy_format import format_prompt, policy_text
 from bp_ray.data.prompt_rules import first_line
-from bp_ray.train.sft_data import format_prompt, policy_text
 
 
 @dataclass(frozen=True)

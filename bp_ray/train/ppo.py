@@ -209,8 +209,8 @@ def rollout(model: _ActorCritic, reference: Any, cfg: PipelineConfig, rows: Any,
     import ray
     import torch
 
+    from bp_ray.data.policy_format import format_prompt, policy_text
     from bp_ray.train.ppo_rollout import sample
-    from bp_ray.train.sft_data import format_prompt, policy_text
 
     ppo, keep = cfg.ppo, cfg.sft.keep_prompt  # with keep_prompt the policy writes only what follows the user prompt
     lows = rows[C.LOW].tolist()
@@ -266,8 +266,8 @@ def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: An
 
 def evaluate(model: _ActorCritic, cfg: PipelineConfig, lows: list[str], scorer: Scorer, world: int) -> dict:
     """Greedy rewrites of this rank's share of the held-out low prompts, scored; averaged over the ranks."""
+    from bp_ray.data.policy_format import format_prompt, policy_text
     from bp_ray.train.ppo_rollout import sample
-    from bp_ray.train.sft_data import format_prompt, policy_text
 
     keep = cfg.sft.keep_prompt
     out = sample(model.policy, model.tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in lows],

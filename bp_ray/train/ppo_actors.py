@@ -44,7 +44,7 @@ class LearnedRewardScorer:
     def __init__(self, rm_dir: str, alpha: float, models_cfg: ModelsConfig, relevance: bool, device: str = "cpu",
                  threads: int = 1):
         from bp_ray.models.loading import load_clip_relevance
-        from bp_ray.models.reward_model import LearnedReward
+        from bp_ray.rewards.learned import LearnedReward
 
         torch.set_num_threads(threads)
         self.reward = LearnedReward.load(Path(rm_dir), alpha, device)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bp_ray.data.prompt_rules import repetition_share
 from bp_ray.train.ppo_math import logprobs_from_logits, response_mask
 
 
@@ -127,15 +128,6 @@ class SharedValueModel(torch.nn.Module):
 
 
 # --- reward-hacking guards --------------------------------------------------------------------------------------
-
-def repetition_share(text: str, n: int = 3) -> float:
-    """Share of the word n-grams of `text` that repeat an earlier one (0 for texts shorter than n + 1 words)."""
-    words = text.lower().replace(",", " , ").split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if len(grams) < 2:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
-
 
 @dataclass
 class Guards:

@@ -18,7 +18,8 @@ import numpy as np
 from bp_ray.config import PipelineConfig, RMConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import SUCCESS, write_manifest
-from bp_ray.train.reward_data import HEADS, fit_head_spec, label_column, read_labels
+from bp_ray.models.reward_heads import HEADS, label_column
+from bp_ray.train.reward_data import fit_head_spec, read_labels
 
 
 def model_groups(rm: RMConfig) -> dict[str, list[str]]:

@@ -7,9 +7,8 @@ Labels are standardised per head with the training split's mean and std; the sta
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +17,9 @@ import pandas as pd
 import torch
 
 from bp_ray.data import columns as C
+from bp_ray.models.reward_heads import HEADS, HeadSpec, label_column, reward_text
 
-HEADS = ("pickscore", "aesthetic")
 ROLES = ("low", "high")
-INPUTS = ("high", "low+high")
-HEAD_FILE = "reward_head.json"
-PAIR_TEMPLATE = "Input: {low}\nOutput: {high}"
-"""The text a `low+high` head reads: the user's prompt, then the prompt that was rendered."""
-
-
-def label_column(head: str) -> str:
-    return f"{head}_mean"
-
-
-def reward_text(mode: str, low: str, high: str) -> str:
-    """What a head reads: the rendered prompt alone (`high`) or the user's prompt and the rendered one."""
-    if mode == "high":
-        return high
-    if mode == "low+high":
-        # str.replace, not str.format: prompts may contain braces.
-        return PAIR_TEMPLATE.replace("{low}", low).replace("{high}", high)
-    raise ValueError(f"unknown reward-model input {mode!r}: expected one of {', '.join(INPUTS)}")
 
 
 def read_labels(labels_dir: Path, roles: Sequence[str] = ROLES) -> tuple[pd.DataFrame, int]:
@@ -58,30 +39,6 @@ def read_labels(labels_dir: Path, roles: Sequence[str] = ROLES) -> tuple[pd.Data
     finite = np.isfinite(frame[[label_column(h) for h in HEADS]].to_numpy(dtype=np.float64)).all(axis=1)
     kept = frame[finite].sort_values([C.PAIR_ID, "role"], kind="stable").reset_index(drop=True)
     return kept, int((~finite).sum())
-
-
-@dataclass
-class HeadSpec:
-    """Everything inference needs besides the weights: head order, inputs and label standardisation."""
-
-    heads: list[str]
-    inputs: list[str]
-    mean: list[float]
-    std: list[float]
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / HEAD_FILE).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, folder: Path) -> HeadSpec:
-        path = Path(folder) / HEAD_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: {folder} is not a bp-ray reward model")
-        return cls(**json.loads(path.read_text()))
-
-    def to_units(self, standardised: np.ndarray) -> np.ndarray:
-        """(N, heads) standardised predictions -> the scorers' units."""
-        return standardised * np.asarray(self.std) + np.asarray(self.mean)
 
 
 def fit_head_spec(train: pd.DataFrame, heads: Sequence[str], inputs: Sequence[str]) -> HeadSpec:

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from bp_ray.config_loader import load_config
-from bp_ray.models.reward_model import LearnedReward
+from bp_ray.models.reward_heads import HEAD_FILE
+from bp_ray.rewards.learned import LearnedReward
 from bp_ray.train.reward import run_rm
-from bp_ray.train.reward_data import HEAD_FILE
 from tests.integration.train_inputs import corpus_pairs, synthetic_labels
 
 pytestmark = pytest.mark.integration

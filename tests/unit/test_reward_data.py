@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from bp_ray.models.reward_heads import HeadSpec, reward_text
 from bp_ray.train.reward_data import (
-    HeadSpec,
     build_rm_examples,
     collate_rm,
     fit_head_spec,
@@ -18,7 +18,6 @@ from bp_ray.train.reward_data import (
     pearson,
     read_labels,
     regression_report,
-    reward_text,
     spearman,
 )
 

@@ -200,7 +200,7 @@ def test_batches_for_rank_needs_a_batch_divisible_by_world_size():
 
 
 def test_keep_prompt_begins_the_answer_with_the_user_prompt_and_teaches_only_the_additions():
-    from bp_ray.train.sft_data import format_prompt, kept_prefix, policy_text, sft_target
+    from bp_ray.data.policy_format import format_prompt, kept_prefix, policy_text, sft_target
 
     instruction = "Input: {raw}\nOutput:"
     kept = format_prompt(instruction, "a red circle.", keep_prompt=True)
