@@ -36,6 +36,7 @@ run: install
 # processes took 23.7 s with two threads each and 4.2 s with one (3.8 s alone).
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" --durations=25; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -48,6 +49,7 @@ test-unit: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python benchmarks/foundation.py

@@ -28,7 +28,7 @@ from bp_ray.data import work_store
 from bp_ray.data.captions import Captioner
 from bp_ray.data.pipeline import prepare_rows, read_source, run_model_stages, write_batch
 from bp_ray.data.rewrite import PromptRewriter
-from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+from bp_ray.embedded.tiny_zoo import ensure_tiny_zoo
 
 
 def run_sequential(rows, cfg, work_dir: Path) -> None:

@@ -37,9 +37,9 @@ def measure_install(workdir: Path) -> dict:
 
 def measure_zoo(workdir: Path) -> dict:
     from bp_ray.config_loader import load_config
-    from bp_ray.models.tiny_zoo import build_tiny_zoo
+    from bp_ray.embedded.tiny_zoo import build_tiny_zoo
 
-    tiny = load_config("tiny").models.tiny
+    tiny = load_config("tiny").models.zoo["tiny"]
     cold = build_tiny_zoo(workdir / "zoo" / "tiny", tiny)
     start = time.perf_counter()
     warm = build_tiny_zoo(workdir / "zoo" / "tiny", tiny)

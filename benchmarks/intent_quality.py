@@ -29,7 +29,7 @@ COLUMNS = ("true_aesthetic", *CHECKS, "relevance", "words")
 
 def faithful(low: str, high: str) -> bool:
     """Low and high name the same coloured shapes (as a multiset), read by the world's description parser."""
-    from bp_ray.world.scenes import parse_description
+    from bp_ray.embedded.world.scenes import parse_description
 
     def objects(text: str) -> Counter:
         return Counter((o.colour, o.shape) for o in parse_description(text).objects)

@@ -23,7 +23,7 @@ import pandas as pd
 from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data.corpus import generate_prompts
-from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+from bp_ray.embedded.tiny_zoo import ensure_tiny_zoo
 from bp_ray.rewards.labeler import RewardLabeler
 from bp_ray.rewards.pipeline import run_reward_labels
 from bp_ray.rewards.render import render_seeds

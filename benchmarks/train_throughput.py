@@ -28,8 +28,8 @@ from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data.policy_format import format_prompt
 from bp_ray.data.subject_pairs import write_subject_pairs
+from bp_ray.embedded.tiny_zoo import ensure_tiny_zoo
 from bp_ray.models.loading import load_causal_lm
-from bp_ray.models.tiny_zoo import ensure_tiny_zoo
 from bp_ray.train.sft import run_sft
 from bp_ray.train.sft_data import build_examples, collate, epoch_order
 

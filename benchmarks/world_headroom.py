@@ -26,7 +26,7 @@ from PIL import Image
 
 def phrase_sets() -> list[tuple[str, ...]]:
     """Every choice of at most one phrase per style group, in the group order descriptions use."""
-    from bp_ray.world.scenes import STYLE_GROUPS
+    from bp_ray.embedded.world.scenes import STYLE_GROUPS
 
     options = [(None, *phrases) for phrases in STYLE_GROUPS.values()]
     return [tuple(p for p in choice if p) for choice in itertools.product(*options)]
@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from bp_ray.config_loader import load_config
-    from bp_ray.eval.prompts import world_eval_prompts
-    from bp_ray.eval.run import world_truth_scores
+    from bp_ray.embedded.world.scenes import render_text
+    from bp_ray.embedded.world.truth import world_truth_scores
+    from bp_ray.eval.prompts import embedded_eval_prompts
     from bp_ray.models.loading import load_aesthetic, load_clip_relevance, load_diffusion
     from bp_ray.rewards.render import render_seeds, seeds_for
-    from bp_ray.world.scenes import render_text
 
     cfg = load_config(args.preset, args.set)
-    prompts = world_eval_prompts(args.prompts)
+    prompts = embedded_eval_prompts(cfg, args.prompts)
     seeds = seeds_for(args.seeds, cfg.rewards.seed_base)
     pipe = load_diffusion(cfg.models.diffusion, cfg.models, device="cpu", scheduler=cfg.eval.render.scheduler)
     scorer = load_aesthetic(cfg.models, device="cpu")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as out:
             json.dump([{**r, "styles": list(r["styles"])} for r in rows], out, indent=1)
     show("best ten sets by PREDICTED aesthetic (what a policy rewarded by the predictor is drawn to)", "predicted")
-    from bp_ray.world.scenes import STYLE_WORDS
+    from bp_ray.embedded.world.scenes import STYLE_WORDS
 
     if args.styles:
         return 0

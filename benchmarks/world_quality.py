@@ -37,19 +37,19 @@ def _print_block(title: str, values: dict, indent: str = "  ") -> None:
 def measure_zoo(root: Path, cfg, num_seeds: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bp_ray.embedded.world.lm_training import sample_world_share
+    from bp_ray.embedded.world.samples import heldout_seed, make_samples
+    from bp_ray.embedded.world.sd_training import measure_sd
+    from bp_ray.embedded.world.vision_training import measure_aesthetic, measure_captioner, measure_clip
     from bp_ray.models.loading import load_diffusion
-    from bp_ray.world.lm_training import sample_world_share
-    from bp_ray.world.samples import heldout_seed, make_samples
-    from bp_ray.world.sd_training import measure_sd
-    from bp_ray.world.vision_training import measure_aesthetic, measure_captioner, measure_clip
 
     manifest = json.loads((root / "zoo.json").read_text())
     print(f"world zoo {root} ({manifest['bytes'] / 1e6:.1f} MB), built in {manifest['build_seconds']:.1f} s:")
     for role, seconds in manifest["seconds"].items():
         params = manifest["parameters"].get(role)
         print(f"  {role:<12}{seconds:8.1f} s" + (f"  {params:>10,} parameters" if params else ""))
-    world = cfg.models.world
-    heldout = make_samples(world.heldout_scenes, heldout_seed(world.seed), cfg.models.tiny.image_size)
+    world = cfg.models.zoo["world"]
+    heldout = make_samples(world.heldout_scenes, heldout_seed(world.seed), cfg.models.zoo["tiny"].image_size)
     print(f"held-out scenes: {len(heldout)} (seed {heldout_seed(world.seed)}, never trained on)")
 
     lm = manifest["training"]["bloom"]
@@ -95,15 +95,15 @@ def run_pipeline(out: Path, sets: list[str]) -> None:
 
 def check_shipped(cfg) -> bool:
     """Rebuild every role of the default world zoo into a temporary folder and compare it with the zoo shipped in
-    bp_ray/resources/zoo/world: bytes (equal only on the CPU that built it) and every final training loss (within
-    5% on any CPU). Prints each role's time and verdict."""
+    bp_ray/embedded/resources/zoo/world: bytes (equal only on the CPU that built it) and every final training loss
+    (within 5% on any CPU). Prints each role's time and verdict."""
     import tempfile
 
-    from bp_ray.world.zoo import ROLE_ORDER, SHIPPED_ZOO, build_world_roles, file_digests
+    from bp_ray.embedded.world.zoo import ROLE_ORDER, SHIPPED_ZOO, build_world_roles, file_digests
 
     shipped = json.loads((SHIPPED_ZOO / "zoo.json").read_text())["training"]
     with tempfile.TemporaryDirectory() as tmp:
-        stats, seconds = build_world_roles(Path(tmp), cfg.models.tiny, cfg.models.world)
+        stats, seconds = build_world_roles(Path(tmp), cfg.models.zoo["tiny"], cfg.models.zoo["world"])
         same = {role: file_digests(Path(tmp) / role) == file_digests(SHIPPED_ZOO / role) for role in ROLE_ORDER}
     close = {}
     for role in ROLE_ORDER:
@@ -129,13 +129,13 @@ def main() -> int:
     torch.set_num_threads(2)
 
     from bp_ray.config_loader import load_config
-    from bp_ray.world.zoo import build_world_zoo, world_zoo_dir
+    from bp_ray.embedded.world.zoo import build_world_zoo, world_zoo_dir
 
     cfg = load_config("world", args.set)
     if args.check_shipped:
         return 0 if check_shipped(cfg) else 1
     root = world_zoo_dir(cfg.models)
-    build_world_zoo(root, cfg.models.tiny, cfg.models.world, force=args.force)
+    build_world_zoo(root, cfg.models.zoo["tiny"], cfg.models.zoo["world"], force=args.force)
     measure_zoo(root, cfg, args.seeds)
     if args.pipeline:
         run_pipeline(Path(args.pipeline), args.set)

@@ -91,11 +91,12 @@ def cmd_config_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build_tiny(args: argparse.Namespace) -> int:
-    from bp_ray.models.tiny_zoo import build_tiny_zoo, default_zoo_dir
+    from bp_ray.embedded.tiny_zoo import build_tiny_zoo
+    from bp_ray.models.model_cache import default_zoo_dir
 
     cfg = config_from_args(args)
     root = Path(args.out) if args.out else default_zoo_dir(cfg.models) / "tiny"
-    summary = build_tiny_zoo(root, cfg.models.tiny, force=args.force)
+    summary = build_tiny_zoo(root, cfg.models.zoo["tiny"], force=args.force)
     verb = f"built in {summary.seconds:.1f} s" if summary.built else "up to date (cached)"
     print(f"tiny zoo {verb}: {summary.path} ({summary.bytes / 1e6:.1f} MB)")
     for role, count in summary.parameters.items():
@@ -104,12 +105,12 @@ def cmd_models_build_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build_world(args: argparse.Namespace) -> int:
-    from bp_ray.world.zoo import BUILD_ORDER, build_world_zoo, world_zoo_dir
+    from bp_ray.embedded.world.zoo import BUILD_ORDER, build_world_zoo, world_zoo_dir
 
     cfg = config_from_args(args)
     root = Path(args.out) if args.out else world_zoo_dir(cfg.models)
     roles = tuple(args.roles.split(",")) if args.roles else BUILD_ORDER
-    summary = build_world_zoo(root, cfg.models.tiny, cfg.models.world, force=args.force, roles=roles)
+    summary = build_world_zoo(root, cfg.models.zoo["tiny"], cfg.models.zoo["world"], force=args.force, roles=roles)
     verb = f"built and trained in {summary.seconds:.1f} s" if summary.built else "up to date (cached)"
     print(f"world zoo {verb}: {summary.path} ({summary.bytes / 1e6:.1f} MB)")
     manifest = json.loads((root / "zoo.json").read_text())
@@ -142,16 +143,16 @@ def cmd_models_import_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from bp_ray.models.loading import GGUF_PREFIX, ZOO_PREFIXES
-    from bp_ray.models.tiny_zoo import default_zoo_dir
+    from bp_ray.models.loading import GGUF_PREFIX, registered_prefix
+    from bp_ray.models.model_cache import default_zoo_dir
 
     cfg = config_from_args(args)
     for role in ("policy", "rewriter", "rm_backbone", "captioner", "diffusion", "pickscore", "aesthetic",
                  "clip_relevance"):
         spec = getattr(cfg.models, role)
         # zoo roles and imported GGUF models both live at <zoo dir>/<prefix>/<name>
-        prefix = next((p for p in (*ZOO_PREFIXES, GGUF_PREFIX) if spec.startswith(p)), None)
-        where = f"  -> {default_zoo_dir(cfg.models) / prefix[:-1] / spec[len(prefix):]}" if prefix else ""
+        prefix = registered_prefix(spec) or (GGUF_PREFIX[:-1] if spec.startswith(GGUF_PREFIX) else None)
+        where = f"  -> {default_zoo_dir(cfg.models) / prefix / spec.partition(':')[2]}" if prefix else ""
         print(f"{role:<15} {spec}{where}")
     return 0
 
@@ -317,10 +318,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _ensure_zoo(cfg: PipelineConfig) -> Path | None:
     """Build the zoos the config names before Ray starts, so actors never race to build them."""
-    from bp_ray.models.loading import ZOO_PREFIXES, zoo_root
+    from bp_ray.models.loading import registered_prefix, resolve_model
 
-    specs = [str(v) for v in cfg.models.__dict__.values()]
-    roots = [zoo_root(p, cfg.models) for p in ZOO_PREFIXES if any(s.startswith(p) for s in specs)]
+    specs = [v for v in cfg.models.__dict__.values() if isinstance(v, str) and registered_prefix(v)]
+    roots = list(dict.fromkeys(Path(resolve_model(spec, cfg.models)).parent for spec in specs))
     return roots[0] if roots else None
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from bp_ray.extensions import zoo_sections
+
 
 class ConfigError(ValueError):
     """A config key, type or value that cannot be used; the message names the key and the valid choices."""
@@ -42,76 +44,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # --- models and cluster resources -------------------------------------------------------------------------
 
 @dataclass
-class TinyZooConfig:
-    """Sizes of the random-init tiny models that `bp-ray models build-tiny` builds (real architectures)."""
-
-    seed: int = 0
-    """Seed of every tiny model's weights and of the corpus its tokenizers are trained on."""
-    tokenizer_corpus_rows: int = opt(3000, ge=100)
-    """Prompts of the embedded corpus the tiny tokenizers are trained on."""
-    lm_vocab_size: int = opt(1024, ge=300)
-    lm_hidden_size: int = opt(64, ge=8)
-    lm_layers: int = opt(2, ge=1)
-    lm_heads: int = opt(4, ge=1)
-    clip_vocab_size: int = opt(1024, ge=300)
-    clip_hidden_size: int = opt(32, ge=8)
-    clip_layers: int = opt(2, ge=1)
-    clip_projection_dim: int = opt(32, ge=8)
-    image_size: int = opt(32, ge=16)
-    """Pixel size of tiny images: SD output, BLIP / CLIP / open_clip input."""
-    sd_latent_channels: int = opt(4, ge=1)
-    sd_block_channels: list[int] = field(default_factory=lambda: [32, 64])
-    captioner_vocab_size: int = opt(1024, ge=300)
-
-
-@dataclass
-class WorldConfig:
-    """The miniature world that `bp-ray models build-world` trains the tiny models in (see bp_ray/world)."""
-
-    seed: int = 0
-    """Seed of the world's scenes and of every model's training; the same seed builds the same files."""
-    train_scenes: int = opt(6000, ge=100)
-    """Scenes (image + plain + detailed description) the vision models and SD train on."""
-    heldout_scenes: int = opt(400, ge=20)
-    """Scenes of another seed, never trained on, that the build's quality figures are measured on."""
-    lm_steps: int = opt(1000, ge=0)
-    lm_batch_size: int = opt(32, ge=1)
-    lm_lr: float = opt(2.0e-3, gt=0)
-    captioner_steps: int = opt(8000, ge=0)
-    """All BLIP steps: the first 60% teach its vision tower shapes alone (64 images a step), the rest caption."""
-    captioner_batch_size: int = opt(32, ge=1)
-    captioner_lr: float = opt(2.0e-3, gt=0)
-    clip_steps: int = opt(6000, ge=0)
-    """All CLIP steps: the first 60% teach its vision tower shapes alone (64 images a step), the rest contrastive."""
-    clip_batch_size: int = opt(64, ge=2)
-    clip_lr: float = opt(2.0e-3, gt=0)
-    aesthetic_steps: int = opt(8000, ge=0)
-    aesthetic_batch_size: int = opt(64, ge=1)
-    aesthetic_lr: float = opt(1.0e-3, gt=0)
-    aesthetic_sd_renders: int = opt(6000, ge=0)
-    """Training images the aesthetic predictor gets besides the renderer's: the world SD's renders of plain
-    descriptions with random style phrases (a rewrite's shape), labelled with their true aesthetic from pixels, so
-    that it judges what a policy's prompts make SD draw (trained on the renderer's images alone it predicted
-    -0.006 for what `grainy` costs an SD render, truly -1.12, and PPO wrote it). 0: the renderer's images only."""
-    vae_steps: int = opt(3000, ge=0)
-    """SD's AutoencoderKL, trained first (world/sd_training.py). At 1000 steps its reconstructions of held-out
-    one-object scenes kept the shape in 69% (the images themselves: 97%), at 3000 in 78%."""
-    vae_batch_size: int = opt(32, ge=1)
-    vae_lr: float = opt(2.0e-3, gt=0)
-    unet_steps: int = opt(9000, ge=0)
-    """SD's UNet and text encoder, trained on the VAE's latents. With 4500 steps (and the 1000-step VAE) the SD
-    lost shapes to style phrases: shape match on the evaluation prompts 0.177 bare, 0.115 with the best-scoring
-    phrases (the world's own images of those prompts: 0.615 and 0.896); with 9000 (and 3000) 0.234 and 0.177, and
-    0.240 with `high contrast, sharp, smooth` (benchmarks/world_headroom.py --truth)."""
-    unet_batch_size: int = opt(32, ge=1)
-    unet_lr: float = opt(1.0e-3, gt=0)
-    caption_dropout: float = opt(0.1, ge=0, le=1)
-    """Share of SD training captions replaced by the empty prompt, so classifier-free guidance works."""
-
-
-@dataclass
 class ModelsConfig:
-    """Model for every role: a Hugging Face id, a local directory, or `tiny:<name>` from the tiny zoo."""
+    """Model for every role: a Hugging Face id, a local directory, `gguf:<name>`, or `<prefix>:<role>` of a model
+    resolver an installed backend registers (bp-ray's embedded one: `tiny:bloom`, `world:sd`, ...)."""
 
     policy: str = "tiny:bloom"
     """Causal LM that SFT starts from (paper: bigscience/bloom-1b1)."""
@@ -132,12 +67,13 @@ class ModelsConfig:
     clip_relevance: str = "tiny:clip"
     """CLIP model for image-prompt relevance."""
     zoo_dir: str = ""
-    """Where the tiny zoo is cached; empty means $BP_RAY_CACHE/zoo or ~/.cache/bp-ray/zoo."""
+    """Where built and imported models are cached; empty means $BP_RAY_CACHE/zoo or ~/.cache/bp-ray/zoo."""
     dtype: str = opt("float32", choices=DTYPES)
     """Weights dtype for inference roles."""
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
-    tiny: TinyZooConfig = field(default_factory=TinyZooConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
+    zoo: dict[str, Any] = field(default_factory=zoo_sections, metadata={"sections": True})
+    """Settings of each backend that builds models, by name, as the backend registers them (bp_ray.extensions):
+    `models.zoo.tiny.*` sizes the tiny zoo, `models.zoo.world.*` trains it in the miniature world."""
 
 
 @dataclass
@@ -196,9 +132,12 @@ class DataConfig:
     extra_sources: list[str] = field(default_factory=list)
     """More DiffusionDB folders or prompt files, read after `source` and appended in order (`limit` applies to
     each); `--prompts A B C` sets source=A and extra_sources=[B, C]."""
-    corpus_kind: str = opt("prompts", choices=("prompts", "world"))
-    """What the embedded corpus's plain and rich prompts describe: `prompts` (subjects, settings, artists and
-    tags of DiffusionDB) or `world` (miniature-world scenes, with the world's renders as images)."""
+    corpus_kind: str = "prompts"
+    """The prompt source of the generated corpus and of the embedded evaluation set: `prompts` (subjects, settings,
+    artists and tags of DiffusionDB) or one an installed backend registers (`world`: miniature-world scenes, with
+    the world's renders as images)."""
+    corpus_image_size: int = opt(32, ge=8)
+    """Side of the square image stored per corpus row (what the captioner and the aesthetic filter see)."""
     corpus_rows: int = opt(2000, ge=10)
     corpus_seed: int = 0
     limit: int = opt(0, ge=0)
@@ -546,9 +485,10 @@ class EvalConfig:
     text_num_prompts: int = opt(0, ge=0)
     """Prompts `bp-ray eval-text` draws from each file (eval.generation_seed), after leaving out every prompt the
     run's training pairs hold; 0 means all."""
-    world_truth: bool = False
-    """Also judge every image by the miniature world's ground truth (true_aesthetic, colour_match, shape_match,
-    count_match), computed from pixels by code; for the world preset, whose prompts describe world scenes."""
+    metrics: list[str] = field(default_factory=list)
+    """Per-image metrics an installed backend registers, computed from every image's pixels beside the model
+    scores: `world_truth` (the miniature world's true_aesthetic, colour_match, shape_match and count_match, judged
+    by code; for the world preset, whose prompts describe world scenes)."""
 
 
 @dataclass
@@ -585,12 +525,13 @@ class PipelineConfig:
 EVAL_SYSTEMS = ("original", "tags", "sft", "ppo", "llm")
 
 
-def _attach_field_help() -> None:
-    """Each field's docstring (the string literal right under it) becomes its metadata["help"], so the help is
-    read where the field is declared and shown by `bp-ray config explain`."""
-    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+def attach_field_help(module_name: str) -> None:
+    """Each field's docstring (the string literal right under it) in a module's dataclasses becomes its
+    metadata["help"], so the help is read where the field is declared and shown by `bp-ray config explain`."""
+    module = sys.modules[module_name]
+    tree = ast.parse(inspect.getsource(module))
     for node in tree.body:
-        cls = globals().get(node.name) if isinstance(node, ast.ClassDef) else None
+        cls = getattr(module, node.name, None) if isinstance(node, ast.ClassDef) else None
         if not dataclasses.is_dataclass(cls):
             continue
         docs = {stmt.target.id: inspect.cleandoc(after.value.value)
@@ -603,4 +544,4 @@ def _attach_field_help() -> None:
                 f.metadata = types.MappingProxyType({**f.metadata, "help": docs[f.name]})
 
 
-_attach_field_help()
+attach_field_help(__name__)

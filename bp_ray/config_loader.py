@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from bp_ray.config import EVAL_SYSTEMS, ConfigError, PipelineConfig
+from bp_ray.extensions import registry
 
 
 def available_presets() -> list[str]:
@@ -119,24 +120,38 @@ def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
     _set_path(cfg, dotted_key.split("."), value, prefix="")
 
 
+def _is_section(value: Any) -> bool:
+    """A dataclass, or a mapping of them (models.zoo: one section per registered backend)."""
+    return is_dataclass(value) or (isinstance(value, dict) and bool(value)
+                                   and all(is_dataclass(v) for v in value.values()))
+
+
+def _children(node: Any) -> list[str]:
+    return list(node) if isinstance(node, dict) else [f.name for f in fields(node)]
+
+
+def _child(node: Any, name: str) -> Any:
+    return node[name] if isinstance(node, dict) else getattr(node, name)
+
+
 def _set_path(node: Any, path: list[str], value: Any, prefix: str) -> None:
     name, rest = path[0], path[1:]
     key = f"{prefix}{name}"
-    field_map = {f.name: f for f in fields(node)}
-    if name not in field_map:
-        raise ConfigError(_unknown_key_message(key, name, list(field_map)))
-    current = getattr(node, name)
-    if is_dataclass(current):
+    if name not in _children(node):
+        raise ConfigError(_unknown_key_message(key, name, _children(node)))
+    current = _child(node, name)
+    if _is_section(current):
         if rest:
             _set_path(current, rest, value, prefix=f"{key}.")
         elif isinstance(value, Mapping):
             _apply_mapping(current, value, prefix=f"{key}.")
         else:
             raise ConfigError(f"{key} is a section, not a value; set its keys, e.g. "
-                              f"{key}.{fields(current)[0].name}=...")
+                              f"{key}.{_children(current)[0]}=...")
         return
     if rest:
         raise ConfigError(f"{key} is a value, not a section: cannot set {key}.{'.'.join(rest)}")
+    field_map = {f.name: f for f in fields(node)}
     setattr(node, name, _convert(key, value, _field_type(type(node), field_map[name])))
 
 
@@ -155,19 +170,24 @@ def explain(cfg: PipelineConfig, key: str) -> str:
     owner: type = PipelineConfig
     shown = ""
     for name in [part for part in key.split(".") if part]:
-        if not is_dataclass(node):
+        if not _is_section(node):
             raise ConfigError(f"{shown} is a value, not a section")
-        field_map = {f.name: f for f in fields(node)}
         shown = f"{shown}.{name}" if shown else name
-        if name not in field_map:
-            raise ConfigError(_unknown_key_message(shown, name, list(field_map)))
-        owner, found = type(node), field_map[name]
-        node, defaults = getattr(node, name), getattr(defaults, name)
+        if name not in _children(node):
+            raise ConfigError(_unknown_key_message(shown, name, _children(node)))
+        if not isinstance(node, dict):
+            owner, found = type(node), {f.name: f for f in fields(node)}[name]
+        node, defaults = _child(node, name), _child(defaults, name)
+    if isinstance(node, dict) and _is_section(node):
+        lines = [f"{shown}: {((found.metadata.get('help') if found else '') or ' ').splitlines()[0]}"]
+        lines += [f"  {name} = (section)  # {(type(value).__doc__ or '').strip().splitlines()[0]}"
+                  for name, value in node.items()]
+        return "\n".join(lines)
     if is_dataclass(node):
         lines = [f"{shown or '(top level)'}: {(type(node).__doc__ or '').strip().splitlines()[0]}"]
         for f in fields(node):
             value = getattr(node, f.name)
-            text = "(section)" if is_dataclass(value) else repr(value)
+            text = "(section)" if _is_section(value) else repr(value)
             first = f.metadata.get("help", "").split("\n")[0]
             lines.append(f"  {f.name} = {text}" + (f"  # {first}" if first else ""))
         return "\n".join(lines)
@@ -240,6 +260,10 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if is_dataclass(value):
             validate(value, prefix=f"{key}.")
             continue
+        if _is_section(value):
+            for name, section in value.items():
+                validate(section, prefix=f"{key}.{name}.")
+            continue
         meta = f.metadata
         if value is None:
             continue
@@ -275,6 +299,18 @@ def _validate_ppo(ppo: Any) -> None:
     if ppo.rollout_batch_size % ppo.minibatch_size:
         raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
                           f"ppo.minibatch_size={ppo.minibatch_size}")
+
+
+def _validate_extensions(cfg: PipelineConfig) -> None:
+    """Names that only an installed backend gives a meaning to (bp_ray.extensions)."""
+    sources = ["prompts", *registry().prompt_sources]
+    if cfg.data.corpus_kind not in sources:
+        raise ConfigError(f"data.corpus_kind={cfg.data.corpus_kind!r} is not allowed; choose one of: "
+                          f"{', '.join(sources)}")
+    unknown = [name for name in cfg.eval.metrics if name not in registry().eval_metrics]
+    if unknown:
+        raise ConfigError(f"eval.metrics has unknown metric(s) {', '.join(unknown)}; installed: "
+                          f"{', '.join(registry().eval_metrics) or 'none'}")
 
 
 def _validate_cross_fields(cfg: PipelineConfig) -> None:
@@ -315,6 +351,7 @@ def _validate_cross_fields(cfg: PipelineConfig) -> None:
             raise ConfigError(f"data.{key} must contain the placeholder {{prompt}}")
     if "{prompt}" not in cfg.eval.llm_instruction:
         raise ConfigError("eval.llm_instruction must contain the placeholder {prompt}")
+    _validate_extensions(cfg)
     unknown = sorted(set(cfg.eval.systems) - set(EVAL_SYSTEMS))
     if unknown:
         raise ConfigError(f"eval.systems has unknown system(s) {', '.join(unknown)}; "

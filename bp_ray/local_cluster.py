@@ -84,11 +84,11 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
 
     from bp_ray.data import work_store
     from bp_ray.data.pipeline import run_data_generation
-    from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+    from bp_ray.models.loading import prepare_models
     from bp_ray.ray_runtime import WORKER_ENV
 
     cfg = scenario_config(out, zoo_dir, rows)
-    ensure_tiny_zoo(cfg.models)  # before any actor races to build it
+    prepare_models(cfg.models, ("rewriter", "captioner", "aesthetic"))  # before any actor races to build them
     # shutdown_at_exit=False: shut down once, below; Ray's exit hook would try again on half-removed nodes.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0}, shutdown_at_exit=False)
     nodes = {"worker-1": _worker(cluster)}

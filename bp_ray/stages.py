@@ -92,7 +92,7 @@ def _eval(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, resume: bool)
 
 STAGES = (
     Stage("corpus", {}, ("seed", "data.source", "data.corpus_rows", "data.corpus_seed", "data.corpus_kind",
-                         "models.tiny.image_size"), _corpus),
+                         "data.corpus_image_size"), _corpus),
     Stage("data", {"corpus": "corpus"},
           ("seed", "data", "-data.render", "-data.num_seeds", "-data.renderer_pool", "-data.scorer_pool",
            "-data.captioner_pool", "-data.rewriter_pool", "-data.aesthetic_pool", "models"), _data),

@@ -12,7 +12,7 @@ from bp_ray.layout import RunLayout
 
 
 def zoo_summary(cfg: PipelineConfig, zoo: Path | None) -> str:
-    from bp_ray.models.tiny_zoo import default_zoo_dir
+    from bp_ray.models.model_cache import default_zoo_dir
 
     if zoo is None:
         return f"models: from the hub / local paths (zoo cache {default_zoo_dir(cfg.models)} not needed)"

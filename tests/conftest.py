@@ -27,7 +27,7 @@ def shared_path(*parts: str) -> Path:
 def tiny_models_cfg(tmp_path_factory):
     """ModelsConfig of the tiny preset with the zoo built once per test session in a private folder."""
     from bp_ray.config_loader import load_config
-    from bp_ray.models.tiny_zoo import ensure_tiny_zoo
+    from bp_ray.embedded.tiny_zoo import ensure_tiny_zoo
 
     cfg = load_config("tiny").models
     cfg.zoo_dir = str(tmp_path_factory.mktemp("zoo"))
@@ -45,9 +45,9 @@ learns; the real budgets are measured by benchmarks/world_quality.py."""
 def world_models_cfg(tmp_path_factory):
     """ModelsConfig of the world preset with a quickly trained world zoo, built once per session."""
     from bp_ray.config_loader import load_config
-    from bp_ray.world.zoo import ensure_world_zoo
+    from bp_ray.embedded.world.zoo import ensure_world_zoo
 
-    cfg = load_config("world", [f"models.world.{key}={value}" for key, value in QUICK_WORLD.items()]).models
+    cfg = load_config("world", [f"models.zoo.world.{key}={value}" for key, value in QUICK_WORLD.items()]).models
     cfg.zoo_dir = str(tmp_path_factory.mktemp("world-zoo"))
     ensure_world_zoo(cfg)
     return cfg

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from bp_ray.data import columns as C
 from bp_ray.data import prompt_text
+from bp_ray.data.prompt_sources import prompt_source
 from bp_ray.data.vocab import Vocab, load_vocab
-from bp_ray.world.scenes import parse_description, render_scene, sample_scene
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,8 @@ class CorpusSpec:
     political_fraction: float = 0.01
     malformed_fraction: float = 0.02
     """Empty, whitespace-only, over 1,000 characters, junk, unbalanced weights, control characters."""
-    world: bool = False
-    """Plain and rich prompts describe miniature-world scenes (bp_ray.world), and their images are the world's
-    renders of them, so models trained in the world can caption, score and learn from the corpus."""
+    prompt_source: str = "prompts"
+    """What the plain and rich prompts describe and how their images are drawn (data/prompt_sources.py)."""
 
     def __post_init__(self) -> None:
         fractions = [getattr(self, f"{kind}_fraction") for kind in KINDS if kind != "rich"]
@@ -107,7 +106,7 @@ class CorpusSummary:
 
 def generate_prompts(num_rows: int, seed: int, spec: CorpusSpec | None = None) -> list[str]:
     """Just the prompt texts of the corpus for (num_rows, seed), e.g. to train a tokenizer; `spec` gives the rest
-    (the world's scenes instead of DiffusionDB-like prompts, for one)."""
+    (another prompt source, for one)."""
     spec = replace(spec or CorpusSpec(), num_rows=num_rows, seed=seed)
     prompts, _, _ = _generate_prompt_rows(spec, load_vocab())
     return prompts
@@ -134,12 +133,6 @@ def render_row_image(prompt: str, seed: int, size: int) -> Image.Image:
     radius = 0.15 + 0.25 * digest[8] / 255
     pixels[(xs - cx) ** 2 + (ys - cy) ** 2 < radius**2] = disc
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # (H, W, 3) uint8 -> RGB
-
-
-def render_world_row(prompt: str, seed: int, size: int) -> Image.Image | None:
-    """The world's render of a prompt that describes a world scene; None for any other prompt."""
-    scene = parse_description(prompt)
-    return Image.fromarray(render_scene(scene, seed, size)) if scene.objects else None
 
 
 def write_corpus(out_dir: Path, spec: CorpusSpec) -> CorpusSummary:
@@ -171,7 +164,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec) -> CorpusSummary:
 
     # 2. one zip per part, holding the images and part-XXXXXX.json as DiffusionDB ships them
     if spec.with_images:
-        written += _write_image_parts(out_dir / IMAGES_DIR, rows, spec.image_size, spec.world)
+        written += _write_image_parts(out_dir / IMAGES_DIR, rows, spec.image_size, spec.prompt_source)
 
     # 3. summary + manifest, last, so its presence means the corpus is complete
     summary = CorpusSummary(
@@ -211,14 +204,12 @@ def _generate_prompt_rows(spec: CorpusSpec, vocab: Vocab) -> tuple[list[str], li
     malformed_shape = int(rng.integers(len(prompt_text.MALFORMED_SHAPES)))
 
     # 1. every row that is not a copy
+    source = prompt_source(spec.prompt_source)
     for i, kind in enumerate(kinds):
-        if kind in ("plain", "rich") and spec.world:
-            scene = sample_scene(rng)
-            prompts[i] = scene.plain() if kind == "plain" else scene.detailed()
-        elif kind == "plain":
-            prompts[i] = prompt_text.plain_prompt(rng, vocab)
+        if kind == "plain":
+            prompts[i] = source.plain(rng)
         elif kind == "rich":
-            prompts[i] = prompt_text.rich_prompt(rng, vocab)
+            prompts[i] = source.rich(rng)
         elif kind == "nsfw":
             prompts[i] = prompt_text.nsfw_prompt(rng, vocab)
         elif kind == "political":
@@ -305,10 +296,11 @@ def _metadata_rows(spec: CorpusSpec, prompts: list[str], kinds: list[str],
     })
 
 
-def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int, world: bool = False) -> list[Path]:
+def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int, source_name: str) -> list[Path]:
     """images/part-XXXXXX.zip with each row's PNG and part-XXXXXX.json ({name: {p, se, c, st, sa}})."""
     images_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    source = prompt_source(source_name)
     progress = tqdm(total=len(rows), desc="corpus images", unit="img", disable=None)
     for part_id, part in rows.groupby(C.PART_ID, sort=True):
         name = f"part-{int(part_id):06d}"
@@ -321,7 +313,7 @@ def _write_image_parts(images_dir: Path, rows: pd.DataFrame, size: int, world: b
                 strict=True,
             ):
                 buffer = BytesIO()
-                image = render_world_row(prompt, int(seed), size) if world else None
+                image = source.image(prompt, int(seed), size)
                 (image or render_row_image(prompt, int(seed), size)).save(buffer, format="PNG")
                 archive.writestr(_zip_entry(image_name), buffer.getvalue())
                 index[image_name] = {"p": prompt, "se": int(seed), "c": float(cfg), "st": int(step),

@@ -86,11 +86,11 @@ def prepare_rows(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, di
 
 
 def corpus_spec(cfg: PipelineConfig):
-    """The embedded corpus a config asks for (data.corpus_*), with images the size of the zoo's."""
+    """The generated corpus a config asks for (data.corpus_*)."""
     from bp_ray.data.corpus import CorpusSpec
 
     return CorpusSpec(num_rows=cfg.data.corpus_rows, seed=cfg.data.corpus_seed,
-                      image_size=cfg.models.tiny.image_size, world=cfg.data.corpus_kind == "world")
+                      image_size=cfg.data.corpus_image_size, prompt_source=cfg.data.corpus_kind)
 
 
 def read_source(cfg: PipelineConfig, corpus_dir: Path) -> tuple[pd.DataFrame, ReadReport, str]:
@@ -185,7 +185,8 @@ def work_key(cfg: PipelineConfig, source_path: str) -> dict[str, Any]:
     unrelated = ("render", "num_seeds", "pair_files", "pair_high_field", "pair_files_fraction")
     data = {k: v for k, v in asdict(cfg.data).items() if not k.endswith("_pool") and k not in unrelated}
     models = {role: getattr(cfg.models, role) for role in ("rewriter", "captioner", "aesthetic")}
-    return {"data": data, "models": models, "tiny": asdict(cfg.models.tiny), "source": source_path}
+    return {"data": data, "models": models, "zoo": {name: asdict(section) for name, section in cfg.models.zoo.items()},
+            "source": source_path}
 
 
 def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | None = None,
@@ -211,11 +212,10 @@ def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | N
     logger.info("%d rows to process (%d already committed)", len(pending), len(rows) - len(pending))
 
     if len(pending):
-        from bp_ray.models.loading import resolve_model
+        from bp_ray.models.loading import prepare_models
         from bp_ray.ray_runtime import init_ray
 
-        for role in ("rewriter", "captioner", "aesthetic"):  # build the tiny zoo once, before actors race for it
-            resolve_model(getattr(cfg.models, role), cfg.models)
+        prepare_models(cfg.models, ("rewriter", "captioner", "aesthetic"))
         init_ray(cfg.cluster)
         run_model_stages(pending, cfg, work_dir)
 

@@ -11,14 +11,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bp_ray.extensions import registry
 from bp_ray.train.metrics import read_metrics
 
 REPORT = "report.html"
 PLOTS_DIR = "plots"
 METRIC_LABELS = {"pickscore": "PickScore", "aesthetic": "Aesthetic", "relevance": "CLIP relevance",
-                 "reward": "Reward", "words": "Words", "sd_tokens": "SD tokens",
-                 "true_aesthetic": "True aesthetic (world)", "colour_match": "Colour match (world)",
-                 "shape_match": "Shape match (world)", "count_match": "Object count match (world)"}
+                 "reward": "Reward", "words": "Words", "sd_tokens": "SD tokens"}
+
+
+def label(metric: str) -> str:
+    """How the report names a metric: its own label, a registered eval metric's, or the column name."""
+    extra = {column: text for m in registry().eval_metrics.values() for column, text in m.labels.items()}
+    return METRIC_LABELS.get(metric) or extra.get(metric, metric)
+
+
 CURVES = {
     "ppo": ("reward/combined", "eval/reward", "kl", "kl_coef", "loss/policy", "loss/value"),
     "sft": ("loss/train", "loss/eval"),
@@ -65,7 +72,7 @@ def plot_differences(per_prompt: pd.DataFrame, metrics: Sequence[str], systems: 
             diff = (rows[metric] - base[metric]).dropna().to_numpy()
             ax.hist(diff, bins=min(20, max(5, len(diff) // 2)), alpha=0.5, label=system)
         ax.axvline(0.0, color="k", linewidth=0.8)
-        ax.set_title(f"{METRIC_LABELS.get(metric, metric)}: system - {baseline}", fontsize=9)
+        ax.set_title(f"{label(metric)}: system - {baseline}", fontsize=9)
         ax.set_xlabel("per-prompt difference (mean over seeds)", fontsize=8)
     axes[0][0].set_ylabel("prompts")
     axes[0][-1].legend(fontsize=8)
@@ -85,7 +92,7 @@ def plot_means(table: list[dict[str, Any]], metrics: Sequence[str], path: Path) 
         errors = [row[f"{metric}_ci"] if row[f"{metric}_ci"] is not None else 0.0 for row in table]
         ax.bar(range(len(systems)), means, yerr=errors, capsize=3, color="#7aa6c2")
         ax.set_xticks(range(len(systems)), systems, rotation=30, fontsize=8)
-        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+        ax.set_title(label(metric), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -119,7 +126,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _summary_table(results: dict[str, Any]) -> str:
     metrics = [*results["metrics"], *results["prompt_metrics"]]
-    head = "".join(f"<th>{METRIC_LABELS.get(m, m)}</th>" for m in metrics)
+    head = "".join(f"<th>{label(m)}</th>" for m in metrics)
     best = {m: max(row[f"{m}_mean"] for row in results["table"]) for m in results["metrics"]}
     rows = []
     for row in results["table"]:
@@ -136,7 +143,7 @@ def _comparison_table(results: dict[str, Any]) -> str:
     for c in results["comparisons"]:
         rows.append(
             f'<tr><td class="text">{html.escape(c["system"])}</td><td class="text">{html.escape(c["baseline"])}</td>'
-            f'<td class="text">{METRIC_LABELS.get(c["metric"], c["metric"])}</td><td>{c["n"]}</td>'
+            f'<td class="text">{label(c["metric"])}</td><td>{c["n"]}</td>'
             f'<td>{c["wins"]} / {c["ties"]} / {c["losses"]}</td><td>{_fmt(c["win_rate"], 3)}</td>'
             f'<td>{_fmt(c["mean_diff"])} ± {_fmt(c["ci"], 2)}</td><td>{_fmt(c["p_t"], 3)}</td>'
             f'<td>{_fmt(c["p_wilcoxon"], 3)}</td></tr>')

@@ -33,6 +33,7 @@ from bp_ray.eval.systems import (
     tag_vocabulary,
     tags_pool,
 )
+from bp_ray.extensions import EvalMetric, registry
 from bp_ray.layout import SUCCESS, write_manifest
 from bp_ray.rewards.render import seeds_for
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
@@ -40,11 +41,8 @@ from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
 logger = logging.getLogger(__name__)
 
 IMAGE_METRICS = (*SCORE_NAMES, "reward")
-WORLD_METRICS = ("true_aesthetic", "colour_match", "shape_match", "count_match")
-"""With eval.world_truth: the world's ground-truth aesthetic of each image, and 1/0 whether it shows the colours,
-the shapes and the number of objects the user prompt asks for (bp_ray.world.truth), judged from pixels by code,
-not by a model."""
-"""Per image: PickScore, aesthetic, CLIP relevance (all against the user prompt) and the combined reward."""
+"""Per image: PickScore, aesthetic, CLIP relevance (all against the user prompt) and the combined reward; then the
+columns of each metric in eval.metrics (a backend's, computed from pixels: bp_ray.extensions.EvalMetric)."""
 PROMPT_METRICS = ("words", "sd_tokens")
 """Per rewritten prompt: its length in words and in Stable Diffusion text-encoder tokens."""
 BASELINES = ("original", "sft")
@@ -139,8 +137,8 @@ def _submit_renders(service: Any, cfg: PipelineConfig, prompts: list[str],
         logger.info("eval: %s rewrites ready, rendering %d prompts x %d seeds", system, len(prompts), ev.num_seeds)
         texts = rewrites[system].prompts
         chunks = [(0, grid, True)] if grid else []
-        # Ground truth is computed from pixels here, so with it every chunk brings its images back.
-        chunks += [(s, min(s + ev.batch_size, len(texts)), ev.world_truth)
+        # Pixel metrics are computed here, so with them every chunk brings its images back.
+        chunks += [(s, min(s + ev.batch_size, len(texts)), bool(ev.metrics))
                    for s in range(grid, len(texts), ev.batch_size)]
         for start, end, images in chunks:
             method = service.score_with_images if images else service.score_detailed
@@ -156,7 +154,7 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
     from bp_ray.console import report_progress
 
     seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
-    width = len(SCORE_NAMES) + (len(WORLD_METRICS) if cfg.eval.world_truth else 0)
+    width = len(SCORE_NAMES) + len(pixel_metric_columns(cfg))
     scores = {system: np.full((len(prompts), len(seeds), width), np.nan) for system in systems}
     grid = min(cfg.eval.grid_prompts, len(prompts))
     image_paths: dict[str, str] = {}
@@ -165,9 +163,12 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
         report_progress(done, len(pending), "render batches")
         block, pixels = result if images else (result, None)
         scores[system][start:start + len(block), :, :len(SCORE_NAMES)] = block
-        if cfg.eval.world_truth:
-            scores[system][start:start + len(block), :, len(SCORE_NAMES):] = world_truth_scores(
+        column = len(SCORE_NAMES)
+        for metric in pixel_metrics(cfg):
+            end = column + len(metric.columns)
+            scores[system][start:start + len(block), :, column:end] = metric.score(
                 pixels, prompts[start:start + len(block)])
+            column = end
         for p in range(min(len(pixels), grid - start) if pixels is not None else 0):
             for s, seed in enumerate(seeds):
                 rel = Path("images") / system / f"p{start + p:04d}_s{seed}.png"
@@ -177,40 +178,34 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
     return scores, image_paths
 
 
-def world_truth_scores(pixels: np.ndarray, requests: list[str]) -> np.ndarray:
-    """(P, S, 4): ground-truth aesthetic, colour, shape and count match (1/0; NaN when a request names no coloured
-    shape) of (P, S, H, W, 3) images, each judged against its user request."""
-    from bp_ray.world.truth import colours_match, count_matches, shapes_match, true_aesthetic
+def pixel_metrics(cfg: PipelineConfig) -> list[EvalMetric]:
+    """The registered metrics eval.metrics names, in its order."""
+    return [registry().eval_metrics[name] for name in cfg.eval.metrics]
 
-    def flag(value: bool | None) -> float:
-        return np.nan if value is None else float(value)
 
-    out = np.full((*pixels.shape[:2], len(WORLD_METRICS)), np.nan)
-    for p, request in enumerate(requests):
-        for s in range(pixels.shape[1]):
-            image = pixels[p, s]
-            out[p, s] = (true_aesthetic(image), flag(colours_match(image, request)),
-                         flag(shapes_match(image, request)), flag(count_matches(image, request)))
-    return out
+def pixel_metric_columns(cfg: PipelineConfig) -> tuple[str, ...]:
+    return tuple(column for metric in pixel_metrics(cfg) for column in metric.columns)
 
 
 def image_metrics(cfg: PipelineConfig) -> tuple[str, ...]:
-    return (*IMAGE_METRICS, *WORLD_METRICS) if cfg.eval.world_truth else IMAGE_METRICS
+    return (*IMAGE_METRICS, *pixel_metric_columns(cfg))
 
 
 def score_table(prompts: list[str], rewrites: dict[str, Rewrites], scores: dict[str, np.ndarray],
-                seeds: list[int], sd_lengths: dict[str, list[int]], alpha: float) -> pd.DataFrame:
-    """Long table, one row per image: prompt_id, system, seed, the image metrics and the prompt metrics."""
+                seeds: list[int], sd_lengths: dict[str, list[int]], alpha: float,
+                pixel_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Long table, one row per image: prompt_id, system, seed, the image metrics (the model scores, then
+    `pixel_columns`) and the prompt metrics."""
     rows = []
     for system, per_seed in scores.items():
         texts = rewrites[system].prompts
         for p in range(len(prompts)):
             for s, seed in enumerate(seeds):
-                pick, aesthetic, relevance, *world = per_seed[p, s]
+                pick, aesthetic, relevance, *pixel = per_seed[p, s]
                 rows.append({"prompt_id": p, "system": system, "seed": seed, "pickscore": pick,
                              "aesthetic": aesthetic, "relevance": relevance,
                              "reward": float(combined_reward(pick, aesthetic, alpha)),
-                             **dict(zip(WORLD_METRICS, world, strict=False)),
+                             **dict(zip(pixel_columns, pixel, strict=True)),
                              "words": len(texts[p].split()), "sd_tokens": sd_lengths[system][p]})
     return pd.DataFrame(rows)
 
@@ -284,7 +279,7 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
     tokenizer = sd_tokenizer(cfg)
     sd_lengths = {system: token_lengths(tokenizer, r.prompts) for system, r in rewrites.items()}
     seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
-    table = score_table(prompts, rewrites, scores, seeds, sd_lengths, cfg.rewards.alpha)
+    table = score_table(prompts, rewrites, scores, seeds, sd_lengths, cfg.rewards.alpha, pixel_metric_columns(cfg))
     table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
     metrics = image_metrics(cfg)
     per_prompt = stats.per_prompt(table, [*metrics, *PROMPT_METRICS])

@@ -79,12 +79,11 @@ def tags_pool(cfg: PipelineConfig) -> list[str]:
 
 
 def tag_vocabulary(cfg: PipelineConfig) -> Sequence[str] | None:
-    """The tags the `tags` baseline may pick: the world's style phrases in a world corpus, else the vocabulary's."""
-    if cfg.data.corpus_kind == "world":
-        from bp_ray.world.scenes import STYLE_WORDS
+    """The tags the `tags` baseline may pick: the prompt source's own (the world's style phrases), else None for
+    the vocabulary's."""
+    from bp_ray.data.prompt_sources import prompt_source
 
-        return STYLE_WORDS
-    return None
+    return prompt_source(cfg.data.corpus_kind).style_tags()
 
 
 def checkpoint_model_dir(path: str | Path) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bp_ray.config import ModelsConfig
 from bp_ray.models.loading import GGUF_PREFIX
-from bp_ray.models.tiny_zoo import MANIFEST, ZooSummary, build_zoo, default_zoo_dir
+from bp_ray.models.model_cache import MANIFEST, ZooSummary, build_zoo, default_zoo_dir
 
 IMPORTER_VERSION = 1
 """Bump when the conversion changes what it writes, so imported folders are redone."""

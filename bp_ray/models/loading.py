@@ -1,21 +1,19 @@
-"""One loader per model role. Each takes a Hugging Face id, a local directory or `tiny:<name>`, and goes
-through the library's own `from_pretrained` path (never `trust_remote_code`)."""
+"""One loader per model role. Each takes a Hugging Face id, a local directory, `gguf:<name>` or a registered
+`<prefix>:<role>` (bp_ray.extensions), and goes through the library's own `from_pretrained` path (never
+`trust_remote_code`)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bp_ray.config import ModelsConfig
+from bp_ray.extensions import registry
 
 logger = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny:"
-WORLD_PREFIX = "world:"
-ZOO_PREFIXES = (TINY_PREFIX, WORLD_PREFIX)
 GGUF_PREFIX = "gguf:"
 
 SCHEDULERS = {
@@ -47,34 +45,34 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def zoo_root(prefix: str, models_cfg: ModelsConfig) -> Path:
-    """Folder of the `tiny:` or `world:` zoo, built (and for the world, trained) on first use."""
-    if prefix == WORLD_PREFIX:
-        from bp_ray.world.zoo import ensure_world_zoo
-
-        return ensure_world_zoo(models_cfg)
-    from bp_ray.models.tiny_zoo import ensure_tiny_zoo
-
-    return ensure_tiny_zoo(models_cfg)
-
-
 def resolve_model(spec: str, models_cfg: ModelsConfig | None = None) -> str:
-    """`tiny:<role>` / `world:<role>` -> that role's folder in the tiny or world zoo; `gguf:<name>` -> the folder
-    imported from that GGUF file; anything else unchanged."""
+    """`gguf:<name>` -> the folder imported from that GGUF file; `<prefix>:<role>` of a registered model resolver
+    (`tiny:bloom`, `world:sd`) -> that role's folder, built on first use; anything else (a hub id, a folder)
+    unchanged."""
     if spec.startswith(GGUF_PREFIX):
         from bp_ray.models.gguf_import import ensure_gguf_model
 
         return str(ensure_gguf_model(spec[len(GGUF_PREFIX):], models_cfg or ModelsConfig()))
-    prefix = next((p for p in ZOO_PREFIXES if spec.startswith(p)), None)
-    if prefix is None:
+    prefix, sep, role = spec.partition(":")
+    resolver = registry().model_resolvers.get(prefix) if sep else None
+    if resolver is None:  # hub ids and paths never contain a registered prefix followed by ':'
         return spec
-    from bp_ray.models.tiny_zoo import ZOO_ROLES
+    if role not in resolver.roles:
+        raise ValueError(f"unknown {prefix} model {spec!r}; the {prefix} zoo has: "
+                         f"{', '.join(f'{prefix}:{r}' for r in resolver.roles)}")
+    return str(resolver.resolve(role, models_cfg or ModelsConfig()))
 
-    role = spec[len(prefix):]
-    if role not in ZOO_ROLES:
-        raise ValueError(f"unknown {prefix[:-1]} model {spec!r}; the {prefix[:-1]} zoo has: "
-                         f"{', '.join(prefix + r for r in ZOO_ROLES)}")
-    return str(zoo_root(prefix, models_cfg or ModelsConfig()) / role)
+
+def registered_prefix(spec: str) -> str | None:
+    """The model resolver prefix a spec starts with (`tiny` of `tiny:bloom`), None for any other spec."""
+    prefix, sep, _ = spec.partition(":")
+    return prefix if sep and prefix in registry().model_resolvers else None
+
+
+def prepare_models(models_cfg: ModelsConfig, roles: tuple[str, ...]) -> None:
+    """Resolve (so build or import) the models of these `models.*` roles now, once, before actors race for them."""
+    for role in roles:
+        resolve_model(getattr(models_cfg, role), models_cfg)
 
 
 def load_causal_lm(spec: str, models_cfg: ModelsConfig | None = None, device: str = "auto",

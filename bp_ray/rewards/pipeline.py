@@ -195,7 +195,7 @@ def long_prompt_count(cfg: PipelineConfig, prompts: list[str]) -> dict[str, Any]
 
 def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> dict[str, Any]:
     """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
-    from bp_ray.models.loading import resolve_model
+    from bp_ray.models.loading import prepare_models
     from bp_ray.ray_runtime import init_ray
     from bp_ray.rewards.labeler import make_render_key
     from bp_ray.rewards.render import seeds_for
@@ -207,8 +207,7 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
     rows = label_rows(read_pairs(pairs_dir))
     unique = rows.drop_duplicates(PROMPT_ID).loc[:, [PROMPT_ID, C.PROMPT, INTENT]].reset_index(drop=True)
     cache_path = reward_cache_path(cfg, out_dir)
-    for role in ("diffusion", "pickscore", "aesthetic", "clip_relevance"):  # build the tiny zoo before actors race
-        resolve_model(getattr(cfg.models, role), cfg.models)
+    prepare_models(cfg.models, ("diffusion", "pickscore", "aesthetic", "clip_relevance"))
     scored = _cached_scores(unique, cfg, cache_path)
     pending = unique[~unique[PROMPT_ID].isin(scored[PROMPT_ID])]
     if len(pending):  # a fully cached rerun starts no actors at all

@@ -105,8 +105,8 @@ def test_models_list_and_build_tiny(capsys, tmp_path, tiny_models_cfg):
     code, out, _ = run_cli(capsys, "models", "list")
     assert code == 0 and "policy" in out and "tiny:bloom" in out
     code, out, _ = run_cli(capsys, "models", "build-tiny", "--out", str(tmp_path / "zoo"),
-                           "--set", "models.tiny.lm_layers=1")
+                           "--set", "models.zoo.tiny.lm_layers=1")
     assert code == 0 and "tiny zoo built in" in out and "bloom" in out
     code, out, _ = run_cli(capsys, "models", "build-tiny", "--out", str(tmp_path / "zoo"),
-                           "--set", "models.tiny.lm_layers=1")
+                           "--set", "models.zoo.tiny.lm_layers=1")
     assert code == 0 and "up to date (cached)" in out

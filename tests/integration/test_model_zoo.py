@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from bp_ray.config_loader import load_config
+from bp_ray.embedded.tiny_zoo import ZOO_ROLES, build_tiny_zoo, ensure_tiny_zoo
 from bp_ray.models import loading
-from bp_ray.models.tiny_zoo import MANIFEST, ZOO_ROLES, build_tiny_zoo, ensure_tiny_zoo
+from bp_ray.models.model_cache import MANIFEST
 
 pytestmark = pytest.mark.integration
 
@@ -43,19 +44,19 @@ def test_zoo_has_every_role_in_library_formats(tiny_models_cfg):
 
 def test_zoo_build_is_deterministic_and_cached(tmp_path, tiny_models_cfg):
     first = _weights_digest(Path(tiny_models_cfg.zoo_dir) / "tiny")
-    again = build_tiny_zoo(tmp_path / "tiny", tiny_models_cfg.tiny)
+    again = build_tiny_zoo(tmp_path / "tiny", tiny_models_cfg.zoo["tiny"])
     assert again.built
     assert _weights_digest(tmp_path / "tiny") == first
-    cached = build_tiny_zoo(tmp_path / "tiny", tiny_models_cfg.tiny)
+    cached = build_tiny_zoo(tmp_path / "tiny", tiny_models_cfg.zoo["tiny"])
     assert not cached.built  # same config: reused, not rebuilt
 
 
 def test_zoo_rebuilds_when_its_config_changes(tmp_path, tiny_models_cfg):
-    cfg = load_config("tiny", ["models.tiny.lm_layers=1"]).models
+    cfg = load_config("tiny", ["models.zoo.tiny.lm_layers=1"]).models
     cfg.zoo_dir = str(tmp_path)
     root = ensure_tiny_zoo(cfg)
     assert json.loads((root / MANIFEST).read_text())["config"]["lm_layers"] == 1
-    cfg.tiny.lm_layers = 3
+    cfg.zoo["tiny"].lm_layers = 3
     ensure_tiny_zoo(cfg)
     assert json.loads((root / MANIFEST).read_text())["config"]["lm_layers"] == 3
     model, _ = loading.load_causal_lm("tiny:bloom", cfg)
@@ -83,7 +84,7 @@ def test_captioner_writes_a_caption_per_image(tiny_models_cfg):
     model, processor = loading.load_captioner("tiny:blip", tiny_models_cfg)
     assert type(model).__name__ == "BlipForConditionalGeneration"
     inputs = processor(images=_images(3), return_tensors="pt")
-    size = tiny_models_cfg.tiny.image_size
+    size = tiny_models_cfg.zoo["tiny"].image_size
     assert inputs["pixel_values"].shape == (3, 3, size, size)
     ids = model.generate(**inputs, max_new_tokens=5)
     assert torch.equal(ids, model.generate(**inputs, max_new_tokens=5))
@@ -93,7 +94,7 @@ def test_captioner_writes_a_caption_per_image(tiny_models_cfg):
 
 def test_diffusion_renders_deterministic_images(tiny_models_cfg):
     pipe = loading.load_diffusion("tiny:sd", tiny_models_cfg, scheduler="ddim")
-    size = tiny_models_cfg.tiny.image_size
+    size = tiny_models_cfg.zoo["tiny"].image_size
 
     def render(prompts, seeds):
         generators = [torch.Generator().manual_seed(s) for s in seeds]

@@ -123,13 +123,14 @@ def test_eval_text_judges_each_system_on_prompts_it_never_trained_on(trained, ti
     import sys
 
     from bp_ray.data.prompt_rules import dedup_key
-    from bp_ray.eval.prompts import embedded_eval_prompts
+    from bp_ray.data.prompt_sources import VocabPrompts
+    from bp_ray.eval.prompts import EMBEDDED_SEED
 
     pairs = pd.concat(pd.read_parquet(p) for p in trained["pairs"].glob("part-*.parquet"))
     keys = pairs["low"].map(dedup_key)
     trained_lows = pairs.loc[~keys.duplicated(), "low"].head(5).tolist()
     # near duplicates (case, punctuation) of a trained prompt count as trained too
-    unseen = [p for p in embedded_eval_prompts(size=60) if dedup_key(p) not in set(keys)][:12]
+    unseen = [p for p in VocabPrompts().eval_prompts(60, EMBEDDED_SEED, set()) if dedup_key(p) not in set(keys)][:12]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*trained_lows, *unseen]))
     out = tmp_path / "eval_text"

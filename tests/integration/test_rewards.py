@@ -71,9 +71,9 @@ def test_the_cache_serves_a_rerun_and_is_invalidated_by_settings(tiny_models_cfg
     partly = RewardLabeler(config(tiny_models_cfg), cache).label([*PROMPTS, "a dragon"], [*PROMPTS, "a dragon"])
     assert partly.rendered.tolist() == [False, False, True]
     for change in ("data.render.num_inference_steps=5", "data.render.guidance_scale=3.0",
-                   "data.render.height=64", "models.tiny.clip_layers=1", "data.num_seeds=4"):
+                   "data.render.height=64", "models.zoo.tiny.clip_layers=1", "data.num_seeds=4"):
         changed = RewardLabeler(config(tiny_models_cfg, change), cache)
-        if change.startswith("models.tiny"):
+        if change.startswith("models.zoo.tiny"):
             assert changed.key.diffusion_model != first.key.diffusion_model  # another model fingerprint
         # num_seeds=4 adds one new seed: the prompt is rendered again, all its seeds in one call
         assert changed.label(PROMPTS[:1], PROMPTS[:1]).rendered.all(), change

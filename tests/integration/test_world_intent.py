@@ -1,6 +1,6 @@
 """The main job's promise at reduced size: in the miniature world, with the shipped world zoo, SFT's and PPO's
 prompts give renders of a higher ground-truth aesthetic than the user's own, and keep the colours and the number
-of objects the user asked for. Judged by pixels (bp_ray.world.truth), never by a model; the full-size figures:
+of objects the user asked for. Judged by pixels (bp_ray.embedded.world.truth), never by a model; the full-size figures:
 benchmarks/intent_quality.py."""
 
 from __future__ import annotations

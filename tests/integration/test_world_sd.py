@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from bp_ray.config import RenderConfig, TinyZooConfig, WorldConfig
+from bp_ray.config import RenderConfig
+from bp_ray.embedded.config import TinyZooConfig, WorldConfig
+from bp_ray.embedded.world.samples import make_samples, world_texts
+from bp_ray.embedded.world.sd_training import build_world_sd, measure_sd
 from bp_ray.models.loading import load_diffusion
 from bp_ray.rewards.render import render_seeds
-from bp_ray.world.samples import make_samples, world_texts
-from bp_ray.world.sd_training import build_world_sd, measure_sd
 
 WORLD = WorldConfig(seed=3, vae_steps=24, vae_batch_size=16, unet_steps=40, unet_batch_size=16, unet_lr=2e-3)
 TINY = TinyZooConfig()

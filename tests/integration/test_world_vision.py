@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bp_ray.config import TinyZooConfig, WorldConfig
-from bp_ray.models import tiny_zoo
-from bp_ray.world import vision_training as vt
-from bp_ray.world.samples import heldout_seed, make_samples, world_texts
+from bp_ray.embedded import tiny_zoo
+from bp_ray.embedded.config import TinyZooConfig, WorldConfig
+from bp_ray.embedded.world import vision_training as vt
+from bp_ray.embedded.world.samples import heldout_seed, make_samples, world_texts
 
 pytestmark = pytest.mark.integration
 

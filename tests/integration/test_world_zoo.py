@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bp_ray.models.tiny_zoo import ZOO_ROLES
+from bp_ray.embedded.tiny_zoo import ZOO_ROLES
 from tests.conftest import QUICK_WORLD
 
 
 def test_world_zoo_trains_every_role_and_loads_through_world_specs(world_models_cfg):
+    from bp_ray.embedded.world.zoo import ensure_world_zoo, world_zoo_dir
     from bp_ray.models.loading import load_captioner, load_causal_lm, load_clip_relevance, resolve_model
-    from bp_ray.world.zoo import ensure_world_zoo, world_zoo_dir
 
     root = world_zoo_dir(world_models_cfg)
     manifest = json.loads((root / "zoo.json").read_text())
@@ -44,10 +44,10 @@ def test_world_zoo_trains_every_role_and_loads_through_world_specs(world_models_
 def test_world_zoo_rebuilds_when_its_config_changes(world_models_cfg, tmp_path):
     from dataclasses import replace
 
-    from bp_ray.models.tiny_zoo import is_current
-    from bp_ray.world.zoo import world_key, world_zoo_dir
+    from bp_ray.embedded.tiny_zoo import is_current
+    from bp_ray.embedded.world.zoo import world_key, world_zoo_dir
 
-    root, tiny, world = world_zoo_dir(world_models_cfg), world_models_cfg.tiny, world_models_cfg.world
+    root, tiny, world = world_zoo_dir(world_models_cfg), world_models_cfg.zoo["tiny"], world_models_cfg.zoo["world"]
     assert is_current(root, world_key(tiny, world))
     assert not is_current(root, world_key(tiny, replace(world, lm_steps=41)))
     assert not is_current(Path(tmp_path), world_key(tiny, world))
@@ -55,9 +55,9 @@ def test_world_zoo_rebuilds_when_its_config_changes(world_models_cfg, tmp_path):
 
 def test_world_zoo_build_is_deterministic_for_a_seed(world_models_cfg, tmp_path):
     """Weights, configs and tokenizers come out byte for byte the same from a second build."""
-    from bp_ray.world.zoo import build_world_zoo, file_digests, world_zoo_dir
+    from bp_ray.embedded.world.zoo import build_world_zoo, file_digests, world_zoo_dir
 
-    assert build_world_zoo(tmp_path / "world", world_models_cfg.tiny, world_models_cfg.world).built
+    assert build_world_zoo(tmp_path / "world", world_models_cfg.zoo["tiny"], world_models_cfg.zoo["world"]).built
     assert file_digests(tmp_path / "world") == file_digests(world_zoo_dir(world_models_cfg))
 
 
@@ -65,29 +65,30 @@ def test_world_zoo_retrains_only_the_roles_asked_for(world_models_cfg, tmp_path)
     import shutil
     from dataclasses import replace
 
-    from bp_ray.models.tiny_zoo import is_current
-    from bp_ray.world.zoo import build_world_zoo, file_digests, world_key, world_zoo_dir
+    from bp_ray.embedded.tiny_zoo import is_current
+    from bp_ray.embedded.world.zoo import build_world_zoo, file_digests, world_key, world_zoo_dir
 
     source, root = world_zoo_dir(world_models_cfg), tmp_path / "world"
     shutil.copytree(source, root)
-    world = replace(world_models_cfg.world, aesthetic_steps=QUICK_WORLD["aesthetic_steps"] + 1)
-    assert build_world_zoo(root, world_models_cfg.tiny, world, roles=("aesthetic",)).built
+    world = replace(world_models_cfg.zoo["world"], aesthetic_steps=QUICK_WORLD["aesthetic_steps"] + 1)
+    assert build_world_zoo(root, world_models_cfg.zoo["tiny"], world, roles=("aesthetic",)).built
     for role in ("bloom", "blip", "pickscore", "clip", "sd"):
         assert file_digests(root / role) == file_digests(source / role), role
     assert file_digests(root / "aesthetic") != file_digests(source / "aesthetic")
     manifest = json.loads((root / "zoo.json").read_text())
     assert manifest["training"]["aesthetic"]["steps"] == QUICK_WORLD["aesthetic_steps"] + 1
     assert manifest["training"]["sd"] == json.loads((source / "zoo.json").read_text())["training"]["sd"]
-    assert is_current(root, world_key(world_models_cfg.tiny, world))
+    assert is_current(root, world_key(world_models_cfg.zoo["tiny"], world))
     with pytest.raises(ValueError, match="unknown world role"):
-        build_world_zoo(root, world_models_cfg.tiny, world, roles=("aesthetics",))
+        build_world_zoo(root, world_models_cfg.zoo["tiny"], world, roles=("aesthetics",))
     with pytest.raises(FileNotFoundError, match="build every role first"):
-        build_world_zoo(tmp_path / "none", world_models_cfg.tiny, world, roles=("aesthetic",))
+        build_world_zoo(tmp_path / "none", world_models_cfg.zoo["tiny"], world, roles=("aesthetic",))
 
 
 def test_world_truth_scores_judge_renders_against_the_request():
-    from bp_ray.eval.run import WORLD_METRICS, world_truth_scores
-    from bp_ray.world.scenes import render_text
+    from bp_ray.embedded import WORLD_TRUTH_COLUMNS as WORLD_METRICS
+    from bp_ray.embedded.world.scenes import render_text
+    from bp_ray.embedded.world.truth import world_truth_scores
 
     good = render_text("a red circle, dark background, high contrast, sharp, smooth, centered", 1)
     bad = render_text("a blue square, low contrast, blurry, grainy", 1)
@@ -103,13 +104,13 @@ def test_world_truth_scores_judge_renders_against_the_request():
 def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg, tmp_path):
     """The world preset's evaluation: world prompts, world tags, and ground truth for every image, grid or not."""
     from bp_ray.config_loader import load_config
-    from bp_ray.eval.prompts import world_eval_prompts
+    from bp_ray.embedded.world.scenes import STYLE_WORDS
+    from bp_ray.eval.prompts import embedded_eval_prompts
     from bp_ray.eval.run import run_evaluation
-    from bp_ray.world.scenes import STYLE_WORDS
 
     cfg = load_config("world", [f"models.zoo_dir={world_models_cfg.zoo_dir}", "eval.num_prompts=5",
                                 "eval.num_seeds=2", "eval.grid_prompts=2", "eval.batch_size=2",
-                                *[f"models.world.{k}={v}" for k, v in QUICK_WORLD.items()]])
+                                *[f"models.zoo.world.{k}={v}" for k, v in QUICK_WORLD.items()]])
     run_evaluation(cfg, tmp_path, systems=["original", "tags"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metrics"][-4:] == ["true_aesthetic", "colour_match", "shape_match", "count_match"]
@@ -119,7 +120,7 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
     for check in ("colour_match", "shape_match", "count_match"):  # every world prompt names a coloured shape
         assert set(scores[check].unique()) <= {0.0, 1.0}
     rewrites = [json.loads(line) for line in (tmp_path / "rewrites.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rewrites] == world_eval_prompts()[:5]
+    assert [r["prompt"] for r in rewrites] == embedded_eval_prompts(cfg)[:5]
     assert len(list((tmp_path / "images").rglob("*.png"))) == 2 * 2 * 2  # only the grid's images are kept
     for row in results["table"]:
         assert 0 <= row["true_aesthetic_mean"] <= 10 and 0 <= row["colour_match_mean"] <= 1
@@ -130,12 +131,12 @@ def test_shipped_world_zoo_is_what_build_world_builds(tmp_path):
     shipped one learned (every role, ~45 min: python benchmarks/world_quality.py --check-shipped). Bytes match only
     on the CPU that built it: another CPU's float kernels add in another order, and 1000 steps amplify the last bit."""
     from bp_ray.config_loader import load_config
-    from bp_ray.models.tiny_zoo import is_current
-    from bp_ray.world.zoo import SHIPPED_ZOO, build_world_roles, world_key
+    from bp_ray.embedded.tiny_zoo import is_current
+    from bp_ray.embedded.world.zoo import SHIPPED_ZOO, build_world_roles, world_key
 
     models = load_config("world").models
-    assert is_current(SHIPPED_ZOO, world_key(models.tiny, models.world))
-    stats, _ = build_world_roles(tmp_path, models.tiny, models.world, roles=("bloom",))
+    assert is_current(SHIPPED_ZOO, world_key(models.zoo["tiny"], models.zoo["world"]))
+    stats, _ = build_world_roles(tmp_path, models.zoo["tiny"], models.zoo["world"], roles=("bloom",))
     shipped = json.loads((SHIPPED_ZOO / "zoo.json").read_text())["training"]["bloom"]
     assert stats["bloom"]["heldout_loss_before"] == pytest.approx(shipped["heldout_loss_before"], rel=1e-4)
     assert stats["bloom"]["heldout_loss_after"] == pytest.approx(shipped["heldout_loss_after"], rel=0.03)
@@ -149,7 +150,7 @@ def test_shipped_world_zoo_is_what_build_world_builds(tmp_path):
 
 def test_first_use_of_the_default_world_zoo_copies_the_shipped_one(tmp_path):
     from bp_ray.config_loader import load_config
-    from bp_ray.world.zoo import SHIPPED_ZOO, ensure_world_zoo, file_digests
+    from bp_ray.embedded.world.zoo import SHIPPED_ZOO, ensure_world_zoo, file_digests
 
     models = load_config("world", [f"models.zoo_dir={tmp_path}"]).models
     root = ensure_world_zoo(models)

@@ -6,7 +6,8 @@ import pytest
 
 from bp_ray.config_loader import load_config
 from bp_ray.data.corpus import generate_prompts
-from bp_ray.eval.prompts import embedded_eval_prompts, load_eval_prompts
+from bp_ray.data.prompt_sources import VocabPrompts
+from bp_ray.eval.prompts import EMBEDDED_SEED, load_eval_prompts
 from bp_ray.eval.systems import checkpoint_model_dir, popular_tags, with_tags
 from tests.conftest import shared_path
 
@@ -19,7 +20,7 @@ def test_the_embedded_set_is_distinct_deterministic_and_held_out_from_the_corpus
     assert len({p.lower() for p in prompts}) == 200 and not {p.lower() for p in prompts} & corpus
     assert prompts == load_eval_prompts(cfg)[0]
     # the exclusion is what holds it out: without it, some corpus prompts come back
-    assert {p.lower() for p in embedded_eval_prompts()} & corpus
+    assert {p.lower() for p in VocabPrompts().eval_prompts(200, EMBEDDED_SEED, set())} & corpus
 
 
 def test_num_prompts_caps_the_set():

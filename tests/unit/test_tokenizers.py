@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from bp_ray.embedded.world.samples import world_texts
 from bp_ray.models.bpe import build_vocab, learn_merges
 from bp_ray.models.tokenizers import train_bert_tokenizer, train_clip_tokenizer
-from bp_ray.world.samples import world_texts
 
 
 def _words(spec: dict[str, int]) -> Counter[tuple[str, ...]]:

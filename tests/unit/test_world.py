@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bp_ray.world.scenes import (
+from bp_ray.embedded.world.scenes import (
     BAD_STYLES,
     COLOURS,
     GOOD_STYLES,
@@ -23,7 +23,7 @@ from bp_ray.world.scenes import (
     render_text,
     sample_scenes,
 )
-from bp_ray.world.truth import (
+from bp_ray.embedded.world.truth import (
     aesthetic_terms,
     colours_match,
     count_matches,
@@ -143,9 +143,9 @@ def test_shape_and_count_checks_read_the_worlds_own_renders():
 def test_world_corpus_stores_the_world_render_of_each_prompt(tmp_path):
     from bp_ray.data.corpus import CorpusSpec, generate_prompts, write_corpus
 
-    write_corpus(tmp_path, CorpusSpec(num_rows=60, seed=1, world=True))
+    write_corpus(tmp_path, CorpusSpec(num_rows=60, seed=1, prompt_source="world"))
     rows = pd.read_parquet(tmp_path / "metadata.parquet")
-    assert rows["prompt"].tolist() == generate_prompts(60, 1, CorpusSpec(world=True))
+    assert rows["prompt"].tolist() == generate_prompts(60, 1, CorpusSpec(prompt_source="world"))
     described = [i for i, p in enumerate(rows["prompt"]) if parse_description(p).objects]
     assert len(described) > 40  # plain and rich rows are world scenes; nsfw, political and junk rows stay
     with zipfile.ZipFile(tmp_path / "images" / "part-000001.zip") as archive:
@@ -159,16 +159,16 @@ def test_world_preset_builds_on_tiny():
 
     world, tiny = load_config("world"), load_config("tiny")
     assert world.preset == "world" and world.models.diffusion == "world:sd"
-    assert world.data.corpus_kind == "world" and world.eval.world_truth
+    assert world.data.corpus_kind == "world" and world.eval.metrics == ["world_truth"]
     assert world.sft.lr == tiny.sft.lr and world.cluster.num_cpus == tiny.cluster.num_cpus
 
 
 def test_world_eval_prompts_and_tags():
     from bp_ray.config_loader import load_config
-    from bp_ray.eval.prompts import load_eval_prompts, world_eval_prompts
+    from bp_ray.eval.prompts import embedded_eval_prompts, load_eval_prompts
     from bp_ray.eval.systems import popular_tags, tag_vocabulary, tags_pool
 
-    prompts = world_eval_prompts()
+    prompts = embedded_eval_prompts(load_config("world"))
     assert len(prompts) == len(set(prompts)) == 200
     assert all(parse_description(p).objects and parse_description(p).styles == () for p in prompts)
     assert {len(parse_description(p).objects) for p in prompts[:4]} == {1, 2}
@@ -179,8 +179,8 @@ def test_world_eval_prompts_and_tags():
 
 
 def test_styled_prompts_are_plain_requests_with_style_phrases():
-    from bp_ray.world.scenes import STYLE_GROUPS
-    from bp_ray.world.sd_training import styled_prompts
+    from bp_ray.embedded.world.scenes import STYLE_GROUPS
+    from bp_ray.embedded.world.sd_training import styled_prompts
 
     scenes = sample_scenes(400, 5)
     prompts = styled_prompts(scenes, seed=1)

@@ -6,47 +6,27 @@ the same `from_pretrained` code paths load it as load the real checkpoints. Buil
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from bp_ray.config import ModelsConfig, TinyZooConfig
+from bp_ray.config import ModelsConfig
+from bp_ray.embedded import ZOO_ROLES
+from bp_ray.embedded.config import TinyZooConfig
 from bp_ray.models.aesthetic import AestheticHead, AestheticSpec, save_aesthetic_folder
-from bp_ray.models.loading import quiet_hf_progress
+from bp_ray.models.model_cache import MANIFEST, ZooSummary, build_zoo, default_zoo_dir
 
 logger = logging.getLogger(__name__)
 
-ZOO_ROLES = ("bloom", "blip", "sd", "pickscore", "clip", "aesthetic")
-MANIFEST = "zoo.json"
+
 TINY_OPEN_CLIP_NAME = "bp-tiny-vit"
-
-
-@dataclass
-class ZooSummary:
-    path: str
-    built: bool
-    """False when an up-to-date cached zoo was reused."""
-    seconds: float
-    bytes: int
-    parameters: dict[str, int]
-
-
-def default_zoo_dir(models_cfg: ModelsConfig) -> Path:
-    if models_cfg.zoo_dir:
-        return Path(models_cfg.zoo_dir).expanduser()
-    cache = os.environ.get("BP_RAY_CACHE")
-    return (Path(cache) if cache else Path.home() / ".cache" / "bp-ray") / "zoo"
 
 
 def zoo_key(tiny: TinyZooConfig) -> str:
@@ -62,9 +42,9 @@ BUILDER_VERSION = 3
 def ensure_tiny_zoo(models_cfg: ModelsConfig) -> Path:
     """Path of an up-to-date tiny zoo, building it if missing or built from another config."""
     root = default_zoo_dir(models_cfg) / "tiny"
-    if is_current(root, zoo_key(models_cfg.tiny)):
+    if is_current(root, zoo_key(models_cfg.zoo["tiny"])):
         return root
-    build_tiny_zoo(root, models_cfg.tiny)
+    build_tiny_zoo(root, models_cfg.zoo["tiny"])
     return root
 
 
@@ -75,18 +55,6 @@ def is_current(root: Path, key: str) -> bool:
         return False
     recorded = json.loads(manifest.read_text())
     return recorded.get("key") == key and all((root / role).is_dir() for role in ZOO_ROLES)
-
-
-@contextmanager
-def _exclusive(lock_path: Path):
-    # Several Ray actors may hit first use at once: one builds, the others wait and reuse.
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_tiny_zoo(root: Path, tiny: TinyZooConfig, force: bool = False) -> ZooSummary:
@@ -105,31 +73,6 @@ def build_tiny_zoo(root: Path, tiny: TinyZooConfig, force: bool = False) -> ZooS
         return {"key": zoo_key(tiny), "config": asdict(tiny), "builder": BUILDER_VERSION, "parameters": parameters}
 
     return build_zoo(root, lambda: is_current(root, zoo_key(tiny)), build, force)
-
-
-def build_zoo(root: Path, is_current: Callable[[], bool], build: Callable[[Path], dict],
-              force: bool = False) -> ZooSummary:
-    """Run `build(staging)` under a lock and move its folder to `root` only when complete, with build()'s manifest
-    (plus size and time) as zoo.json; reuse `root` when is_current() says it is up to date."""
-    root = Path(root)
-    with _exclusive(root.parent / f".{root.name}.lock"):
-        if not force and is_current():
-            recorded = json.loads((root / MANIFEST).read_text())
-            return ZooSummary(str(root), False, 0.0, recorded["bytes"], recorded["parameters"])
-        quiet_hf_progress()
-        start = time.perf_counter()
-        staging = root.parent / f".{root.name}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        manifest = build(staging)
-        seconds = time.perf_counter() - start
-        size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
-        manifest.update(bytes=size, build_seconds=round(seconds, 2))
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        shutil.rmtree(root, ignore_errors=True)
-        staging.rename(root)
-        logger.info("built %s zoo in %.1f s (%.1f MB) at %s", root.name, seconds, size / 1e6, root)
-        return ZooSummary(str(root), True, seconds, size, manifest["parameters"])
 
 
 def _tokenizer_texts(tiny: TinyZooConfig) -> list[str]:

@@ -5,7 +5,7 @@ is drawn ("a red circle and a blue square"); the detailed one adds sizes, the re
 ("a large red circle above a small blue square, dark background, high contrast, sharp"). Whatever a
 description leaves open (position, background, blur, grain...) the renderer draws from its seed, so a plain
 prompt yields varied images and each style phrase pins one property down, in a direction the world's
-ground-truth aesthetic (`bp_ray.world.truth`) rewards or penalises.
+ground-truth aesthetic (`bp_ray.embedded.world.truth`) rewards or penalises.
 """
 
 from __future__ import annotations

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bp_ray.config import RenderConfig, TinyZooConfig, WorldConfig
-from bp_ray.world.samples import WorldSamples
-from bp_ray.world.scenes import BAD_STYLES, COLOURS, GOOD_STYLES, Scene, WorldObject, parse_description
-from bp_ray.world.schedule import warmup_cosine
-from bp_ray.world.truth import colours_match, dominant_colour, true_aesthetic
+from bp_ray.config import RenderConfig
+from bp_ray.embedded.config import TinyZooConfig, WorldConfig
+from bp_ray.embedded.world.samples import WorldSamples
+from bp_ray.embedded.world.scenes import BAD_STYLES, COLOURS, GOOD_STYLES, Scene, WorldObject, parse_description
+from bp_ray.embedded.world.schedule import warmup_cosine
+from bp_ray.embedded.world.truth import colours_match, dominant_colour, true_aesthetic
 
 VAE_CHANNELS = (16, 32, 64)
 """Three blocks: 32x32 pixels -> 8x8 latent (a UNet step at 8x8 costs ~2.5x less than at the tiny zoo's 16x16)."""
@@ -224,7 +225,7 @@ def build_world_sd(folder: Path, samples: WorldSamples, world: WorldConfig, tiny
 
     Deterministic for a seed on one machine. Returns the training figures.
     """
-    from bp_ray.models.tiny_zoo import save_sd_pipeline, sd_text_side
+    from bp_ray.embedded.tiny_zoo import save_sd_pipeline, sd_text_side
 
     tokenizer, text_encoder, scheduler = sd_text_side(tiny, texts)
     torch.manual_seed(world.seed)
@@ -271,7 +272,7 @@ RENDER_BATCH = 250
 def styled_prompts(scenes: Sequence[Scene], seed: int) -> list[str]:
     """Each scene's plain description followed by style phrases, each group's with probability 1/2 (a random
     phrase of the group, in group order): the shape of a beautifier's rewrite of a plain request."""
-    from bp_ray.world.scenes import STYLE_GROUPS
+    from bp_ray.embedded.world.scenes import STYLE_GROUPS
 
     rng = np.random.default_rng(seed)
     prompts = []

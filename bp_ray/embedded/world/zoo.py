@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bp_ray.config import ModelsConfig, TinyZooConfig, WorldConfig
-from bp_ray.models import tiny_zoo
-from bp_ray.models.tiny_zoo import MANIFEST, ZOO_ROLES, ZooSummary, build_zoo, default_zoo_dir, is_current
+from bp_ray.config import ModelsConfig
+from bp_ray.embedded import tiny_zoo
+from bp_ray.embedded.config import TinyZooConfig, WorldConfig
+from bp_ray.embedded.tiny_zoo import ZOO_ROLES, is_current
+from bp_ray.models.model_cache import MANIFEST, ZooSummary, build_zoo, default_zoo_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +49,12 @@ def ensure_world_zoo(models_cfg: ModelsConfig) -> Path:
     """Path of an up-to-date world zoo: the cache; else the shipped zoo copied there when it was built from the same
     config; else built (and trained) now."""
     root = world_zoo_dir(models_cfg)
-    key = world_key(models_cfg.tiny, models_cfg.world)
+    key = world_key(models_cfg.zoo["tiny"], models_cfg.zoo["world"])
     if not is_current(root, key):
         if is_current(SHIPPED_ZOO, key):
             build_zoo(root, lambda: is_current(root, key), lambda staging: _copy_shipped(staging))
         else:
-            build_world_zoo(root, models_cfg.tiny, models_cfg.world)
+            build_world_zoo(root, models_cfg.zoo["tiny"], models_cfg.zoo["world"])
     return root
 
 
@@ -92,10 +94,10 @@ BUILD_ORDER = ("bloom", "blip", "pickscore", "sd", "aesthetic")
 
 def _role_trainers(tiny: TinyZooConfig, world: WorldConfig) -> dict[str, Callable[[Path], dict]]:
     """role -> build-and-train into a folder (returns the role's training stats)."""
-    from bp_ray.world.lm_training import train_world_lm
-    from bp_ray.world.samples import heldout_seed, make_samples, world_texts
-    from bp_ray.world.sd_training import build_world_sd, render_prompts, styled_prompts
-    from bp_ray.world.vision_training import train_world_aesthetic, train_world_captioner, train_world_clip
+    from bp_ray.embedded.world.lm_training import train_world_lm
+    from bp_ray.embedded.world.samples import heldout_seed, make_samples, world_texts
+    from bp_ray.embedded.world.sd_training import build_world_sd, render_prompts, styled_prompts
+    from bp_ray.embedded.world.vision_training import train_world_aesthetic, train_world_captioner, train_world_clip
 
     texts = world_texts(world.seed)
     samples = make_samples(world.train_scenes, world.seed, tiny.image_size)

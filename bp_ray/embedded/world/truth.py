@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bp_ray.world.scenes import COLOURS, parse_description
+from bp_ray.embedded.world.scenes import COLOURS, parse_description
 
 WEIGHTS = {"contrast": 0.3, "vividness": 0.15, "cleanliness": 0.2, "sharpness": 0.2, "composition": 0.15}
 SALIENT = 0.15
@@ -195,3 +195,18 @@ def count_matches(image: np.ndarray, request: str) -> bool | None:
     if not wanted:
         return None
     return object_count(image) == len(wanted)
+
+
+def world_truth_scores(pixels: np.ndarray, requests: list[str]) -> np.ndarray:
+    """(P, S, 4): ground-truth aesthetic, colour, shape and count match (1/0; NaN when a request names no coloured
+    shape) of (P, S, H, W, 3) images, each judged against its user request: the `world_truth` eval metric."""
+    def flag(value: bool | None) -> float:
+        return np.nan if value is None else float(value)
+
+    out = np.full((*pixels.shape[:2], 4), np.nan)
+    for p, request in enumerate(requests):
+        for s in range(pixels.shape[1]):
+            image = pixels[p, s]
+            out[p, s] = (true_aesthetic(image), flag(colours_match(image, request)),
+                         flag(shapes_match(image, request)), flag(count_matches(image, request)))
+    return out

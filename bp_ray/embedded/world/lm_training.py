@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bp_ray.config import WorldConfig
-from bp_ray.world.scenes import parse_description
+from bp_ray.embedded.config import WorldConfig
+from bp_ray.embedded.world.scenes import parse_description
 
 
 def _batch(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bp_ray.config import DataConfig, WorldConfig
-from bp_ray.world.samples import WorldSamples
-from bp_ray.world.scenes import SHAPES, parse_description
-from bp_ray.world.schedule import warmup_cosine
+from bp_ray.config import DataConfig
+from bp_ray.embedded.config import WorldConfig
+from bp_ray.embedded.world.samples import WorldSamples
+from bp_ray.embedded.world.scenes import SHAPES, parse_description
+from bp_ray.embedded.world.schedule import warmup_cosine
 
 LAST_LOSS_STEPS = 20
 """`last_loss` averages this many final steps: one minibatch's loss is noisy."""
@@ -358,7 +359,7 @@ def measure_clip(folder: Path, heldout: WorldSamples) -> dict[str, float]:
 
 def _aesthetic_terms(images: np.ndarray) -> torch.Tensor:
     """(N, 5) each ground-truth term's share of the aesthetic (weight * term * 10: the row sums to the score)."""
-    from bp_ray.world.truth import WEIGHTS, aesthetic_terms
+    from bp_ray.embedded.world.truth import WEIGHTS, aesthetic_terms
 
     return torch.tensor([[10 * WEIGHTS[name] * value for name, value in aesthetic_terms(image).items()]
                          for image in images], dtype=torch.float32)
@@ -385,7 +386,7 @@ def train_world_aesthetic(folder: Path, samples: WorldSamples, world: WorldConfi
     scorer = load_aesthetic_scorer(folder, device="cpu")
     _, spec = load_aesthetic_head(folder)
     tower, head = scorer.clip, scorer.head
-    from bp_ray.world.truth import true_aesthetic
+    from bp_ray.embedded.world.truth import true_aesthetic
 
     sd_images = np.zeros((0, *samples.images.shape[1:]), np.uint8) if sd_images is None else sd_images
     images = np.concatenate([_both_renders(samples), sd_images])

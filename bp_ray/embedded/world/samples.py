@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bp_ray.world.scenes import Scene, render_scene, sample_scenes
-from bp_ray.world.truth import true_aesthetic
+from bp_ray.embedded.world.scenes import Scene, render_scene, sample_scenes
+from bp_ray.embedded.world.truth import true_aesthetic
 
 
 @dataclass
