@@ -91,8 +91,9 @@ def test_a_registered_model_resolver_resolves_its_prefix(monkeypatch, tmp_path):
 def test_eval_metrics_must_be_registered(monkeypatch):
     from bp_ray.eval.run import image_metrics
 
-    with pytest.raises(ConfigError, match="eval.metrics has unknown metric"):
+    with pytest.raises(ConfigError, match=r"eval\.metrics has unknown metric"):
         load_config("tiny", ["eval.metrics=[sharpness]"])
+
     def sharpness(pixels, prompts):
         return np.zeros((*pixels.shape[:2], 1))
 
