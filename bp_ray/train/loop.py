@@ -66,8 +66,10 @@ def total_steps_for(num_examples: int, batch_size: int, epochs: float) -> tuple[
     return steps_per_epoch, max(1, round(epochs * steps_per_epoch))
 
 
-def _save_checkpoint(engine: Any, task: TrainTask, state: dict[str, Any], rank: int, zero_stage: int) -> Path:
-    """Write this worker's part of a checkpoint to a fresh temporary folder and return it."""
+def save_checkpoint(engine: Any, write_models: Callable[[Path, dict | None], None], state: dict[str, Any], rank: int,
+                    zero_stage: int) -> Path:
+    """Write this worker's part of a checkpoint to a fresh temporary folder and return it; rank 0 writes the models
+    (`write_models(folder, state_dict)`) and the trainer state."""
     import torch
 
     folder = Path(tempfile.mkdtemp(prefix="bp-ray-ckpt-"))
@@ -77,12 +79,13 @@ def _save_checkpoint(engine: Any, task: TrainTask, state: dict[str, Any], rank: 
     # ZeRO-3 partitions the weights: gathering them is collective too, so every rank calls it.
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if rank == 0:
-        task.save_model(folder / MODEL_DIR, state_dict)
+        write_models(folder, state_dict)
         (folder / STATE_FILE).write_text(json.dumps(state))
     return folder
 
 
-def _restore(engine: Any, folder: Path, rank: int) -> dict[str, Any]:
+def restore_checkpoint(engine: Any, folder: Path, rank: int) -> dict[str, Any]:
+    """Load a checkpoint's DeepSpeed state and this rank's RNG into the running worker; returns the trainer state."""
     import torch
 
     engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG)
@@ -113,7 +116,7 @@ def train_on_worker(task: TrainTask, stage: TrainingConfig, metrics_dir: Path, n
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = _restore(engine, Path(folder), rank)
+            state = restore_checkpoint(engine, Path(folder), rank)
     state["starts"] = [*state.get("starts", []), state["step"]]
     start_step = state["step"]
     end_step = min(total_steps, stage.stop_after_step) if stage.stop_after_step else total_steps
@@ -141,7 +144,9 @@ def train_on_worker(task: TrainTask, stage: TrainingConfig, metrics_dir: Path, n
             # Every rank reports at the same steps: ray.train.report is a collective in Ray Train.
             metrics.update(task.evaluate(engine))
             state.update(step=done, metrics=metrics, total_steps=total_steps)
-            report_checkpoint(_save_checkpoint(engine, task, state, rank, stage.deepspeed.zero_stage), metrics, done)
+            folder = save_checkpoint(engine, lambda root, weights: task.save_model(root / MODEL_DIR, weights), state,
+                                     rank, stage.deepspeed.zero_stage)
+            report_checkpoint(folder, metrics, done)
         log_step(writer, progress, done, metrics, f"{name} loss {metrics['loss/train']:.3f}")
     finish_logs(writer, progress)
 

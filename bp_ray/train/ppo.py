@@ -5,21 +5,19 @@ One iteration on every Ray Train worker: sample `rollout_batch_size / workers` r
 training pairs, read their log-probs and values, ask the reference actor for its log-probs and the reward actor
 for the scores, shape the scores with the guards and the baseline, turn them into per-token rewards (KL penalty
 on every token, score on the last), GAE advantages and returns, then `ppo_epochs` passes of minibatch updates
-of the policy (clipped surrogate, optional entropy bonus) and the critic (clipped value loss), each a DeepSpeed
-engine. Every `checkpoint_every` iterations: greedy decoding of held-out low prompts is scored, and a checkpoint
+on one total loss (clipped surrogate, optional entropy bonus, clipped value loss) of the policy and the critic,
+one module in one DeepSpeed engine. Every `checkpoint_every` iterations: greedy decoding of held-out low prompts is scored, and a checkpoint
 (policy in Hugging Face format, critic, DeepSpeed states, the KL coefficient, RNG) is reported to Ray Train.
 Iteration i samples with a generator seeded by (seed, i, rank), so a resumed run repeats the same iterations.
 
 The loop reads as the algorithm: `rollout()` (samples, old log-probs and values, reference log-probs, shaped
 scores), `advantages()` (token rewards with the KL penalty, GAE, whitening), `update()` (the clipped policy and
-value losses over minibatches); the math is in `ppo_math.py`, one function per equation.
+value losses over minibatches, summed in one line); the math is in `ppo_math.py`, one function per equation.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 from bp_ray.config import PipelineConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import MANIFEST, SUCCESS
-from bp_ray.train.loop import DS_DIR, DS_TAG, MODEL_DIR, RNG_DIR, STATE_FILE
+from bp_ray.train.loop import MODEL_DIR
 from bp_ray.train.ppo_math import (
     entropy_from_logits,
     explained_variance,
@@ -49,7 +47,9 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class _ActorCritic:
-    """The policy and the critic as DeepSpeed engines: two (value_model=separate) or one shared."""
+    """The policy and the critic as one module in one DeepSpeed engine (one optimizer, one step), as CleanRL's
+    agent: the critic is the policy's backbone with a value head (value_model=shared) or a copy of the SFT model
+    with its own token-regression head (value_model=separate)."""
 
     def __init__(self, cfg: PipelineConfig, sft_model: str, device: str, world: int):
         import deepspeed
@@ -57,84 +57,60 @@ class _ActorCritic:
 
         from bp_ray.models.loading import load_causal_lm
         from bp_ray.train.deepspeed_config import deepspeed_config
-        from bp_ray.train.ppo_rollout import SharedValueModel
+        from bp_ray.train.ppo_rollout import SeparateValueModel, SharedValueModel
 
         ppo = cfg.ppo
         self.shared = ppo.value_model == "shared"
         policy, self.tokenizer = load_causal_lm(sft_model, cfg.models, device=device)
         # Dropout off in every pass: old and new log-probs must come from the same function.
         policy.eval()
+        if self.shared:
+            module = SharedValueModel(policy)
+        else:
+            critic = AutoModelForTokenClassification.from_pretrained(sft_model, num_labels=1).eval()
+            if critic.config.pad_token_id is None:
+                critic.config.pad_token_id = self.tokenizer.pad_token_id
+            module = SeparateValueModel(policy, critic)
+        module = module.to(device)
         updates = ppo.total_steps * ppo.ppo_epochs * (ppo.rollout_batch_size // ppo.minibatch_size)
         ds_config = deepspeed_config(ppo.deepspeed, ppo.minibatch_size, world, ppo.lr, 0.0, 0, updates, "constant",
                                      on_cpu=str(device) == "cpu")
-        if self.shared:
-            module = SharedValueModel(policy).to(device)
-            self.policy_engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                                          config=ds_config)
-            self.critic_engine = None
-            return
-        critic = AutoModelForTokenClassification.from_pretrained(sft_model, num_labels=1).to(device).eval()
-        if critic.config.pad_token_id is None:
-            critic.config.pad_token_id = self.tokenizer.pad_token_id
-        self.policy_engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
-                                                      config=ds_config)
-        self.critic_engine, *_ = deepspeed.initialize(model=critic, model_parameters=critic.parameters(),
-                                                      config=dict(ds_config))
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
 
     @property
     def policy(self) -> Any:
-        module = self.policy_engine.module
-        return module.policy if self.shared else module
+        return self.engine.module.policy
 
     def logits_and_values(self, rollout: Any) -> tuple[Any, Any]:
         """(B, R, vocab) logits and (B, R) values of the response tokens, with grad."""
-        from bp_ray.train.ppo_rollout import response_logits, response_values
-
-        if self.shared:
-            logits, values = self.policy_engine(rollout.input_ids, rollout.attention_mask)
-            start = rollout.query_len - 1
-            return logits[:, start:-1].float(), values[:, start:-1]
-        return response_logits(self.policy_engine, rollout), response_values(self.critic_engine, rollout)
+        logits, values = self.engine(rollout.input_ids, rollout.attention_mask)
+        start = rollout.query_len - 1
+        return logits[:, start:-1].float(), values[:, start:-1].float()
 
     def logprobs_and_values(self, rollout: Any) -> tuple[Any, Any]:
         """(B, R) log-probs and values of the sampled response tokens, without grad (the "old" ones of PPO)."""
         import torch
 
-        from bp_ray.train.ppo_rollout import response_logprobs, response_values
-
         with torch.no_grad():
-            if self.shared:
-                logits, values = self.logits_and_values(rollout)
-                return logprobs_from_logits(logits, rollout.response_ids), values
-            return (response_logprobs(self.policy_engine.module, rollout),
-                    response_values(self.critic_engine.module, rollout))
+            logits, values = self.logits_and_values(rollout)
+            return logprobs_from_logits(logits, rollout.response_ids), values
 
-    def step(self, policy_loss: Any, value_loss: Any, vf_coef: float) -> None:
-        """One optimizer step. Shared backbone: on policy_loss + vf_coef * value_loss. Separate critic: each
-        network on its own loss (its own Adam, which vf_coef would only rescale)."""
-        if self.shared:
-            self.policy_engine.backward(policy_loss + vf_coef * value_loss)
-            self.policy_engine.step()
-            return
-        self.policy_engine.backward(policy_loss)
-        self.policy_engine.step()
-        self.critic_engine.backward(value_loss)
-        self.critic_engine.step()
+    def step(self, loss: Any) -> None:
+        """One optimizer step on the total loss, policy and critic together."""
+        self.engine.backward(loss)
+        self.engine.step()
 
-    def engines(self) -> dict[str, Any]:
-        return {"policy": self.policy_engine, **({"critic": self.critic_engine} if self.critic_engine else {})}
-
-    def save_models(self, folder: Path) -> None:
+    def save_models(self, folder: Path, weights: dict | None = None) -> None:
         """Policy in Hugging Face format (what `serve` and `eval` load), and the critic beside it."""
         from safetensors.torch import save_file
 
         self.policy.save_pretrained(folder / MODEL_DIR, safe_serialization=True)
         self.tokenizer.save_pretrained(folder / MODEL_DIR)
         if self.shared:
-            head = self.policy_engine.module.value_head.state_dict()
+            head = self.engine.module.value_head.state_dict()
             save_file({k: v.contiguous() for k, v in head.items()}, str(folder / MODEL_DIR / VALUE_HEAD_FILE))
         else:
-            self.critic_engine.module.save_pretrained(folder / CRITIC_DIR, safe_serialization=True)
+            self.engine.module.critic.save_pretrained(folder / CRITIC_DIR, safe_serialization=True)
 
 
 def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
@@ -257,7 +233,8 @@ def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: An
                                        adv[rows], mask[rows], ppo.clip_range)
             vf, vf_stats = value_loss(values, exp.old_values[rows], returns[rows], mask[rows], ppo.clip_range_value)
             entropy = masked_mean(entropy_from_logits(logits), mask[rows])
-            model.step(pg - ppo.entropy_coef * entropy, vf, ppo.vf_coef)
+            loss = pg - ppo.entropy_coef * entropy + ppo.vf_coef * vf
+            model.step(loss)
             for key, value in {"loss/policy": pg, "loss/value": vf, "entropy": entropy, **pg_stats,
                                **vf_stats}.items():
                 stats[key].append(float(value))
@@ -280,7 +257,15 @@ def evaluate(model: _ActorCritic, cfg: PipelineConfig, lows: list[str], scorer: 
 
 def ppo_worker_loop(config: dict) -> None:
     """Ray Train worker: PPO iterations from the latest checkpoint (if any) to ppo.total_steps."""
-    from bp_ray.train.loop import finish_logs, log_step, progress_bar, report_checkpoint, worker_device
+    from bp_ray.train.loop import (
+        finish_logs,
+        log_step,
+        progress_bar,
+        report_checkpoint,
+        restore_checkpoint,
+        save_checkpoint,
+        worker_device,
+    )
 
     cfg: PipelineConfig = config["cfg"]
     ppo = cfg.ppo
@@ -317,9 +302,7 @@ def ppo_worker_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            for name, engine in model.engines().items():
-                engine.load_checkpoint(str(Path(folder) / DS_DIR / name), tag=DS_TAG)
-            state = json.loads((Path(folder) / STATE_FILE).read_text())
+            state = restore_checkpoint(model.engine, Path(folder), rank)
             controller.load_state_dict(state["kl_controller"])
     else:
         state["initial_eval"] = evaluate(model, cfg, held_out_lows, scorer, world)  # the SFT policy's, to compare
@@ -358,23 +341,10 @@ def ppo_worker_loop(config: dict) -> None:
             metrics.update(evaluate(model, cfg, held_out_lows, scorer, world))
             state.update(step=done, metrics=metrics, total_steps=ppo.total_steps,
                          kl_controller=controller.state_dict())
-            report_checkpoint(_save_checkpoint(model, state, rank), metrics, done)
+            report_checkpoint(save_checkpoint(model.engine, model.save_models, state, rank,
+                                              ppo.deepspeed.zero_stage), metrics, done)
         log_step(writer, progress, done, metrics, f"ppo reward {metrics['reward/combined']:.3f} kl {metrics['kl']:.2f}")
     finish_logs(writer, progress)
-
-
-def _save_checkpoint(model: _ActorCritic, state: dict[str, Any], rank: int) -> Path:
-    import torch
-
-    folder = Path(tempfile.mkdtemp(prefix="bp-ray-ppo-ckpt-"))
-    for name, engine in model.engines().items():
-        engine.save_checkpoint(str(folder / DS_DIR / name), tag=DS_TAG)  # collective
-    (folder / RNG_DIR).mkdir()
-    torch.save(torch.get_rng_state(), folder / RNG_DIR / f"rank-{rank}.pt")
-    if rank == 0:
-        model.save_models(folder)
-        (folder / STATE_FILE).write_text(json.dumps(state))
-    return folder
 
 
 def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | None, out_dir: Path,

@@ -87,12 +87,16 @@ def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, 
                    query_len, mask.float(), texts)
 
 
-def _forward(model: Any, rollout: Rollout) -> Any:
-    kwargs = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
+def lm_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     # Left padding: models with learned or rotary positions need explicit ids; BLOOM's ALiBi reads the mask.
     if "position_ids" in inspect.signature(model.forward).parameters:
-        kwargs["position_ids"] = (rollout.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model(**kwargs)
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return kwargs
+
+
+def _forward(model: Any, rollout: Rollout) -> Any:
+    return model(**lm_inputs(model, rollout.input_ids, rollout.attention_mask))
 
 
 def response_logits(model: Any, rollout: Rollout) -> torch.Tensor:
@@ -106,12 +110,6 @@ def response_logprobs(model: Any, rollout: Rollout) -> torch.Tensor:
     return logprobs_from_logits(response_logits(model, rollout), rollout.response_ids)
 
 
-def response_values(critic: Any, rollout: Rollout) -> torch.Tensor:
-    """(B, response_len) value of the state before each response token; critic returns (B, L, 1) logits."""
-    values = _forward(critic, rollout).logits[..., 0]
-    return values[:, rollout.query_len - 1:-1].float()
-
-
 class SharedValueModel(torch.nn.Module):
     """Policy and critic on one backbone: the causal LM plus a scalar head on its last hidden state."""
 
@@ -123,8 +121,23 @@ class SharedValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        """(B, L, vocab) logits and (B, L) values."""
+        out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask), output_hidden_states=True)
         return out.logits, self.value_head(out.hidden_states[-1].float())[..., 0]
+
+
+class SeparateValueModel(torch.nn.Module):
+    """Policy and critic as two networks (the critic a token-regression copy of the SFT model) in one module, so
+    one optimizer steps both on one total loss."""
+
+    def __init__(self, policy: Any, critic: Any):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, vocab) logits and (B, L) values."""
+        logits = self.policy(**lm_inputs(self.policy, input_ids, attention_mask)).logits
+        return logits, self.critic(**lm_inputs(self.critic, input_ids, attention_mask)).logits[..., 0]
 
 
 # --- reward-hacking guards --------------------------------------------------------------------------------------
