@@ -62,7 +62,7 @@ def main() -> None:
     ensure_tiny_zoo(cfg.models)
     workdir = Path(tempfile.mkdtemp(prefix="bp-ray-data-bench-"))
     try:
-        table, _, _ = read_source(cfg, workdir / "corpus")
+        table, _, _ = read_source(cfg.data, workdir / "corpus")
         rows, _ = prepare_rows(table, cfg.data)
 
         start = time.perf_counter()

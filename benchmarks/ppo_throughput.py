@@ -31,9 +31,22 @@ from bp_ray.data import columns as C
 from bp_ray.data.policy_format import format_prompt
 from bp_ray.data.subject_pairs import write_subject_pairs
 from bp_ray.embedded.tiny_zoo import ensure_tiny_zoo
+from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.train.ppo import run_ppo
 from bp_ray.train.reward import run_rm
 from bp_ray.train.sft import run_sft
+
+
+def ppo_run(cfg, *args, **kwargs) -> dict:
+    """run_ppo with this config's sections (the online reward renders and scores as the labels did)."""
+    return run_ppo(cfg.ppo, cfg.sft, cfg.cluster, RewardSetup.for_labels(cfg.data, cfg.rewards, cfg.models),
+                   cfg.data.scorer_pool, *args, **kwargs)
+
+def sft_run(cfg, *args, **kwargs) -> dict:
+    return run_sft(cfg.sft, cfg.models, cfg.cluster, *args, **kwargs)
+
+def rm_run(cfg, *args, **kwargs) -> dict:
+    return run_rm(cfg.rm, cfg.rewards, cfg.models, cfg.cluster, *args, **kwargs)
 
 WARMUP = 2
 ROLLOUT, MINIBATCH, EPOCHS, NEW_TOKENS = 16, 8, 4, 24
@@ -55,7 +68,7 @@ def made_up_labels(pairs_dir: Path, folder: Path) -> Path:
 
 def bp_ray_ppo(cfg, pairs: Path, sft: Path, rm: Path, out: Path) -> dict:
     start = time.perf_counter()
-    manifest = run_ppo(cfg, pairs, sft, rm, out)
+    manifest = ppo_run(cfg, pairs, sft, rm, out)
     wall = time.perf_counter() - start
     metrics = pd.read_csv(out / "metrics" / "metrics.csv").iloc[WARMUP:]
     times = metrics[["time/generate_s", "time/reward_s", "time/update_s"]].sum()
@@ -120,9 +133,9 @@ def main() -> None:
         pairs = write_subject_pairs(work / "data", rows=1200)
         base = load_config("tiny")
         ensure_tiny_zoo(base.models)
-        run_sft(load_config("tiny", ["sft.epochs=1", "sft.lr=3e-3", "sft.checkpoint_every=10000"]), pairs,
+        sft_run(load_config("tiny", ["sft.epochs=1", "sft.lr=3e-3", "sft.checkpoint_every=10000"]), pairs,
                 work / "sft")
-        run_rm(load_config("tiny", ["rm.epochs=1", "rm.checkpoint_every=10000"]),
+        rm_run(load_config("tiny", ["rm.epochs=1", "rm.checkpoint_every=10000"]),
                made_up_labels(pairs, work / "rewards"), work / "rm")
         cfg = load_config("tiny", [f"ppo.total_steps={args.iterations}", f"ppo.checkpoint_every={args.iterations}",
                                    f"ppo.rollout_batch_size={ROLLOUT}", f"ppo.minibatch_size={MINIBATCH}",

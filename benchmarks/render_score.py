@@ -24,9 +24,14 @@ from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data.corpus import generate_prompts
 from bp_ray.embedded.tiny_zoo import ensure_tiny_zoo
-from bp_ray.rewards.labeler import RewardLabeler
+from bp_ray.rewards.labeler import RewardLabeler, RewardSetup
 from bp_ray.rewards.pipeline import run_reward_labels
 from bp_ray.rewards.render import render_seeds
+
+
+def labelling(cfg) -> RewardSetup:
+    """What labelling with this config renders and scores."""
+    return RewardSetup.for_labels(cfg.data, cfg.rewards, cfg.models)
 
 
 def timed(fn):
@@ -53,7 +58,7 @@ def main() -> None:
                                        "steps": cfg.data.render.num_inference_steps}
     try:
         # 1. batched vs separate calls
-        labeler = RewardLabeler(cfg, cache_path=None)
+        labeler = RewardLabeler(labelling(cfg), cache_path=None)
         prompts = highs[:4]
         render_seeds(labeler.pipe, prompts[:1], labeler.seeds[:1], labeler.render_cfg)  # warm-up
         _, batched_s = timed(lambda: render_seeds(labeler.pipe, prompts, labeler.seeds, labeler.render_cfg))
@@ -68,7 +73,7 @@ def main() -> None:
         all_prompts, intents = [*lows, *highs], [*lows, *lows]
         def one_process(cache: Path, cached_only: bool) -> None:
             # A rerun only needs the cache: like the stage's driver, it loads no model then.
-            worker = RewardLabeler(cfg, str(cache), render=not cached_only, score=not cached_only)
+            worker = RewardLabeler(labelling(cfg), str(cache), render=not cached_only, score=not cached_only)
             size = cfg.data.renderer_pool.batch_size
             for i in range(0, len(all_prompts), size):
                 if cached_only:
@@ -87,8 +92,11 @@ def main() -> None:
         from bp_ray.ray_runtime import init_ray
 
         init_ray(cfg.cluster)
-        cold, ray_cold_s = timed(lambda: run_reward_labels(cfg, pairs_dir, work / "rewards"))
-        warm, ray_warm_s = timed(lambda: run_reward_labels(cfg, pairs_dir, work / "rewards"))
+        def label() -> dict:
+            return run_reward_labels(cfg.data, cfg.rewards, cfg.models, cfg.cluster, pairs_dir, work / "rewards")
+
+        cold, ray_cold_s = timed(label)
+        warm, ray_warm_s = timed(label)
         ray.shutdown()
         prompts_n = cold["unique_prompts"]
         results |= {

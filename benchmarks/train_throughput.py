@@ -38,7 +38,7 @@ WARMUP_STEPS = 5
 
 def ray_train(cfg, pairs_dir: Path, work: Path) -> dict:
     start = time.perf_counter()
-    manifest = run_sft(cfg, pairs_dir, work / "ray")
+    manifest = run_sft(cfg.sft, cfg.models, cfg.cluster, pairs_dir, work / "ray")
     wall = time.perf_counter() - start
     metrics = pd.read_csv(work / "ray" / "metrics" / "metrics.csv")
     rates = metrics["perf/tokens_per_s"].to_numpy()

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from bp_ray.rewards.render import render_seeds, seeds_for
 
     cfg = load_config(args.preset, args.set)
-    prompts = embedded_eval_prompts(cfg, args.prompts)
+    prompts = embedded_eval_prompts(cfg.data, args.prompts)
     seeds = seeds_for(args.seeds, cfg.rewards.seed_base)
     pipe = load_diffusion(cfg.models.diffusion, cfg.models, device="cpu", scheduler=cfg.eval.render.scheduler)
     scorer = load_aesthetic(cfg.models, device="cpu")

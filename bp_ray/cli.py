@@ -18,7 +18,7 @@ from pathlib import Path
 from bp_ray.config import ConfigError, PipelineConfig
 from bp_ray.config_loader import available_presets, load_config
 from bp_ray.layout import RunLayout
-from bp_ray.stages import BY_NAME, STAGE_NAMES, Stage
+from bp_ray.stages import BY_NAME, STAGE_NAMES, Stage, run_stage
 from bp_ray.summaries import (
     eval_summary,
     example_rewrites,
@@ -185,7 +185,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out, inputs = stage_folders(cfg, args, stage)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = stage.run(cfg, inputs, out, getattr(args, "resume", False))
+    manifest = run_stage(stage, cfg, inputs, out, getattr(args, "resume", False))
     print(stage_summary(stage.name, manifest, out))
     return 0
 
@@ -203,8 +203,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         systems = [s for s in cfg.eval.systems if {"sft": sft, "ppo": ppo}.get(s, True)]
     training = {stage: Path(d) for stage, d in (("sft", sft), ("rm", args.rm or _if_done(layout, "rm")), ("ppo", ppo))
                 if d}
-    manifest = run_evaluation(cfg, out, sft=Path(sft) if sft else None, ppo=Path(ppo) if ppo else None,
-                              prompts_file=args.prompts, systems=systems, training_dirs=training)
+    manifest = run_evaluation(cfg.eval, cfg.sft, cfg.data, cfg.rewards, cfg.models, cfg.cluster, out,
+                              preset=cfg.preset, sft_dir=Path(sft) if sft else None,
+                              ppo_dir=Path(ppo) if ppo else None, prompts_file=args.prompts, systems=systems,
+                              training_dirs=training)
     print(eval_summary(out))
     return 0 if manifest else 1
 

@@ -34,7 +34,7 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(out_dir)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     if manifest.get("complete", True):
-        (out_dir / SUCCESS).write_text(json.dumps({"config_hash": manifest.get("config_hash")}))
+        (out_dir / SUCCESS).write_text(json.dumps({"stage": manifest.get("stage")}))
     return manifest
 
 

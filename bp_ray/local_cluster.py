@@ -66,7 +66,7 @@ def exactly_once(cfg: Any, out: Path) -> dict[str, Any]:
     from bp_ray.data.pairs import build_candidates
     from bp_ray.data.pipeline import prepare_rows, read_source
 
-    table, _, _ = read_source(cfg, out.parent / "corpus")
+    table, _, _ = read_source(cfg.data, out.parent / "corpus")
     rows, _ = prepare_rows(table, cfg.data)
     frame = rows.assign(**{C.CAPTION: "", C.SUMMARY: "", C.EXPANSION: "", C.GEN_ERROR: ""})
     expected = set(build_candidates(frame, cfg.data)[C.PAIR_ID])
@@ -102,7 +102,7 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
 
     def job() -> None:
         try:
-            result["manifest"] = run_data_generation(cfg, data_dir)
+            result["manifest"] = run_data_generation(cfg.data, cfg.models, cfg.cluster, data_dir)
         except BaseException as exc:  # handed to the main thread, which reports it
             result["error"] = exc
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from bp_ray.config import PipelineConfig
 from bp_ray.layout import MANIFEST, RunLayout
-from bp_ray.stages import STAGE_NAMES, STAGES
+from bp_ray.stages import STAGE_NAMES, STAGES, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def stage_runners(cfg: PipelineConfig, layout: RunLayout) -> dict[str, Callable[
     """Stage -> run(resume) on this run folder: each stage's declared run, its inputs the folders beside it."""
     def runner(stage: Any) -> Callable[[bool], dict[str, Any]]:
         inputs = {name: layout.stage_dir(name) for name in stage.inputs}
-        return lambda resume: stage.run(cfg, inputs, layout.stage_dir(stage.name), resume)
+        return lambda resume: run_stage(stage, cfg, inputs, layout.stage_dir(stage.name), resume)
 
     return {stage.name: runner(stage) for stage in STAGES}
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bp_ray.config import DataConfig, PipelineConfig
+from bp_ray.config import ClusterConfig, DataConfig, ModelsConfig
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
 from bp_ray.data.given_pairs import read_given_pairs
@@ -85,21 +85,20 @@ def prepare_rows(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, di
     return selected.loc[:, columns].reset_index(drop=True), counts
 
 
-def corpus_spec(cfg: PipelineConfig):
-    """The generated corpus a config asks for (data.corpus_*)."""
+def corpus_spec(data: DataConfig):
+    """The generated corpus the data section asks for (data.corpus_*)."""
     from bp_ray.data.corpus import CorpusSpec
 
-    return CorpusSpec(num_rows=cfg.data.corpus_rows, seed=cfg.data.corpus_seed,
-                      image_size=cfg.data.corpus_image_size, prompt_source=cfg.data.corpus_kind)
+    return CorpusSpec(num_rows=data.corpus_rows, seed=data.corpus_seed, image_size=data.corpus_image_size,
+                      prompt_source=data.corpus_kind)
 
 
-def read_source(cfg: PipelineConfig, corpus_dir: Path) -> tuple[pd.DataFrame, ReadReport, str]:
+def read_source(data: DataConfig, corpus_dir: Path) -> tuple[pd.DataFrame, ReadReport, str]:
     """The configured prompt source as a prompt table; `corpus` is generated on first use (idempotent)."""
-    data = cfg.data
     if data.source == "corpus":
         from bp_ray.data.corpus import write_corpus
 
-        write_corpus(corpus_dir, corpus_spec(cfg))
+        write_corpus(corpus_dir, corpus_spec(data))
         path = corpus_dir
     else:
         path = Path(data.source)
@@ -131,7 +130,7 @@ def write_batch(batch: pd.DataFrame, work_dir: str, data_cfg: DataConfig) -> pd.
                          "kept": [int((candidates[C.DROP_REASON] == "").sum())]})
 
 
-def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) -> int:
+def run_model_stages(rows: pd.DataFrame, data: DataConfig, models: ModelsConfig, work_dir: Path) -> int:
     """Stream `rows` through the actor pools and commit every batch; returns batches committed."""
     import ray
 
@@ -140,7 +139,6 @@ def run_model_stages(rows: pd.DataFrame, cfg: PipelineConfig, work_dir: Path) ->
     from bp_ray.data.image_filter import ImageAesthetic
     from bp_ray.data.rewrite import PromptRewriter
 
-    data, models = cfg.data, cfg.models
     # Blocks of one batch each: the unit of parallelism, of retry and of resume.
     block_rows = max(1, min(data.captioner_pool.batch_size, data.rewriter_pool.batch_size))
     blocks = [rows.iloc[i:i + block_rows] for i in range(0, len(rows), block_rows)]
@@ -179,27 +177,28 @@ def pair_counts(pairs: pd.DataFrame) -> dict[str, Any]:
     return counts
 
 
-def work_key(cfg: PipelineConfig, source_path: str) -> dict[str, Any]:
+def work_key(data: DataConfig, models: ModelsConfig, source_path: str) -> dict[str, Any]:
     """What committed work depends on: changing any of it invalidates the work folder."""
     # Given pairs are read afresh on every run: they never enter the committed work.
     unrelated = ("render", "num_seeds", "pair_files", "pair_high_field", "pair_files_fraction")
-    data = {k: v for k, v in asdict(cfg.data).items() if not k.endswith("_pool") and k not in unrelated}
-    models = {role: getattr(cfg.models, role) for role in ("rewriter", "captioner", "aesthetic")}
-    return {"data": data, "models": models, "zoo": {name: asdict(section) for name, section in cfg.models.zoo.items()},
+    settings = {k: v for k, v in asdict(data).items() if not k.endswith("_pool") and k not in unrelated}
+    roles = {role: getattr(models, role) for role in ("rewriter", "captioner", "aesthetic")}
+    return {"data": settings, "models": roles, "zoo": {name: asdict(section) for name, section in models.zoo.items()},
             "source": source_path}
 
 
-def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | None = None,
-                        fresh: bool = False) -> dict[str, Any]:
-    """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
+def run_data_generation(data: DataConfig, models: ModelsConfig, cluster: ClusterConfig, out_dir: Path,
+                        corpus_dir: Path | None = None, fresh: bool = False) -> dict[str, Any]:
+    """The whole stage (the captioner, rewriter and aesthetic roles of `models`); returns the manifest it writes to
+    out_dir/manifest.json."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     work_dir = out_dir / WORK_DIR
     (out_dir / SUCCESS).unlink(missing_ok=True)
-    table, report, source_path = read_source(cfg, Path(corpus_dir) if corpus_dir else out_dir.parent / "corpus")
-    rows, row_counts = prepare_rows(table, cfg.data)
+    table, report, source_path = read_source(data, Path(corpus_dir) if corpus_dir else out_dir.parent / "corpus")
+    rows, row_counts = prepare_rows(table, data)
 
-    key = work_key(cfg, source_path)
+    key = work_key(data, models, source_path)
     key_file = work_dir / WORK_KEY
     if fresh or (key_file.exists() and json.loads(key_file.read_text()) != key):
         logger.info("config or source changed since the committed work: starting over")
@@ -215,19 +214,19 @@ def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | N
         from bp_ray.models.loading import prepare_models
         from bp_ray.ray_runtime import init_ray
 
-        prepare_models(cfg.models, ("rewriter", "captioner", "aesthetic"))
-        init_ray(cfg.cluster)
-        run_model_stages(pending, cfg, work_dir)
+        prepare_models(models, ("rewriter", "captioner", "aesthetic"))
+        init_ray(cluster)
+        run_model_stages(pending, data, models, work_dir)
 
     committed = work_store.read_committed(work_dir)
     committed = committed[committed[C.ROW_ID].isin(set(rows[C.ROW_ID]))]  # work of rows no longer in the source
-    given, given_counts = read_given_pairs(cfg.data.pair_files, cfg.data.pair_high_field,
-                                           cfg.data.pair_files_fraction, first_order=len(table))
+    given, given_counts = read_given_pairs(data.pair_files, data.pair_high_field, data.pair_files_fraction,
+                                           first_order=len(table))
     if len(given):
-        committed = pd.concat([committed, clean_candidates(given, cfg.data, load_vocab())], ignore_index=True)
+        committed = pd.concat([committed, clean_candidates(given, data, load_vocab())], ignore_index=True)
     pairs = mark_duplicates(committed)
     kept = pairs[pairs[C.DROP_REASON] == ""]
-    shards = work_store.write_shards(kept, out_dir, cfg.data.shard_rows)
+    shards = work_store.write_shards(kept, out_dir, data.shard_rows)
     manifest = {
         "stage": "data",
         "source": source_path,
@@ -239,9 +238,8 @@ def run_data_generation(cfg: PipelineConfig, out_dir: Path, corpus_dir: Path | N
         "pair_files": given_counts,
         "pairs_out": len(kept),
         "shards": [p.name for p in shards],
-        "config_hash": cfg.hash("data"),
-        "models": {role: getattr(cfg.models, role) for role in ("captioner", "rewriter", "aesthetic")},
-        "llm_backend": cfg.data.llm_backend,
+        "models": {role: getattr(models, role) for role in ("captioner", "rewriter", "aesthetic")},
+        "llm_backend": data.llm_backend,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
     return write_manifest(out_dir, manifest)

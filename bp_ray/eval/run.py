@@ -7,13 +7,12 @@ come from one reward service actor; everything else is plain Python on the drive
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,21 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from bp_ray.config import PipelineConfig
+from bp_ray.config import (
+    ActorPoolConfig,
+    ClusterConfig,
+    DataConfig,
+    EvalConfig,
+    ModelsConfig,
+    RewardsConfig,
+    SFTConfig,
+)
 from bp_ray.eval import stats
 from bp_ray.eval.prompts import load_eval_prompts
 from bp_ray.eval.systems import (
     CHECKPOINT_SYSTEMS,
     Rewrites,
+    RewriteSettings,
     checkpoint_model_dir,
     popular_tags,
     rewrite,
@@ -35,7 +43,7 @@ from bp_ray.eval.systems import (
 )
 from bp_ray.extensions import EvalMetric, registry
 from bp_ray.layout import SUCCESS, write_manifest
-from bp_ray.rewards.render import seeds_for
+from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward
 
 logger = logging.getLogger(__name__)
@@ -48,26 +56,21 @@ PROMPT_METRICS = ("words", "sd_tokens")
 BASELINES = ("original", "sft")
 
 
-def eval_render_config(cfg: PipelineConfig) -> PipelineConfig:
-    """The config the reward service renders with: eval's render settings and seeds, PickScore against the
+def eval_reward_setup(ev: EvalConfig, rewards: RewardsConfig, models: ModelsConfig) -> RewardSetup:
+    """What the reward service renders and scores with: eval's render settings and seeds, PickScore against the
     user prompt (the intent), as the paper measures."""
-    out = copy.deepcopy(cfg)
-    out.data.render = copy.deepcopy(cfg.eval.render)
-    out.data.num_seeds = cfg.eval.num_seeds
-    out.rewards.pickscore_text = "intent"
     # One request per batch: a batch then holds one fixed chunk of one system's prompts whatever order the systems
     # finish in, so the same seeds give bit-identical images (batched kernels differ in the last bits).
-    out.rewards.service_max_batch = 1
-    return out
+    return RewardSetup(models, ev.render, ev.num_seeds, replace(rewards, pickscore_text="intent", service_max_batch=1))
 
 
-def sd_tokenizer(cfg: PipelineConfig) -> Any:
+def sd_tokenizer(models: ModelsConfig) -> Any:
     """The tokenizer of the Stable Diffusion text encoder (its model_max_length is the truncation point)."""
     from transformers import AutoTokenizer
 
     from bp_ray.models.loading import resolve_model
 
-    return AutoTokenizer.from_pretrained(resolve_model(cfg.models.diffusion, cfg.models), subfolder="tokenizer")
+    return AutoTokenizer.from_pretrained(resolve_model(models.diffusion, models), subfolder="tokenizer")
 
 
 def long_prompt_report(limit: int, sd_lengths: dict[str, list[int]], mode: str) -> dict[str, Any]:
@@ -83,24 +86,25 @@ def long_prompt_report(limit: int, sd_lengths: dict[str, list[int]], mode: str) 
                     "(chunked, eval.render.long_prompts); the scorers compare images with the user prompt."}
 
 
-def _rewrite_all(cfg: PipelineConfig, prompts: list[str], systems: list[str], checkpoints: dict[str, Path],
+def _rewrite_all(settings: RewriteSettings, prompts: list[str], systems: list[str], checkpoints: dict[str, Path],
                  tags: list[str]) -> dict[str, Any]:
     """Ray object refs of every system's Rewrites (checkpoint and LLM systems load models: Ray tasks)."""
     import ray
 
-    pool = cfg.data.rewriter_pool
+    pool = settings.data.rewriter_pool
     task = ray.remote(rewrite).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
                                        resources=dict(pool.resources) or None, max_retries=1)
     refs = {}
     for system in systems:
         if system in (*CHECKPOINT_SYSTEMS, "llm"):
-            refs[system] = task.remote(system, prompts, cfg, checkpoints, tags)
+            refs[system] = task.remote(system, prompts, settings, checkpoints, tags)
         else:
-            refs[system] = ray.put(rewrite(system, prompts, cfg, checkpoints, tags))
+            refs[system] = ray.put(rewrite(system, prompts, settings, checkpoints, tags))
     return refs
 
 
-def _render_and_score(cfg: PipelineConfig, prompts: list[str], systems: list[str], rewrite_refs: dict[str, Any],
+def _render_and_score(ev: EvalConfig, setup: RewardSetup, pool: ActorPoolConfig, prompts: list[str],
+                      systems: list[str], rewrite_refs: dict[str, Any],
                       out_dir: Path) -> tuple[dict[str, Rewrites], dict[str, np.ndarray], dict[str, str]]:
     """Every system's prompts rendered and scored as soon as its rewrites are ready; (rewrites, (P, S, 3) scores
     per system, relative image paths of the grid's prompts keyed "system/prompt/seed")."""
@@ -108,24 +112,22 @@ def _render_and_score(cfg: PipelineConfig, prompts: list[str], systems: list[str
 
     from bp_ray.rewards.service import reward_service
 
-    render_cfg = eval_render_config(cfg)
     # No cache: evaluation needs every image for the grid, and renders are what is being measured.
-    service = reward_service(render_cfg, None)
+    service = reward_service(setup, pool, None)
     try:
-        rewrites, pending = _submit_renders(service, cfg, prompts, rewrite_refs)
-        scores, image_paths = _collect_renders(pending, prompts, systems, cfg, out_dir)
+        rewrites, pending = _submit_renders(service, ev, prompts, rewrite_refs)
+        scores, image_paths = _collect_renders(pending, prompts, systems, ev, setup.seeds, out_dir)
     finally:
         ray.kill(service)
     return rewrites, scores, image_paths
 
 
-def _submit_renders(service: Any, cfg: PipelineConfig, prompts: list[str],
+def _submit_renders(service: Any, ev: EvalConfig, prompts: list[str],
                     rewrite_refs: dict[str, Any]) -> tuple[dict[str, Rewrites], dict[Any, tuple[str, int, bool]]]:
     """Send each system's prompts to the service as soon as its rewrites are ready, in fixed chunks (the grid's
     prompts first, with their images); returns the rewrites and the pending requests (system, start, images)."""
     import ray
 
-    ev = cfg.eval
     grid = min(ev.grid_prompts, len(prompts))
     rewrites: dict[str, Rewrites] = {}
     pending: dict[Any, tuple[str, int, bool]] = {}
@@ -147,16 +149,15 @@ def _submit_renders(service: Any, cfg: PipelineConfig, prompts: list[str],
 
 
 def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[str], systems: list[str],
-                     cfg: PipelineConfig, out_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                     ev: EvalConfig, seeds: list[int], out_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(P, S, 3) scores per system, and the grid's images saved under out_dir/images keyed "system/prompt/seed"."""
     import ray
 
     from bp_ray.console import report_progress
 
-    seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
-    width = len(SCORE_NAMES) + len(pixel_metric_columns(cfg))
+    width = len(SCORE_NAMES) + len(pixel_metric_columns(ev))
     scores = {system: np.full((len(prompts), len(seeds), width), np.nan) for system in systems}
-    grid = min(cfg.eval.grid_prompts, len(prompts))
+    grid = min(ev.grid_prompts, len(prompts))
     image_paths: dict[str, str] = {}
     for done, (ref, (system, start, images)) in enumerate(pending.items(), 1):
         result = ray.get(ref)
@@ -164,7 +165,7 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
         block, pixels = result if images else (result, None)
         scores[system][start:start + len(block), :, :len(SCORE_NAMES)] = block
         column = len(SCORE_NAMES)
-        for metric in pixel_metrics(cfg):
+        for metric in pixel_metrics(ev):
             end = column + len(metric.columns)
             scores[system][start:start + len(block), :, column:end] = metric.score(
                 pixels, prompts[start:start + len(block)])
@@ -178,17 +179,17 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
     return scores, image_paths
 
 
-def pixel_metrics(cfg: PipelineConfig) -> list[EvalMetric]:
+def pixel_metrics(ev: EvalConfig) -> list[EvalMetric]:
     """The registered metrics eval.metrics names, in its order."""
-    return [registry().eval_metrics[name] for name in cfg.eval.metrics]
+    return [registry().eval_metrics[name] for name in ev.metrics]
 
 
-def pixel_metric_columns(cfg: PipelineConfig) -> tuple[str, ...]:
-    return tuple(column for metric in pixel_metrics(cfg) for column in metric.columns)
+def pixel_metric_columns(ev: EvalConfig) -> tuple[str, ...]:
+    return tuple(column for metric in pixel_metrics(ev) for column in metric.columns)
 
 
-def image_metrics(cfg: PipelineConfig) -> tuple[str, ...]:
-    return (*IMAGE_METRICS, *pixel_metric_columns(cfg))
+def image_metrics(ev: EvalConfig) -> tuple[str, ...]:
+    return (*IMAGE_METRICS, *pixel_metric_columns(ev))
 
 
 def score_table(prompts: list[str], rewrites: dict[str, Rewrites], scores: dict[str, np.ndarray],
@@ -238,8 +239,8 @@ def training_metric_files(stage_dirs: dict[str, Path]) -> dict[str, Path]:
     return found
 
 
-def resolve_systems(cfg: PipelineConfig, systems: list[str] | None, checkpoints: dict[str, Path | None]) -> list[str]:
-    systems = list(systems or cfg.eval.systems)
+def resolve_systems(ev: EvalConfig, systems: list[str] | None, checkpoints: dict[str, Path | None]) -> list[str]:
+    systems = list(systems or ev.systems)
     missing = [s for s in systems if s in CHECKPOINT_SYSTEMS and not checkpoints.get(s)]
     if missing:
         raise FileNotFoundError(f"system(s) {', '.join(missing)} need a checkpoint: pass "
@@ -249,12 +250,16 @@ def resolve_systems(cfg: PipelineConfig, systems: list[str] | None, checkpoints:
     return list(dict.fromkeys(systems))
 
 
-def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = None, ppo: Path | None = None,
-                   prompts_file: str | None = None, systems: list[str] | None = None,
+def run_evaluation(ev: EvalConfig, sft: SFTConfig, data: DataConfig, rewards: RewardsConfig, models: ModelsConfig,
+                   cluster: ClusterConfig, out_dir: Path, *, preset: str = "", sft_dir: Path | None = None,
+                   ppo_dir: Path | None = None, prompts_file: str | None = None, systems: list[str] | None = None,
                    training_dirs: dict[str, Path] | None = None) -> dict[str, Any]:
-    """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
+    """The whole stage; returns the manifest it writes to out_dir/manifest.json.
+
+    What it reads besides `ev`: the SFT template (`sft`), the corpus behind the embedded prompt set, the OpenAI
+    endpoint of the `llm` system and the rewriter / scorer pools (`data`), alpha and the seed base (`rewards`)."""
     from bp_ray.eval.report import write_report
-    from bp_ray.models.loading import resolve_model
+    from bp_ray.models.loading import prepare_models
     from bp_ray.ray_runtime import init_ray
     from bp_ray.rewards.long_prompts import token_lengths
 
@@ -264,24 +269,24 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
     (out_dir / SUCCESS).unlink(missing_ok=True)
     for old in ("images", "plots"):  # a grid or plot of an earlier evaluation must not show in this report
         shutil.rmtree(out_dir / old, ignore_errors=True)
-    checkpoints = {name: checkpoint_model_dir(path) for name, path in (("sft", sft), ("ppo", ppo)) if path}
-    systems = resolve_systems(cfg, systems, checkpoints)
-    prompts, report = load_eval_prompts(cfg, prompts_file)
-    tags = popular_tags(tags_pool(cfg), cfg.eval.num_tags, tag_vocabulary(cfg)) if "tags" in systems else []
-    for role in ("diffusion", "pickscore", "aesthetic", "clip_relevance", "rewriter"):  # build the tiny zoo once
-        resolve_model(getattr(cfg.models, role), cfg.models)
-    init_ray(cfg.cluster)
-    refs = _rewrite_all(cfg, prompts, systems, checkpoints, tags)
-    rewrites, scores, image_paths = _render_and_score(cfg, prompts, systems, refs, out_dir)
+    checkpoints = {name: checkpoint_model_dir(path) for name, path in (("sft", sft_dir), ("ppo", ppo_dir)) if path}
+    systems = resolve_systems(ev, systems, checkpoints)
+    prompts, report = load_eval_prompts(ev, data, prompts_file)
+    tags = popular_tags(tags_pool(ev, data), ev.num_tags, tag_vocabulary(data)) if "tags" in systems else []
+    prepare_models(models, ("diffusion", "pickscore", "aesthetic", "clip_relevance", "rewriter"))
+    init_ray(cluster)
+    setup = eval_reward_setup(ev, rewards, models)
+    refs = _rewrite_all(RewriteSettings(ev, sft, data, models), prompts, systems, checkpoints, tags)
+    rewrites, scores, image_paths = _render_and_score(ev, setup, data.scorer_pool, prompts, systems, refs, out_dir)
     rewrites = {system: rewrites[system] for system in systems}  # in the order asked for, not the order finished
     rendered_s = time.perf_counter() - start
 
-    tokenizer = sd_tokenizer(cfg)
+    tokenizer = sd_tokenizer(models)
     sd_lengths = {system: token_lengths(tokenizer, r.prompts) for system, r in rewrites.items()}
-    seeds = seeds_for(cfg.eval.num_seeds, cfg.rewards.seed_base)
-    table = score_table(prompts, rewrites, scores, seeds, sd_lengths, cfg.rewards.alpha, pixel_metric_columns(cfg))
+    seeds = setup.seeds
+    table = score_table(prompts, rewrites, scores, seeds, sd_lengths, rewards.alpha, pixel_metric_columns(ev))
     table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
-    metrics = image_metrics(cfg)
+    metrics = image_metrics(ev)
     per_prompt = stats.per_prompt(table, [*metrics, *PROMPT_METRICS])
     summary = stats.system_table(per_prompt, [*metrics, *PROMPT_METRICS], systems)
     # "original over sft" only mirrors "sft over original": every system is compared with the baselines after it.
@@ -293,18 +298,18 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
                                 **{f"{s}_error": rewrites[s].failed[p] for s in systems if rewrites[s].failed[p]}})
                     + "\n")
     results = _round({
-        "stage": "eval", "preset": cfg.preset, "systems": systems, "metrics": list(metrics),
+        "stage": "eval", "preset": preset, "systems": systems, "metrics": list(metrics),
         "prompt_metrics": list(PROMPT_METRICS),
-        "prompts": {"source": Path(prompts_file or cfg.eval.prompts).name if (prompts_file or cfg.eval.prompts)
+        "prompts": {"source": Path(prompts_file or ev.prompts).name if (prompts_file or ev.prompts)
                     else "embedded", "count": len(prompts),
                     "skipped": report.rows_skipped if report else {}},
-        "seeds": seeds, "render": asdict(cfg.eval.render), "alpha": cfg.rewards.alpha, "tags": tags,
-        "generation": {"temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
-                       "max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.eval.generation_seed},
+        "seeds": seeds, "render": asdict(ev.render), "alpha": rewards.alpha, "tags": tags,
+        "generation": {"temperature": ev.temperature, "top_p": ev.top_p,
+                       "max_new_tokens": ev.max_new_tokens, "seed": ev.generation_seed},
         "table": summary, "comparisons": comparisons,
         "rewrite_failures": {s: sum(bool(e) for e in rewrites[s].failed) for s in systems},
         "long_prompts": long_prompt_report(int(tokenizer.model_max_length), sd_lengths,
-                                           cfg.eval.render.long_prompts),
+                                           ev.render.long_prompts),
     })
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     _write_csv(out_dir / "results.csv", results["table"])
@@ -315,6 +320,5 @@ def run_evaluation(cfg: PipelineConfig, out_dir: Path, *, sft: Path | None = Non
                 "checkpoints": {k: str(v) for k, v in checkpoints.items()},
                 "training_metrics": {k: str(v) for k, v in metric_files.items()},
                 "files": sorted(["results.json", "results.csv", "scores.csv", "rewrites.jsonl", *files]),
-                "config_hash": cfg.hash("eval", "models", "rewards"),
                 "render_s": round(rendered_s, 2), "wall_time_s": round(time.perf_counter() - start, 2)}
     return write_manifest(out_dir, manifest)

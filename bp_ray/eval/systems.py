@@ -17,11 +17,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bp_ray.config import PipelineConfig
+from bp_ray.config import DataConfig, EvalConfig, ModelsConfig, SFTConfig
 from bp_ray.data.prompt_rules import first_line
 from bp_ray.data.vocab import load_vocab, tag_terms
 
 CHECKPOINT_SYSTEMS = ("sft", "ppo")
+
+
+@dataclass(frozen=True)
+class RewriteSettings:
+    """What rewriting the user prompts reads: eval's generation settings, the SFT template (the checkpoint
+    systems), the models, and the OpenAI endpoint in `data` (the `llm` system)."""
+
+    ev: EvalConfig
+    sft: SFTConfig
+    data: DataConfig
+    models: ModelsConfig
 
 
 @dataclass
@@ -65,25 +76,25 @@ def with_tags(prompt: str, tags: Sequence[str]) -> str:
     return ", ".join([base, *extra]) if extra else prompt.strip()
 
 
-def tags_pool(cfg: PipelineConfig) -> list[str]:
+def tags_pool(ev: EvalConfig, data: DataConfig) -> list[str]:
     """Prompts whose tag frequencies choose the `tags` baseline: eval.tags_source, else the embedded corpus."""
-    if cfg.eval.tags_source:
+    if ev.tags_source:
         from bp_ray.data.prompt_io import read_prompts
 
-        table, _ = read_prompts(cfg.eval.tags_source)
+        table, _ = read_prompts(ev.tags_source)
         return table["prompt"].tolist()
     from bp_ray.data.corpus import generate_prompts
     from bp_ray.data.pipeline import corpus_spec
 
-    return generate_prompts(cfg.data.corpus_rows, cfg.data.corpus_seed, corpus_spec(cfg))
+    return generate_prompts(data.corpus_rows, data.corpus_seed, corpus_spec(data))
 
 
-def tag_vocabulary(cfg: PipelineConfig) -> Sequence[str] | None:
+def tag_vocabulary(data: DataConfig) -> Sequence[str] | None:
     """The tags the `tags` baseline may pick: the prompt source's own (the world's style phrases), else None for
     the vocabulary's."""
     from bp_ray.data.prompt_sources import prompt_source
 
-    return prompt_source(cfg.data.corpus_kind).style_tags()
+    return prompt_source(data.corpus_kind).style_tags()
 
 
 def checkpoint_model_dir(path: str | Path) -> Path:
@@ -97,18 +108,18 @@ def checkpoint_model_dir(path: str | Path) -> Path:
                             f"{path}/config.json)")
 
 
-def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], cfg: PipelineConfig) -> list[str]:
+def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], settings: RewriteSettings) -> list[str]:
     """The checkpoint's rewrite of every prompt, batched, each row with its own seed (greedy at temperature 0)."""
     from bp_ray.models.loading import load_causal_lm
     from bp_ray.serve.generation import GenerationRequest, beautified_text, beautify_input, generate
 
-    ev = cfg.eval
-    model, tokenizer = load_causal_lm(str(model_dir), cfg.models, device=cfg.models.device, dtype=cfg.models.dtype)
+    ev, models, sft = settings.ev, settings.models, settings.sft
+    model, tokenizer = load_causal_lm(str(model_dir), models, device=models.device, dtype=models.dtype)
     out: list[str] = []
     for start in range(0, len(prompts), ev.batch_size):
         batch = prompts[start:start + ev.batch_size]
-        keep = cfg.sft.keep_prompt
-        requests = [GenerationRequest(text=beautify_input(cfg.sft.instruction, p, keep),
+        keep = sft.keep_prompt
+        requests = [GenerationRequest(text=beautify_input(sft.instruction, p, keep),
                                       max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
                                       seed=ev.generation_seed + start + i) for i, p in enumerate(batch)]
         out += [beautified_text(r.completions[0].text, p, keep)
@@ -116,28 +127,28 @@ def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], cfg: Pipe
     return out
 
 
-def llm_rewrites(prompts: Sequence[str], cfg: PipelineConfig) -> tuple[list[str], list[str]]:
+def llm_rewrites(prompts: Sequence[str], settings: RewriteSettings) -> tuple[list[str], list[str]]:
     """(rewrites, errors) from the `llm` baseline; a failed item keeps the user prompt and records its error."""
     from bp_ray.data.rewrite import build_instructions
 
-    instructions = build_instructions(cfg.eval.llm_instruction, list(prompts))
-    if cfg.eval.llm_backend == "local":
+    ev, models = settings.ev, settings.models
+    instructions = build_instructions(ev.llm_instruction, list(prompts))
+    if ev.llm_backend == "local":
         from bp_ray.data.rewrite import generate_local
         from bp_ray.models.loading import load_causal_lm
 
-        model, tokenizer = load_causal_lm(cfg.models.rewriter, cfg.models, device=cfg.models.device)
+        model, tokenizer = load_causal_lm(models.rewriter, models, device=models.device)
         texts = []
-        for start in range(0, len(instructions), cfg.eval.batch_size):
-            texts += generate_local(model, tokenizer, instructions[start:start + cfg.eval.batch_size],
-                                    cfg.eval.max_new_tokens)
+        for start in range(0, len(instructions), ev.batch_size):
+            texts += generate_local(model, tokenizer, instructions[start:start + ev.batch_size], ev.max_new_tokens)
         errors = ["" if t.strip() else "empty_output" for t in texts]
     else:
         from dataclasses import replace
 
         from bp_ray.data.openai_backend import OpenAIRewriter, OpenAISettings
 
-        settings = replace(OpenAISettings.from_config(cfg.data), max_new_tokens=cfg.eval.max_new_tokens)
-        with OpenAIRewriter(settings) as client:
+        endpoint = replace(OpenAISettings.from_config(settings.data), max_new_tokens=ev.max_new_tokens)
+        with OpenAIRewriter(endpoint) as client:
             results = client.complete(instructions)
         texts = [r.text or "" for r in results]
         errors = [r.error or "" for r in results]
@@ -145,7 +156,7 @@ def llm_rewrites(prompts: Sequence[str], cfg: PipelineConfig) -> tuple[list[str]
     return rewrites, errors
 
 
-def rewrite(system: str, prompts: Sequence[str], cfg: PipelineConfig,
+def rewrite(system: str, prompts: Sequence[str], settings: RewriteSettings,
             checkpoints: dict[str, Path] | None = None, tags: Sequence[str] = ()) -> Rewrites:
     """One system's prompts for the user prompts."""
     prompts = list(prompts)
@@ -157,8 +168,8 @@ def rewrite(system: str, prompts: Sequence[str], cfg: PipelineConfig,
     if system in CHECKPOINT_SYSTEMS:
         if not checkpoints or system not in checkpoints:
             raise FileNotFoundError(f"system {system!r} needs a checkpoint: pass --{system} DIR")
-        return Rewrites(system, checkpoint_rewrites(checkpoints[system], prompts, cfg), none)
+        return Rewrites(system, checkpoint_rewrites(checkpoints[system], prompts, settings), none)
     if system == "llm":
-        texts, errors = llm_rewrites(prompts, cfg)
+        texts, errors = llm_rewrites(prompts, settings)
         return Rewrites(system, texts, errors)
     raise ValueError(f"unknown system {system!r}")

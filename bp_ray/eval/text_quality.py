@@ -27,6 +27,7 @@ from bp_ray.config import PipelineConfig
 from bp_ray.data.content import content_kept
 from bp_ray.data.prompt_rules import dedup_key, prompt_features, repetition_share
 from bp_ray.data.vocab import load_vocab, tag_terms
+from bp_ray.eval.systems import RewriteSettings, checkpoint_rewrites
 
 TEXT_SYSTEMS = ("original", "base", "sft", "ppo")
 TEXT_METRICS = ("subject_kept", "content_kept", "tags", "words", "repetition", "rm_score")
@@ -76,14 +77,12 @@ def unseen_prompts(path: str | Path, trained: set[str], limit: int, seed: int) -
                      "count": len(prompts)}
 
 
-def system_rewrites(system: str, prompts: Sequence[str], cfg: PipelineConfig,
+def system_rewrites(system: str, prompts: Sequence[str], settings: RewriteSettings,
                     checkpoints: dict[str, Path]) -> list[str]:
     """One system's outputs: the prompt itself, or a model's greedy rewrite with the SFT instruction."""
-    from bp_ray.eval.systems import checkpoint_rewrites
-
     if system == "original":
         return list(prompts)
-    return checkpoint_rewrites(checkpoints[system], prompts, cfg)
+    return checkpoint_rewrites(checkpoints[system], prompts, settings)
 
 
 def summary_rows(per_output: list[dict[str, Any]], systems: Sequence[str], sets: Sequence[str]) -> list[dict]:
@@ -124,7 +123,8 @@ def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequen
     for system in systems:
         started = time.perf_counter()
         for name, prompts in sets.items():
-            outputs = system_rewrites(system, prompts, cfg, checkpoints)
+            outputs = system_rewrites(system, prompts, RewriteSettings(cfg.eval, cfg.sft, cfg.data, cfg.models),
+                                      checkpoints)
             scores = reward(prompts, outputs) if reward is not None and prompts else None
             for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
                 row = {"set": name, "system": system, "prompt": prompt, "output": output,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bp_ray.config import PipelineConfig
+from bp_ray.config import DataConfig, ModelsConfig, RenderConfig, RewardsConfig
 from bp_ray.rewards.cache import RenderKey, RewardCache, entry_key
 from bp_ray.rewards.render import render_seeds, seeds_for
 from bp_ray.rewards.scoring import load_scorers, score_images
@@ -30,8 +30,28 @@ def model_fingerprint(spec: str, models_cfg) -> str:
     return f"{spec}@{digest.hexdigest()[:16]}"
 
 
-def make_render_key(cfg: PipelineConfig) -> RenderKey:
-    models, render = cfg.models, cfg.data.render
+@dataclass(frozen=True)
+class RewardSetup:
+    """What rendering and scoring a prompt means, from the config sections that decide it: the image models, the
+    render settings and number of seeds, and the `rewards` section (seed base, PickScore text, alpha, batching).
+    Labelling and PPO's online reward use data.render and data.num_seeds (`for_labels`); evaluation its own."""
+
+    models: ModelsConfig
+    render: RenderConfig
+    num_seeds: int
+    rewards: RewardsConfig
+
+    @classmethod
+    def for_labels(cls, data: DataConfig, rewards: RewardsConfig, models: ModelsConfig) -> RewardSetup:
+        return cls(models, data.render, data.num_seeds, rewards)
+
+    @property
+    def seeds(self) -> list[int]:
+        return seeds_for(self.num_seeds, self.rewards.seed_base)
+
+
+def make_render_key(setup: RewardSetup) -> RenderKey:
+    models, render = setup.models, setup.render
     diffusion_model = model_fingerprint(models.diffusion, models)
     # Long prompts render differently when chunked: a suffix keeps those scores apart, and appending it only in
     # that mode leaves every default-mode key (existing caches) unchanged, with no new RenderKey field.
@@ -61,14 +81,14 @@ class Labels:
 class RewardLabeler:
     """Holds the diffusion pipeline and/or the scorers of one worker, and the shared cache."""
 
-    def __init__(self, cfg: PipelineConfig, cache_path: str | None, render: bool = True, score: bool = True):
+    def __init__(self, setup: RewardSetup, cache_path: str | None, render: bool = True, score: bool = True):
         from bp_ray.models.loading import load_diffusion
 
-        models = cfg.models
-        self.render_cfg = cfg.data.render
-        self.seeds = seeds_for(cfg.data.num_seeds, cfg.rewards.seed_base)
-        self.pickscore_text = cfg.rewards.pickscore_text
-        self.key = make_render_key(cfg)
+        models = setup.models
+        self.render_cfg = setup.render
+        self.seeds = setup.seeds
+        self.pickscore_text = setup.rewards.pickscore_text
+        self.key = make_render_key(setup)
         self.cache = RewardCache(cache_path) if cache_path else None
         self.pipe = load_diffusion(models.diffusion, models, device=models.device, dtype=models.dtype,
                                    scheduler=self.render_cfg.scheduler) if render else None

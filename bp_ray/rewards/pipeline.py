@@ -21,11 +21,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bp_ray.config import PipelineConfig
+from bp_ray.config import ActorPoolConfig, ClusterConfig, DataConfig, ModelsConfig, RewardsConfig
 from bp_ray.console import report_progress
 from bp_ray.data import columns as C
 from bp_ray.layout import SUCCESS, write_manifest
 from bp_ray.ray_runtime import actor_pool_args
+from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward, seed_stats
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,11 @@ def _save_images(pixels: np.ndarray, ids: np.ndarray, seeds: list[int], image_di
 class Renderer:
     """Renders the rows not fully in the cache; passes the others through with blank pixels."""
 
-    def __init__(self, cfg: PipelineConfig, cache_path: str, image_dir: str | None):
+    def __init__(self, setup: RewardSetup, cache_path: str, image_dir: str | None):
         from bp_ray.rewards.labeler import RewardLabeler
 
-        self.labeler = RewardLabeler(cfg, cache_path, render=True, score=False)
-        self.image_dir, self.image_format = image_dir, cfg.rewards.image_format
+        self.labeler = RewardLabeler(setup, cache_path, render=True, score=False)
+        self.image_dir, self.image_format = image_dir, setup.rewards.image_format
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts, intents = list(batch[C.PROMPT]), list(batch[INTENT])
@@ -95,10 +96,10 @@ class Renderer:
 class Scorer:
     """Scores rendered rows (and caches them); reads the others from the cache."""
 
-    def __init__(self, cfg: PipelineConfig, cache_path: str):
+    def __init__(self, setup: RewardSetup, cache_path: str):
         from bp_ray.rewards.labeler import RewardLabeler
 
-        self.labeler = RewardLabeler(cfg, cache_path, render=False, score=True)
+        self.labeler = RewardLabeler(setup, cache_path, render=False, score=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts, intents = list(batch[C.PROMPT]), list(batch[INTENT])
@@ -113,11 +114,11 @@ class Scorer:
 class FusedLabeler:
     """Render and score in one actor (one GPU holds SD and the scorers)."""
 
-    def __init__(self, cfg: PipelineConfig, cache_path: str, image_dir: str | None):
+    def __init__(self, setup: RewardSetup, cache_path: str, image_dir: str | None):
         from bp_ray.rewards.labeler import RewardLabeler
 
-        self.labeler = RewardLabeler(cfg, cache_path)
-        self.image_dir, self.image_format = image_dir, cfg.rewards.image_format
+        self.labeler = RewardLabeler(setup, cache_path)
+        self.image_dir, self.image_format = image_dir, setup.rewards.image_format
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = self.labeler.label(list(batch[C.PROMPT]), list(batch[INTENT]), keep_pixels=bool(self.image_dir))
@@ -136,27 +137,26 @@ def _score_columns(batch: dict[str, np.ndarray], scores: np.ndarray, rendered: n
 
 # --- driver -------------------------------------------------------------------------------------------------------
 
-def reward_cache_path(cfg: PipelineConfig, rewards_dir: Path) -> Path:
+def reward_cache_path(rewards: RewardsConfig, rewards_dir: Path) -> Path:
     """rewards.cache_path, else cache.sqlite in the rewards stage's folder (PPO's online reward shares it)."""
-    return Path(cfg.rewards.cache_path) if cfg.rewards.cache_path else Path(rewards_dir) / "cache.sqlite"
+    return Path(rewards.cache_path) if rewards.cache_path else Path(rewards_dir) / "cache.sqlite"
 
 
-def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: Path,
-                         image_dir: Path | None) -> pd.DataFrame:
+def score_unique_prompts(unique: pd.DataFrame, setup: RewardSetup, renderer_pool: ActorPoolConfig,
+                         scorer_pool: ActorPoolConfig, cache_path: Path, image_dir: Path | None) -> pd.DataFrame:
     """(prompt_id, prompt, intent) rows -> prompt_id, rendered, and (S,) per-seed arrays per score."""
     import ray
 
-    block = max(1, cfg.data.renderer_pool.batch_size)
+    block = max(1, renderer_pool.batch_size)
     ds = ray.data.from_pandas([unique.iloc[i:i + block] for i in range(0, len(unique), block)])
     images = str(image_dir) if image_dir else None
-    renderer_kwargs = {"cfg": cfg, "cache_path": str(cache_path), "image_dir": images}
-    if cfg.rewards.fused:
-        ds = ds.map_batches(FusedLabeler, fn_constructor_kwargs=renderer_kwargs,
-                            **actor_pool_args(cfg.data.renderer_pool))
+    renderer_kwargs = {"setup": setup, "cache_path": str(cache_path), "image_dir": images}
+    if setup.rewards.fused:
+        ds = ds.map_batches(FusedLabeler, fn_constructor_kwargs=renderer_kwargs, **actor_pool_args(renderer_pool))
     else:
-        ds = ds.map_batches(Renderer, fn_constructor_kwargs=renderer_kwargs, **actor_pool_args(cfg.data.renderer_pool))
-        ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "cache_path": str(cache_path)},
-                            **actor_pool_args(cfg.data.scorer_pool))
+        ds = ds.map_batches(Renderer, fn_constructor_kwargs=renderer_kwargs, **actor_pool_args(renderer_pool))
+        ds = ds.map_batches(Scorer, fn_constructor_kwargs={"setup": setup, "cache_path": str(cache_path)},
+                            **actor_pool_args(scorer_pool))
     parts = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
@@ -165,21 +165,21 @@ def score_unique_prompts(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: 
     return pd.concat(parts, ignore_index=True)
 
 
-def _cached_scores(unique: pd.DataFrame, cfg: PipelineConfig, cache_path: Path) -> pd.DataFrame:
+def _cached_scores(unique: pd.DataFrame, setup: RewardSetup, cache_path: Path) -> pd.DataFrame:
     """Rows whose every seed is already in the cache, in score_unique_prompts' format (no model is loaded)."""
     from bp_ray.rewards.labeler import RewardLabeler
 
     columns = [PROMPT_ID, "rendered", *SCORE_NAMES]
     if not cache_path.exists() or unique.empty:
         return pd.DataFrame(columns=columns)
-    lookup = RewardLabeler(cfg, str(cache_path), render=False, score=False)
+    lookup = RewardLabeler(setup, str(cache_path), render=False, score=False)
     scores, complete = lookup.cached(list(unique[C.PROMPT]), list(unique[INTENT]))
     hits = np.flatnonzero(complete)
     return pd.DataFrame({PROMPT_ID: unique[PROMPT_ID].to_numpy()[hits], "rendered": False,
                          **{name: list(scores[hits, :, i]) for i, name in enumerate(SCORE_NAMES)}})
 
 
-def long_prompt_count(cfg: PipelineConfig, prompts: list[str]) -> dict[str, Any]:
+def long_prompt_count(setup: RewardSetup, prompts: list[str]) -> dict[str, Any]:
     """How many prompts exceed the diffusion text encoder's window, counted with the renderer's own tokenizer:
     in the workers diffusers warns about each batch that holds one, and the manifest keeps the one count."""
     from transformers import AutoTokenizer
@@ -187,18 +187,20 @@ def long_prompt_count(cfg: PipelineConfig, prompts: list[str]) -> dict[str, Any]
     from bp_ray.models.loading import resolve_model
     from bp_ray.rewards.long_prompts import token_lengths
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.diffusion, cfg.models), subfolder="tokenizer")
+    models = setup.models
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(models.diffusion, models), subfolder="tokenizer")
     limit = int(tokenizer.model_max_length)
-    return {"mode": cfg.data.render.long_prompts, "limit_tokens": limit, "prompts": len(prompts),
+    return {"mode": setup.render.long_prompts, "limit_tokens": limit, "prompts": len(prompts),
             "over_limit": int(sum(n > limit for n in token_lengths(tokenizer, prompts)))}
 
 
-def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """The whole stage; returns the manifest it writes to out_dir/manifest.json."""
+def run_reward_labels(data: DataConfig, rewards: RewardsConfig, models: ModelsConfig, cluster: ClusterConfig,
+                      pairs_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """The whole stage (data.render, data.num_seeds and the renderer / scorer pools from `data`); returns the
+    manifest it writes to out_dir/manifest.json."""
     from bp_ray.models.loading import prepare_models
     from bp_ray.ray_runtime import init_ray
     from bp_ray.rewards.labeler import make_render_key
-    from bp_ray.rewards.render import seeds_for
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -206,24 +208,26 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
     (out_dir / SUCCESS).unlink(missing_ok=True)
     rows = label_rows(read_pairs(pairs_dir))
     unique = rows.drop_duplicates(PROMPT_ID).loc[:, [PROMPT_ID, C.PROMPT, INTENT]].reset_index(drop=True)
-    cache_path = reward_cache_path(cfg, out_dir)
-    prepare_models(cfg.models, ("diffusion", "pickscore", "aesthetic", "clip_relevance"))
-    scored = _cached_scores(unique, cfg, cache_path)
+    setup = RewardSetup.for_labels(data, rewards, models)
+    cache_path = reward_cache_path(rewards, out_dir)
+    prepare_models(models, ("diffusion", "pickscore", "aesthetic", "clip_relevance"))
+    scored = _cached_scores(unique, setup, cache_path)
     pending = unique[~unique[PROMPT_ID].isin(scored[PROMPT_ID])]
     if len(pending):  # a fully cached rerun starts no actors at all
-        init_ray(cfg.cluster)
-        fresh = score_unique_prompts(pending, cfg, cache_path, out_dir / "images" if cfg.rewards.keep_images else None)
+        init_ray(cluster)
+        fresh = score_unique_prompts(pending, setup, data.renderer_pool, data.scorer_pool, cache_path,
+                                     out_dir / "images" if rewards.keep_images else None)
         scored = pd.concat([scored, fresh], ignore_index=True)
 
     labels = rows.merge(scored, on=PROMPT_ID, how="left", validate="many_to_one")
-    seeds = seeds_for(cfg.data.num_seeds, cfg.rewards.seed_base)
+    seeds = setup.seeds
     for name in SCORE_NAMES:
         per_seed = np.stack(labels[name].to_numpy())
         labels[f"{name}_mean"], labels[f"{name}_std"] = seed_stats(per_seed)
-    labels["reward"] = combined_reward(labels["pickscore_mean"], labels["aesthetic_mean"], cfg.rewards.alpha)
-    key = make_render_key(cfg)
-    render = cfg.data.render
-    labels = labels.assign(seeds=[seeds] * len(labels), pickscore_text=cfg.rewards.pickscore_text,
+    labels["reward"] = combined_reward(labels["pickscore_mean"], labels["aesthetic_mean"], rewards.alpha)
+    key = make_render_key(setup)
+    render = data.render
+    labels = labels.assign(seeds=[seeds] * len(labels), pickscore_text=rewards.pickscore_text,
                            diffusion_model=key.diffusion_model, pickscore_model=key.pickscore_model,
                            aesthetic_model=key.aesthetic_model, relevance_model=key.relevance_model,
                            height=render.height, width=render.width, num_inference_steps=render.num_inference_steps,
@@ -237,11 +241,11 @@ def run_reward_labels(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path) -> di
         "unique_prompts": len(unique), "prompts_rendered": int(rendered.sum()),
         "prompts_from_cache": int((~rendered).sum()), "num_seeds": len(seeds), "seeds": seeds,
         "render": asdict(render),
-        "alpha": cfg.rewards.alpha, "pickscore_text": cfg.rewards.pickscore_text, "fused": cfg.rewards.fused,
+        "alpha": rewards.alpha, "pickscore_text": rewards.pickscore_text, "fused": rewards.fused,
         "models": {"diffusion": key.diffusion_model, "pickscore": key.pickscore_model,
                    "aesthetic": key.aesthetic_model, "relevance": key.relevance_model},
-        "long_prompts": long_prompt_count(cfg, list(unique[C.PROMPT])),
-        "cache": str(cache_path), "config_hash": cfg.hash("data", "rewards"),
+        "long_prompts": long_prompt_count(setup, list(unique[C.PROMPT])),
+        "cache": str(cache_path),
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
     return write_manifest(out_dir, manifest)

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bp_ray.config import PipelineConfig
+from bp_ray.config import ActorPoolConfig
+from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.rewards.scoring import combined_reward, seed_stats
 
 LabelFn = Callable[[list[str], list[str], bool], tuple[np.ndarray, np.ndarray | None]]
@@ -84,14 +85,14 @@ class BatchingScorer:
 
 
 class RewardService:
-    """Ray actor (create with `reward_service(cfg, cache_path)`): one labeler, batched across callers."""
+    """Ray actor (create with `reward_service(setup, pool, cache_path)`): one labeler, batched across callers."""
 
-    def __init__(self, cfg: PipelineConfig, cache_path: str | None):
+    def __init__(self, setup: RewardSetup, cache_path: str | None):
         from bp_ray.rewards.labeler import RewardLabeler
 
-        self.labeler = RewardLabeler(cfg, cache_path)
-        self.core = BatchingScorer(self._label, cfg.rewards.alpha, cfg.rewards.service_max_batch,
-                                   cfg.rewards.service_batch_wait_s)
+        self.labeler = RewardLabeler(setup, cache_path)
+        self.core = BatchingScorer(self._label, setup.rewards.alpha, setup.rewards.service_max_batch,
+                                   setup.rewards.service_batch_wait_s)
 
     def _label(self, prompts: list[str], intents: list[str], keep_pixels: bool) -> tuple[np.ndarray, np.ndarray | None]:
         labels = self.labeler.label(prompts, intents, keep_pixels=keep_pixels)
@@ -121,13 +122,12 @@ class RewardService:
         return {"calls": self.core.calls, "batches": self.core.batches, **cache}
 
 
-def reward_service(cfg: PipelineConfig, cache_path: str | None, num_gpus: float | None = None,
+def reward_service(setup: RewardSetup, pool: ActorPoolConfig, cache_path: str | None, num_gpus: float | None = None,
                    num_cpus: float | None = None):
-    """Start the reward actor (by default with the scorer pool's resources); returns its handle."""
+    """Start the reward actor (by default with the pool's resources: the scorer pool's); returns its handle."""
     import ray
 
-    pool = cfg.data.scorer_pool
     actor = ray.remote(RewardService).options(num_cpus=pool.num_cpus if num_cpus is None else num_cpus,
                                               num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
                                               resources=dict(pool.resources) or None, max_concurrency=64)
-    return actor.remote(cfg, cache_path)
+    return actor.remote(setup, cache_path)

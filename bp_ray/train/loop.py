@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bp_ray.config import PipelineConfig, TrainingConfig, TrainResources
+from bp_ray.config import ClusterConfig, TrainingConfig, TrainResources
 from bp_ray.layout import write_manifest
 
 logger = logging.getLogger(__name__)
@@ -234,12 +234,12 @@ def _cache_cpu_info() -> None:
 
 # --- driver side ------------------------------------------------------------------------------------------------
 
-def _storage(cfg: PipelineConfig, out_dir: Path, stage: str) -> tuple[str, str]:
+def _storage(cluster: ClusterConfig, out_dir: Path, stage: str) -> tuple[str, str]:
     """(storage path, run name) of a stage's Ray Train run: <out>/ray/<stage>, or a name unique to out_dir under
     the shared cluster.storage_path (several runs may share one bucket)."""
-    if not cfg.cluster.storage_path:
+    if not cluster.storage_path:
         return str(out_dir / "ray"), stage
-    return cfg.cluster.storage_path, f"{stage}-{hashlib.sha1(str(out_dir).encode()).hexdigest()[:10]}"
+    return cluster.storage_path, f"{stage}-{hashlib.sha1(str(out_dir).encode()).hexdigest()[:10]}"
 
 
 def _forget_run(storage: str, name: str) -> None:
@@ -253,7 +253,7 @@ def _forget_run(storage: str, name: str) -> None:
         fs.delete_dir(path)
 
 
-def fit(cfg: PipelineConfig, stage: str, worker_fn: Callable[[dict], None], loop_config: dict[str, Any],
+def fit(cluster: ClusterConfig, stage: str, worker_fn: Callable[[dict], None], loop_config: dict[str, Any],
         resources: TrainResources, out_dir: Path, resume: bool) -> tuple[Path, dict[str, Any], str]:
     """Run worker_fn on Ray Train workers; returns (latest checkpoint folder, its trainer state, storage).
 
@@ -263,11 +263,11 @@ def fit(cfg: PipelineConfig, stage: str, worker_fn: Callable[[dict], None], loop
 
     from bp_ray.ray_runtime import init_ray, require_resources
 
-    storage, name = _storage(cfg, out_dir, stage)
+    storage, name = _storage(cluster, out_dir, stage)
     if not resume:
         _forget_run(storage, name)
-    init_ray(cfg.cluster)
-    require_resources(cfg.cluster, resources.num_workers * resources.cpus_per_worker,
+    init_ray(cluster)
+    require_resources(cluster, resources.num_workers * resources.cpus_per_worker,
                       resources.num_workers if resources.use_gpu else 0, f"{stage} ({resources.num_workers} workers)")
     trainer = TorchTrainer(
         worker_fn,

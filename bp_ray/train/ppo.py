@@ -6,8 +6,9 @@ training pairs, read their log-probs and values, ask the reference actor for its
 for the scores, shape the scores with the guards and the baseline, turn them into per-token rewards (KL penalty
 on every token, score on the last), GAE advantages and returns, then `ppo_epochs` passes of minibatch updates
 on one total loss (clipped surrogate, optional entropy bonus, clipped value loss) of the policy and the critic,
-one module in one DeepSpeed engine. Every `checkpoint_every` iterations: greedy decoding of held-out low prompts is scored, and a checkpoint
-(policy in Hugging Face format, critic, DeepSpeed states, the KL coefficient, RNG) is reported to Ray Train.
+one module in one DeepSpeed engine. Every `checkpoint_every` iterations: greedy decoding of held-out low prompts
+is scored, and a checkpoint (policy in Hugging Face format, critic, DeepSpeed state, the KL coefficient, RNG) is
+reported to Ray Train.
 Iteration i samples with a generator seeded by (seed, i, rank), so a resumed run repeats the same iterations.
 
 The loop reads as the algorithm: `rollout()` (samples, old log-probs and values, reference log-probs, shaped
@@ -25,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from bp_ray.config import PipelineConfig
+from bp_ray.config import ActorPoolConfig, ClusterConfig, ModelsConfig, PPOConfig, SFTConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import MANIFEST, SUCCESS
+from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.train.loop import MODEL_DIR
 from bp_ray.train.ppo_math import (
     entropy_from_logits,
@@ -51,7 +53,7 @@ class _ActorCritic:
     agent: the critic is the policy's backbone with a value head (value_model=shared) or a copy of the SFT model
     with its own token-regression head (value_model=separate)."""
 
-    def __init__(self, cfg: PipelineConfig, sft_model: str, device: str, world: int):
+    def __init__(self, ppo: PPOConfig, models: ModelsConfig, sft_model: str, device: str, world: int):
         import deepspeed
         from transformers import AutoModelForTokenClassification
 
@@ -59,9 +61,8 @@ class _ActorCritic:
         from bp_ray.train.deepspeed_config import deepspeed_config
         from bp_ray.train.ppo_rollout import SeparateValueModel, SharedValueModel
 
-        ppo = cfg.ppo
         self.shared = ppo.value_model == "shared"
-        policy, self.tokenizer = load_causal_lm(sft_model, cfg.models, device=device)
+        policy, self.tokenizer = load_causal_lm(sft_model, models, device=device)
         # Dropout off in every pass: old and new log-probs must come from the same function.
         policy.eval()
         if self.shared:
@@ -179,7 +180,8 @@ class Experience:
     reward_s: float
 
 
-def rollout(model: _ActorCritic, reference: Any, cfg: PipelineConfig, rows: Any, scorer: Scorer) -> Experience:
+def rollout(model: _ActorCritic, reference: Any, ppo: PPOConfig, sft: SFTConfig, rows: Any,
+            scorer: Scorer) -> Experience:
     """Sample a response to each pair's low prompt, read its old log-probs and values, the reference's log-probs
     (an actor, asked while the rest runs) and its scores, shaped by the baseline and the guards."""
     import ray
@@ -188,10 +190,10 @@ def rollout(model: _ActorCritic, reference: Any, cfg: PipelineConfig, rows: Any,
     from bp_ray.data.policy_format import format_prompt, policy_text
     from bp_ray.train.ppo_rollout import sample
 
-    ppo, keep = cfg.ppo, cfg.sft.keep_prompt  # with keep_prompt the policy writes only what follows the user prompt
+    keep = sft.keep_prompt  # with keep_prompt the policy writes only what follows the user prompt
     lows = rows[C.LOW].tolist()
     began = time.perf_counter()
-    out = sample(model.policy, model.tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in lows],
+    out = sample(model.policy, model.tokenizer, [format_prompt(sft.instruction, low, keep) for low in lows],
                  ppo.max_new_tokens, ppo.temperature, ppo.top_p, max_query_tokens=ppo.max_query_tokens)
     out.texts = [policy_text(low, text, keep) for low, text in zip(lows, out.texts, strict=True)]
     generated = time.perf_counter()
@@ -241,14 +243,15 @@ def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: An
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
-def evaluate(model: _ActorCritic, cfg: PipelineConfig, lows: list[str], scorer: Scorer, world: int) -> dict:
+def evaluate(model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, lows: list[str], scorer: Scorer,
+             world: int) -> dict:
     """Greedy rewrites of this rank's share of the held-out low prompts, scored; averaged over the ranks."""
     from bp_ray.data.policy_format import format_prompt, policy_text
     from bp_ray.train.ppo_rollout import sample
 
-    keep = cfg.sft.keep_prompt
-    out = sample(model.policy, model.tokenizer, [format_prompt(cfg.sft.instruction, low, keep) for low in lows],
-                 cfg.ppo.max_new_tokens, greedy=True, max_query_tokens=cfg.ppo.max_query_tokens)
+    keep = sft.keep_prompt
+    out = sample(model.policy, model.tokenizer, [format_prompt(sft.instruction, low, keep) for low in lows],
+                 ppo.max_new_tokens, greedy=True, max_query_tokens=ppo.max_query_tokens)
     texts = [policy_text(low, text, keep) for low, text in zip(lows, out.texts, strict=True)]
     got = scorer.scores(lows, texts)
     return _all_mean({"eval/reward": float(np.mean(got["reward"])),
@@ -267,8 +270,8 @@ def ppo_worker_loop(config: dict) -> None:
         worker_device,
     )
 
-    cfg: PipelineConfig = config["cfg"]
-    ppo = cfg.ppo
+    ppo: PPOConfig = config["ppo"]
+    sft: SFTConfig = config["sft"]
     worker_device(ppo.resources)
     import ray.train
     import torch
@@ -286,10 +289,10 @@ def ppo_worker_loop(config: dict) -> None:
 
         device = str(rtt.get_device())
     torch.manual_seed(ppo.seed)  # the critic's new value head: the same start on every rank and every run
-    model = _ActorCritic(cfg, config["sft_model"], device, world)
+    model = _ActorCritic(ppo, config["models"], config["sft_model"], device, world)
     reference = config["reference"]
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
-    held_out = split_held_out(pairs[C.PAIR_ID].tolist(), cfg.sft.eval_fraction, cfg.sft.seed)
+    held_out = split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed)
     train, evaluation = pairs[~held_out].reset_index(drop=True), pairs[held_out].head(ppo.eval_prompts)
     if len(train) < ppo.rollout_batch_size:
         raise ValueError(f"{len(train)} training pairs are fewer than ppo.rollout_batch_size={ppo.rollout_batch_size}")
@@ -305,7 +308,7 @@ def ppo_worker_loop(config: dict) -> None:
             state = restore_checkpoint(model.engine, Path(folder), rank)
             controller.load_state_dict(state["kl_controller"])
     else:
-        state["initial_eval"] = evaluate(model, cfg, held_out_lows, scorer, world)  # the SFT policy's, to compare
+        state["initial_eval"] = evaluate(model, ppo, sft, held_out_lows, scorer, world)  # the SFT policy's, to compare
     state["starts"] = [*state.get("starts", []), state["step"]]
     start_step = state["step"]
     end_step = min(ppo.total_steps, ppo.stop_after_step) if ppo.stop_after_step else ppo.total_steps
@@ -319,7 +322,7 @@ def ppo_worker_loop(config: dict) -> None:
         rows = train.iloc[batches_for_rank(epoch_order(len(train), epoch, ppo.seed), ppo.rollout_batch_size,
                                            rank, world)[index]]
         torch.manual_seed(hash((ppo.seed, step, rank)) % 2**31)
-        exp = rollout(model, reference, cfg, rows, scorer)
+        exp = rollout(model, reference, ppo, sft, rows, scorer)
         adv, returns, kl = advantages(exp, controller.value, ppo)
         stats = update(model, exp, adv, returns, ppo, world)
         updated = time.perf_counter()
@@ -338,7 +341,7 @@ def ppo_worker_loop(config: dict) -> None:
         metrics["perf/samples_per_s"] = ppo.rollout_batch_size / (time.perf_counter() - began)
         done = step + 1
         if done % ppo.checkpoint_every == 0 or done == end_step:
-            metrics.update(evaluate(model, cfg, held_out_lows, scorer, world))
+            metrics.update(evaluate(model, ppo, sft, held_out_lows, scorer, world))
             state.update(step=done, metrics=metrics, total_steps=ppo.total_steps,
                          kl_controller=controller.state_dict())
             report_checkpoint(save_checkpoint(model.engine, model.save_models, state, rank,
@@ -347,9 +350,14 @@ def ppo_worker_loop(config: dict) -> None:
     finish_logs(writer, progress)
 
 
-def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | None, out_dir: Path,
-            resume: bool = False, cache_path: Path | None = None) -> dict[str, Any]:
-    """PPO on Ray Train with the reference and reward actors; exports the policy to out_dir/model."""
+def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: RewardSetup, reward_pool: ActorPoolConfig,
+            pairs_dir: Path, sft_dir: Path, rm_dir: Path | None, out_dir: Path, resume: bool = False,
+            cache_path: Path | None = None) -> dict[str, Any]:
+    """PPO on Ray Train with the reference and reward actors; exports the policy to out_dir/model.
+
+    `sft` gives the instruction template and the held-out split, `reward` the models and what the online reward
+    renders and scores (or, for ppo.reward_source=rm, alpha), `reward_pool` the custom resources of the online
+    reward's actor."""
     import ray
 
     from bp_ray.ray_runtime import init_ray, require_resources
@@ -363,7 +371,7 @@ def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | 
     if not (sft_model / "config.json").exists():
         raise FileNotFoundError(f"no SFT model at {sft_model}: run `bp-ray train sft` first (or pass --sft)")
     read_pairs_frame(pairs_dir)  # fail here, clearly, rather than inside every worker or actor
-    if cfg.ppo.reward_source == "rm":
+    if ppo.reward_source == "rm":
         if rm_dir is None:
             raise ValueError("ppo.reward_source=rm needs the reward models (--rm DIR), or set ppo.reward_source=online")
         if not (Path(rm_dir) / MANIFEST).exists():
@@ -372,27 +380,28 @@ def run_ppo(cfg: PipelineConfig, pairs_dir: Path, sft_dir: Path, rm_dir: Path | 
     (out_dir / SUCCESS).unlink(missing_ok=True)
     if not resume:
         shutil.rmtree(out_dir / "metrics", ignore_errors=True)
-    init_ray(cfg.cluster)
-    workers = cfg.ppo.resources
-    require_resources(cfg.cluster, workers.num_workers * workers.cpus_per_worker + 2 * cfg.ppo.actor_cpus,
-                      (workers.num_workers if workers.use_gpu else 0) + 2 * cfg.ppo.actor_gpus,
+    init_ray(cluster)
+    workers = ppo.resources
+    require_resources(cluster, workers.num_workers * workers.cpus_per_worker + 2 * ppo.actor_cpus,
+                      (workers.num_workers if workers.use_gpu else 0) + 2 * ppo.actor_gpus,
                       "ppo (train workers + reference and reward actors)")
-    reference = start_reference_actor(cfg, sft_model)
-    reward = start_reward_actor(cfg, Path(rm_dir).resolve() if rm_dir else None, cache_path)
+    reference = start_reference_actor(ppo, reward.models, sft_model)
+    reward_actor = start_reward_actor(ppo, reward, reward_pool, Path(rm_dir).resolve() if rm_dir else None,
+                                      cache_path)
     try:
-        loop_config = {"cfg": cfg, "pairs_dir": str(Path(pairs_dir).resolve()), "sft_model": str(sft_model),
-                       "metrics_dir": str(out_dir / "metrics"), "reference": reference, "reward": reward}
-        checkpoint, state, storage = fit(cfg, "ppo", ppo_worker_loop, loop_config, cfg.ppo.resources, out_dir,
-                                         resume)
+        loop_config = {"ppo": ppo, "sft": sft, "models": reward.models, "pairs_dir": str(Path(pairs_dir).resolve()),
+                       "sft_model": str(sft_model), "metrics_dir": str(out_dir / "metrics"), "reference": reference,
+                       "reward": reward_actor}
+        checkpoint, state, storage = fit(cluster, "ppo", ppo_worker_loop, loop_config, ppo.resources, out_dir, resume)
         critic = checkpoint / CRITIC_DIR
         if critic.exists():
             shutil.rmtree(out_dir / CRITIC_DIR, ignore_errors=True)
             shutil.copytree(critic, out_dir / CRITIC_DIR)
         return finish_stage("ppo", out_dir, checkpoint, state, {
             "initial_eval": state.get("initial_eval", {}), "sft_model": str(sft_model),
-            "reward_source": cfg.ppo.reward_source, "rm": str(rm_dir) if rm_dir else None,
-            "workers": cfg.ppo.resources.num_workers, "kl_coef": state["kl_controller"]["value"],
-            "checkpoints": storage, "config_hash": cfg.hash("ppo", "models", "rewards")}, started)
+            "reward_source": ppo.reward_source, "rm": str(rm_dir) if rm_dir else None,
+            "workers": ppo.resources.num_workers, "kl_coef": state["kl_controller"]["value"],
+            "checkpoints": storage}, started)
     finally:
-        for actor in (reference, reward):
+        for actor in (reference, reward_actor):
             ray.kill(actor)

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bp_ray.config import ModelsConfig, PipelineConfig
+from bp_ray.config import ActorPoolConfig, ModelsConfig, PPOConfig
+from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.rewards.scoring import combined_reward
 from bp_ray.train.ppo_rollout import Rollout, response_logprobs
 
@@ -61,28 +62,28 @@ class LearnedRewardScorer:
                 "reward": combined_reward(scores["pickscore"], scores["aesthetic"], self.alpha)}
 
 
-def start_reward_actor(cfg: PipelineConfig, rm_dir: Path | None, cache_path: Path | None) -> Any:
-    """The reward actor the config asks for, with `ppo.actor_cpus` / `ppo.actor_gpus`."""
+def start_reward_actor(ppo: PPOConfig, reward: RewardSetup, pool: ActorPoolConfig, rm_dir: Path | None,
+                       cache_path: Path | None) -> Any:
+    """The reward actor ppo.reward_source asks for, with `ppo.actor_cpus` / `ppo.actor_gpus` (and the pool's custom
+    resources for the online one)."""
     import ray
 
-    ppo = cfg.ppo
     if ppo.reward_source == "online":
         from bp_ray.rewards.service import reward_service
 
-        return reward_service(cfg, str(cache_path) if cache_path else None, num_gpus=ppo.actor_gpus,
+        return reward_service(reward, pool, str(cache_path) if cache_path else None, num_gpus=ppo.actor_gpus,
                               num_cpus=ppo.actor_cpus)
     assert rm_dir is not None, "run_ppo checks that the reward models exist"
     actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
-    return actor.remote(str(rm_dir), cfg.rewards.alpha, cfg.models, ppo.relevance_coef > 0 or ppo.intent_hinge_coef > 0,
-                        "cuda" if ppo.actor_gpus else "cpu")
+    return actor.remote(str(rm_dir), reward.rewards.alpha, reward.models,
+                        ppo.relevance_coef > 0 or ppo.intent_hinge_coef > 0, "cuda" if ppo.actor_gpus else "cpu")
 
 
-def start_reference_actor(cfg: PipelineConfig, sft_model: Path) -> Any:
+def start_reference_actor(ppo: PPOConfig, models: ModelsConfig, sft_model: Path) -> Any:
     import ray
 
-    ppo = cfg.ppo
     actor = ray.remote(ReferencePolicy).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
-    return actor.remote(str(sft_model), cfg.models, "cuda" if ppo.actor_gpus else "cpu")
+    return actor.remote(str(sft_model), models, "cuda" if ppo.actor_gpus else "cpu")
 
 
 def remote_scores(actor: Any, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:

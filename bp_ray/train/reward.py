@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bp_ray.config import PipelineConfig, RMConfig
+from bp_ray.config import ClusterConfig, ModelsConfig, RewardsConfig, RMConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import SUCCESS, write_manifest
 from bp_ray.models.reward_heads import HEADS, label_column
@@ -66,8 +66,7 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: one reward model (one or two heads) from the config it receives."""
     from bp_ray.train.loop import TrainTask, train_on_worker, worker_device
 
-    cfg: PipelineConfig = config["cfg"]
-    rm = cfg.rm
+    rm: RMConfig = config["rm"]
     device = worker_device(rm.resources)
     import torch
 
@@ -81,7 +80,7 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
     held_out = split_held_out(labels[C.PAIR_ID].tolist(), rm.eval_fraction, rm.seed)
     train_rows, eval_rows = labels[~held_out], labels[held_out]
     spec = fit_head_spec(train_rows, heads, head_inputs(rm, heads))
-    model, tokenizer = load_regressor(config["model"], cfg.models, len(heads), device)
+    model, tokenizer = load_regressor(config["model"], config["models"], len(heads), device)
     train = build_rm_examples(tokenizer, train_rows, spec, rm.max_length)
     evaluation = build_rm_examples(tokenizer, eval_rows, spec, rm.max_length)
     pad = tokenizer.pad_token_id
@@ -103,8 +102,10 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
     train_on_worker(task, rm, Path(config["metrics_dir"]), f"rm:{config['name']}")
 
 
-def run_rm(cfg: PipelineConfig, labels_dir: Path, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train every reward model the config asks for; returns the manifest (out_dir/manifest.json)."""
+def run_rm(rm: RMConfig, rewards: RewardsConfig, models: ModelsConfig, cluster: ClusterConfig, labels_dir: Path,
+           out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train every reward model `rm` asks for on models.rm_backbone; returns the manifest (out_dir/manifest.json),
+    which records rewards.alpha for the learned reward that reads it."""
     from bp_ray.models.loading import resolve_model
     from bp_ray.train.loop import finish_stage, fit
 
@@ -112,31 +113,31 @@ def run_rm(cfg: PipelineConfig, labels_dir: Path, out_dir: Path, resume: bool = 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUCCESS).unlink(missing_ok=True)
-    labels, dropped = read_labels(labels_dir, cfg.rm.label_roles)  # fail here, clearly, not in every worker
-    backbone = resolve_model(cfg.models.rm_backbone, cfg.models)
-    models, complete = {}, True
-    for name, heads in model_groups(cfg.rm).items():
+    labels, dropped = read_labels(labels_dir, rm.label_roles)  # fail here, clearly, not in every worker
+    backbone = resolve_model(models.rm_backbone, models)
+    parts, complete = {}, True
+    for name, heads in model_groups(rm).items():
         model_out = out_dir / name
         model_out.mkdir(exist_ok=True)
         if not resume:
             shutil.rmtree(model_out / "metrics", ignore_errors=True)
-        loop_config = {"cfg": cfg, "labels_dir": str(Path(labels_dir).resolve()), "model": backbone,
+        loop_config = {"rm": rm, "models": models, "labels_dir": str(Path(labels_dir).resolve()), "model": backbone,
                        "heads": heads, "name": name, "metrics_dir": str(model_out / "metrics")}
-        checkpoint, state, storage = fit(cfg, f"rm-{name}", rm_worker_loop, loop_config, cfg.rm.resources,
+        checkpoint, state, storage = fit(cluster, f"rm-{name}", rm_worker_loop, loop_config, rm.resources,
                                          model_out, resume)
         part = finish_stage(f"rm-{name}", model_out, checkpoint, state, {
-            "heads": heads, "checkpoints": storage, "config_hash": cfg.hash("rm", "models")}, started)
-        models[name] = part
+            "heads": heads, "checkpoints": storage}, started)
+        parts[name] = part
         complete = complete and part["complete"]
     manifest = {
-        "stage": "rm", "heads": cfg.rm.heads, "alpha": cfg.rewards.alpha, "max_length": cfg.rm.max_length,
-        "models": {name: f"{name}/model" for name in models}, "complete": complete,
-        "inputs": {"pickscore": cfg.rm.pickscore_input, "aesthetic": cfg.rm.aesthetic_input},
+        "stage": "rm", "heads": rm.heads, "alpha": rewards.alpha, "max_length": rm.max_length,
+        "models": {name: f"{name}/model" for name in parts}, "complete": complete,
+        "inputs": {"pickscore": rm.pickscore_input, "aesthetic": rm.aesthetic_input},
         "label_rows": len(labels), "label_rows_dropped": dropped,
         "label_means": {h: float(labels[label_column(h)].mean()) for h in HEADS},
-        "final_metrics": {k: v for part in models.values() for k, v in part["final_metrics"].items()
+        "final_metrics": {k: v for part in parts.values() for k, v in part["final_metrics"].items()
                           if k.startswith("rm/")},
-        "parts": {name: part["model"] for name, part in models.items()}, "backbone": cfg.models.rm_backbone,
-        "config_hash": cfg.hash("rm", "models"), "wall_time_s": round(time.perf_counter() - started, 2),
+        "parts": {name: part["model"] for name, part in parts.items()}, "backbone": models.rm_backbone,
+        "wall_time_s": round(time.perf_counter() - started, 2),
     }
     return write_manifest(out_dir, manifest)

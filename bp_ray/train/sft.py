@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from bp_ray.config import PipelineConfig
+from bp_ray.config import ClusterConfig, ModelsConfig, SFTConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import SUCCESS
 
@@ -60,8 +60,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: build the task from the config it receives (no globals) and train."""
     from bp_ray.train.loop import TrainTask, train_on_worker, worker_device
 
-    cfg: PipelineConfig = config["cfg"]
-    sft = cfg.sft
+    sft: SFTConfig = config["sft"]
     device = worker_device(sft.resources)
     import torch
 
@@ -71,7 +70,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(sft.seed)
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
     held_out = split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed)
-    model, tokenizer = load_causal_lm(config["model"], cfg.models, device=device)
+    model, tokenizer = load_causal_lm(config["model"], config["models"], device=device)
     train = build_examples(tokenizer, pairs[~held_out], sft.instruction, sft.max_length, sft.keep_prompt)
     evaluation = build_examples(tokenizer, pairs[held_out], sft.instruction, sft.max_length, sft.keep_prompt)
     if sft.packing:
@@ -90,8 +89,10 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     train_on_worker(task, sft, Path(config["metrics_dir"]), "sft")
 
 
-def run_sft(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train on Ray Train and export the latest model to out_dir/model; returns the manifest."""
+def run_sft(sft: SFTConfig, models: ModelsConfig, cluster: ClusterConfig, pairs_dir: Path, out_dir: Path,
+            resume: bool = False) -> dict[str, Any]:
+    """Train models.policy on the pairs on Ray Train and export the latest model to out_dir/model; returns the
+    manifest."""
     from bp_ray.models.loading import resolve_model
     from bp_ray.train.loop import finish_stage, fit
 
@@ -101,16 +102,16 @@ def run_sft(cfg: PipelineConfig, pairs_dir: Path, out_dir: Path, resume: bool = 
     (out_dir / SUCCESS).unlink(missing_ok=True)
     if not resume:
         shutil.rmtree(out_dir / "metrics", ignore_errors=True)
-    model = resolve_model(cfg.models.policy, cfg.models)
+    model = resolve_model(models.policy, models)
     from bp_ray.train.sft_data import split_held_out
 
     pairs = read_pairs_frame(pairs_dir)  # fail here, clearly, rather than inside every worker
-    held_out = int(split_held_out(pairs[C.PAIR_ID].tolist(), cfg.sft.eval_fraction, cfg.sft.seed).sum())
-    loop_config = {"cfg": cfg, "pairs_dir": str(Path(pairs_dir).resolve()), "model": model,
+    held_out = int(split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed).sum())
+    loop_config = {"sft": sft, "models": models, "pairs_dir": str(Path(pairs_dir).resolve()), "model": model,
                    "metrics_dir": str(out_dir / "metrics")}
-    checkpoint, state, storage = fit(cfg, "sft", sft_worker_loop, loop_config, cfg.sft.resources, out_dir, resume)
+    checkpoint, state, storage = fit(cluster, "sft", sft_worker_loop, loop_config, sft.resources, out_dir, resume)
     return finish_stage("sft", out_dir, checkpoint, state, {
-        "base_model": cfg.models.policy, "pairs": len(pairs), "held_out_pairs": held_out,
-        "workers": cfg.sft.resources.num_workers,
-        "zero_stage": cfg.sft.deepspeed.zero_stage, "precision": cfg.sft.deepspeed.precision,
-        "checkpoints": storage, "config_hash": cfg.hash("sft", "models")}, started)
+        "base_model": models.policy, "pairs": len(pairs), "held_out_pairs": held_out,
+        "workers": sft.resources.num_workers,
+        "zero_stage": sft.deepspeed.zero_stage, "precision": sft.deepspeed.precision,
+        "checkpoints": storage}, started)

@@ -46,7 +46,8 @@ def evaluation(ray_session, tiny_models_cfg, tmp_path_factory):
         cfg = load_config("tiny", [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"eval.num_prompts={PROMPTS}",
                                    f"eval.num_seeds={SEEDS}", f"eval.grid_prompts={GRID}", "eval.batch_size=4",
                                    f"data.openai_base_url={server.base_url}", "eval.max_new_tokens=16"])
-        manifests = [run_evaluation(cfg, root / name, sft=policy, ppo=policy, systems=SYSTEMS,
+        manifests = [run_evaluation(cfg.eval, cfg.sft, cfg.data, cfg.rewards, cfg.models, cfg.cluster, root / name,
+                                    preset=cfg.preset, sft_dir=policy, ppo_dir=policy, systems=SYSTEMS,
                                     training_dirs={"ppo": ppo_stage}) for name in ("a", "b")]
     return {"cfg": cfg, "out": root / "a", "again": root / "b", "manifest": manifests[0]}
 
@@ -91,7 +92,8 @@ def test_results_hold_the_table_comparisons_and_long_prompt_counts(evaluation):
 def test_each_system_rewrote_the_prompts_its_own_way(evaluation):
     rows = [json.loads(line) for line in (evaluation["out"] / "rewrites.jsonl").read_text().splitlines()]
     assert len(rows) == PROMPTS
-    tags = popular_tags(tags_pool(evaluation["cfg"]), evaluation["cfg"].eval.num_tags)
+    cfg = evaluation["cfg"]
+    tags = popular_tags(tags_pool(cfg.eval, cfg.data), cfg.eval.num_tags)
     for row in rows:
         assert row["original"] == row["prompt"]
         assert row["tags"].startswith(row["prompt"].rstrip(".")) and row["tags"].endswith(tags[-1])

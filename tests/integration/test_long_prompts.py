@@ -11,9 +11,14 @@ import torch
 from bp_ray.config_loader import load_config
 from bp_ray.models.loading import load_diffusion
 from bp_ray.rewards.cache import RenderKey
-from bp_ray.rewards.labeler import make_render_key, model_fingerprint
+from bp_ray.rewards.labeler import RewardSetup, make_render_key, model_fingerprint
 from bp_ray.rewards.long_prompts import chunked_prompt_embeds, token_lengths
 from bp_ray.rewards.render import render_seeds
+
+
+def labelling(cfg) -> RewardSetup:
+    """What labelling with this config renders and scores."""
+    return RewardSetup.for_labels(cfg.data, cfg.rewards, cfg.models)
 
 pytestmark = pytest.mark.integration
 
@@ -93,8 +98,8 @@ def test_a_short_prompt_renders_alike_beside_a_long_one_when_chunked(pipe):
 
 def test_chunked_renders_get_their_own_cache_key_and_the_default_key_is_unchanged(tiny_models_cfg):
     zoo = f"models.zoo_dir={tiny_models_cfg.zoo_dir}"
-    default = make_render_key(load_config("tiny", [zoo]))
-    chunked = make_render_key(load_config("tiny", [zoo, "data.render.long_prompts=chunked"]))
+    default = make_render_key(labelling(load_config("tiny", [zoo])))
+    chunked = make_render_key(labelling(load_config("tiny", [zoo, "data.render.long_prompts=chunked"])))
     models, render = tiny_models_cfg, load_config("tiny").data.render
     # the key as built before long_prompts existed: default-mode caches stay valid
     before = RenderKey(diffusion_model=model_fingerprint(models.diffusion, models), height=render.height,

@@ -10,11 +10,24 @@ import pytest
 import torch
 
 from bp_ray.config_loader import load_config
+from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.train.ppo import run_ppo
 from bp_ray.train.reward import run_rm
 from bp_ray.train.sft import run_sft
 from tests.integration.ray_train_faults import worker_killer
 from tests.integration.train_inputs import corpus_pairs, model_weights, synthetic_labels
+
+
+def ppo_run(cfg, *args, **kwargs) -> dict:
+    """run_ppo with this config's sections (the online reward renders and scores as the labels did)."""
+    return run_ppo(cfg.ppo, cfg.sft, cfg.cluster, RewardSetup.for_labels(cfg.data, cfg.rewards, cfg.models),
+                   cfg.data.scorer_pool, *args, **kwargs)
+
+def sft_run(cfg, *args, **kwargs) -> dict:
+    return run_sft(cfg.sft, cfg.models, cfg.cluster, *args, **kwargs)
+
+def rm_run(cfg, *args, **kwargs) -> dict:
+    return run_rm(cfg.rm, cfg.rewards, cfg.models, cfg.cluster, *args, **kwargs)
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +38,9 @@ def trained(ray_session, tiny_models_cfg, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ppo-inputs")
     pairs = corpus_pairs(root / "data", rows=800)
     base = [f"models.zoo_dir={tiny_models_cfg.zoo_dir}"]
-    run_sft(load_config("tiny", [*base, "sft.epochs=3", "sft.lr=3e-3", "sft.checkpoint_every=1000",
+    sft_run(load_config("tiny", [*base, "sft.epochs=3", "sft.lr=3e-3", "sft.checkpoint_every=1000",
                                  "sft.eval_fraction=0.1"]), pairs, root / "sft")
-    run_rm(load_config("tiny", [*base, "rm.heads=shared_backbone", "rm.epochs=4", "rm.lr=2e-3", "rm.batch_size=32",
+    rm_run(load_config("tiny", [*base, "rm.heads=shared_backbone", "rm.epochs=4", "rm.lr=2e-3", "rm.batch_size=32",
                                 "rm.checkpoint_every=1000"]), synthetic_labels(pairs, root / "rewards"), root / "rm")
     return {"pairs": pairs, "sft": root / "sft", "rm": root / "rm"}
 
@@ -39,7 +52,7 @@ def ppo_cfg(zoo_dir: str, *overrides: str):
 @pytest.mark.timeout(1800)  # the first test pays for the module's `trained` fixture: 4 min alone, 13 beside another
 def test_ppo_raises_the_held_out_reward_over_sft_within_the_kl_budget(trained, tiny_models_cfg, tmp_path):
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=30", "ppo.checkpoint_every=10")
-    manifest = run_ppo(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "ppo")
+    manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "ppo")
     before, after = manifest["initial_eval"]["eval/reward"], manifest["final_metrics"]["eval/reward"]
     metrics = pd.read_csv(tmp_path / "ppo" / "metrics" / "metrics.csv")
     late_kl = metrics["kl"].iloc[-10:].mean()
@@ -61,10 +74,10 @@ def test_ppo_raises_the_held_out_reward_over_sft_within_the_kl_budget(trained, t
 def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(trained, tiny_models_cfg, tmp_path):
     common = ("ppo.total_steps=6", "ppo.checkpoint_every=3", "ppo.ppo_epochs=2")
     args = (trained["pairs"], trained["sft"], trained["rm"])
-    whole = run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "whole")
-    first = run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir, *common, "ppo.stop_after_step=3"), *args, tmp_path / "split")
+    whole = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "whole")
+    first = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common, "ppo.stop_after_step=3"), *args, tmp_path / "split")
     assert first["steps"] == 3 and not first["complete"]
-    second = run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "split", resume=True)
+    second = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "split", resume=True)
     assert second["complete"] and second["starts"] == [0, 3]
     assert second["kl_coef"] == pytest.approx(whole["kl_coef"], rel=1e-6)
     expected, got = model_weights(tmp_path / "whole"), model_weights(tmp_path / "split")
@@ -79,7 +92,7 @@ def test_a_killed_worker_is_replaced_and_ppo_goes_on_from_the_last_checkpoint(tr
     out = tmp_path / "ppo"
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=8", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1")
     with worker_killer(out / "ray" / "ppo", after_step=2) as killed:
-        manifest = run_ppo(cfg, trained["pairs"], trained["sft"], trained["rm"], out)
+        manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], out)
     assert killed, "no Ray Train worker was found to kill"
     assert manifest["complete"] and manifest["steps"] == 8
     starts = manifest["starts"]
@@ -91,7 +104,7 @@ def test_shared_value_head_and_online_rewards_run(trained, tiny_models_cfg, tmp_
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=2", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1",
                   "ppo.value_model=shared", "ppo.reward_source=online", "ppo.relevance_coef=0.1",
                   "ppo.eval_prompts=4")
-    manifest = run_ppo(cfg, trained["pairs"], trained["sft"], None, tmp_path / "ppo",
+    manifest = ppo_run(cfg, trained["pairs"], trained["sft"], None, tmp_path / "ppo",
                        cache_path=tmp_path / "cache.sqlite")
     assert manifest["complete"] and manifest["reward_source"] == "online"
     assert (tmp_path / "ppo" / "model" / "value_head.safetensors").exists()
@@ -99,13 +112,13 @@ def test_shared_value_head_and_online_rewards_run(trained, tiny_models_cfg, tmp_
     # online relevance is the CLIP score of the rendered images against the low prompt: never exactly 0
     assert (metrics["reward/relevance"] != 0).all() and metrics["reward/combined"].notna().all()
     with pytest.raises(ValueError, match="--rm"):
-        run_ppo(ppo_cfg(tiny_models_cfg.zoo_dir), trained["pairs"], trained["sft"], None, tmp_path / "no-rm")
+        ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir), trained["pairs"], trained["sft"], None, tmp_path / "no-rm")
 
 
 def test_two_workers_train_and_the_kl_coefficient_follows_the_controller(trained, tiny_models_cfg, tmp_path):
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=3", "ppo.checkpoint_every=3", "ppo.ppo_epochs=1",
                   "ppo.eval_prompts=4", "ppo.resources.num_workers=2", "ppo.resources.cpus_per_worker=0.75")
-    manifest = run_ppo(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "ppo")
+    manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "ppo")
     assert manifest["complete"] and manifest["workers"] == 2
     metrics = pd.read_csv(tmp_path / "ppo" / "metrics" / "metrics.csv")
     # Ziegler et al.: beta <- beta * (1 + clip(KL / target - 1, +-0.2) * n / horizon), KL averaged over both ranks.

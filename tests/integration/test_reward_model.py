@@ -24,7 +24,7 @@ def test_reward_models_beat_the_mean_and_load_as_one_reward(ray_session, tiny_mo
     labels_dir = synthetic_labels(pairs_dir, tmp_path / "rewards")
     cfg = load_config("tiny", [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"rm.heads={heads}", "rm.epochs=4",
                                "rm.lr=1e-3", "rm.checkpoint_every=1000", "rm.eval_fraction=0.2"])
-    manifest = run_rm(cfg, labels_dir, tmp_path / "rm")
+    manifest = run_rm(cfg.rm, cfg.rewards, cfg.models, cfg.cluster, labels_dir, tmp_path / "rm")
 
     metrics = manifest["final_metrics"]
     print(json.dumps(metrics, indent=1))

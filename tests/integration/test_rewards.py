@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bp_ray.config import PipelineConfig
 from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
-from bp_ray.rewards.labeler import RewardLabeler
+from bp_ray.rewards.labeler import RewardLabeler, RewardSetup
 from bp_ray.rewards.pipeline import read_pairs, run_reward_labels
 from bp_ray.rewards.render import render_seeds
 from bp_ray.rewards.scoring import SCORE_NAMES
@@ -25,9 +26,21 @@ def config(tiny_models_cfg, *overrides: str):
     return load_config("tiny", [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", "data.num_seeds=3", *overrides])
 
 
+def labelling(cfg: PipelineConfig) -> RewardSetup:
+    return RewardSetup.for_labels(cfg.data, cfg.rewards, cfg.models)
+
+
+def setup(tiny_models_cfg, *overrides: str) -> RewardSetup:
+    return labelling(config(tiny_models_cfg, *overrides))
+
+
+def label(cfg: PipelineConfig, pairs: Path, out: Path) -> dict:
+    return run_reward_labels(cfg.data, cfg.rewards, cfg.models, cfg.cluster, pairs, out)
+
+
 @pytest.fixture(scope="module")
 def labeler(tiny_models_cfg):
-    return RewardLabeler(config(tiny_models_cfg), cache_path=None)
+    return RewardLabeler(setup(tiny_models_cfg), cache_path=None)
 
 
 def test_batched_seeds_match_single_renders_and_reruns_are_bit_exact(labeler):
@@ -53,7 +66,7 @@ def test_scores_have_the_expected_shapes_and_ranges(labeler):
 
 
 def test_pickscore_text_can_be_the_intent(tiny_models_cfg, labeler):
-    by_intent = RewardLabeler(config(tiny_models_cfg, "rewards.pickscore_text=intent"), cache_path=None)
+    by_intent = RewardLabeler(setup(tiny_models_cfg, "rewards.pickscore_text=intent"), cache_path=None)
     intents = ["a cat", "a lighthouse"]
     own = labeler.label(PROMPTS, intents).scores
     other = by_intent.label(PROMPTS, intents).scores
@@ -63,16 +76,16 @@ def test_pickscore_text_can_be_the_intent(tiny_models_cfg, labeler):
 
 def test_the_cache_serves_a_rerun_and_is_invalidated_by_settings(tiny_models_cfg, tmp_path):
     cache = str(tmp_path / "cache.sqlite")
-    first = RewardLabeler(config(tiny_models_cfg), cache)
+    first = RewardLabeler(setup(tiny_models_cfg), cache)
     cold = first.label(PROMPTS, PROMPTS)
     assert cold.rendered.all()
-    warm = RewardLabeler(config(tiny_models_cfg), cache).label(PROMPTS, PROMPTS)  # a new worker, same file
+    warm = RewardLabeler(setup(tiny_models_cfg), cache).label(PROMPTS, PROMPTS)  # a new worker, same file
     assert not warm.rendered.any() and np.allclose(warm.scores, cold.scores)
-    partly = RewardLabeler(config(tiny_models_cfg), cache).label([*PROMPTS, "a dragon"], [*PROMPTS, "a dragon"])
+    partly = RewardLabeler(setup(tiny_models_cfg), cache).label([*PROMPTS, "a dragon"], [*PROMPTS, "a dragon"])
     assert partly.rendered.tolist() == [False, False, True]
     for change in ("data.render.num_inference_steps=5", "data.render.guidance_scale=3.0",
                    "data.render.height=64", "models.zoo.tiny.clip_layers=1", "data.num_seeds=4"):
-        changed = RewardLabeler(config(tiny_models_cfg, change), cache)
+        changed = RewardLabeler(setup(tiny_models_cfg, change), cache)
         if change.startswith("models.zoo.tiny"):
             assert changed.key.diffusion_model != first.key.diffusion_model  # another model fingerprint
         # num_seeds=4 adds one new seed: the prompt is rendered again, all its seeds in one call
@@ -92,7 +105,7 @@ def pairs_dir(tmp_path: Path) -> Path:
 def test_label_stage_writes_per_seed_scores_and_a_rerun_hits_the_cache(ray_session, tiny_models_cfg, tmp_path,
                                                                        fused):
     cfg = config(tiny_models_cfg, f"rewards.fused={str(fused).lower()}", "rewards.keep_images=true")
-    manifest = run_reward_labels(cfg, pairs_dir(tmp_path), tmp_path / "rewards")
+    manifest = label(cfg, pairs_dir(tmp_path), tmp_path / "rewards")
     labels = pd.read_parquet(tmp_path / "rewards" / "part-00000.parquet")
     assert len(labels) == 6 and set(labels["role"]) == {"low", "high"}
     # "a cat" is the low prompt of p1 and p3 with the same intent: rendered once
@@ -106,7 +119,7 @@ def test_label_stage_writes_per_seed_scores_and_a_rerun_hits_the_cache(ray_sessi
     assert np.allclose(labels["reward"], 0.7 * labels["pickscore_mean"] + 0.3 * labels["aesthetic_mean"])
     assert {"diffusion_model", "height", "num_inference_steps", "scheduler", "seeds"} <= set(labels.columns)
     assert len(list((tmp_path / "rewards" / "images").glob("*.webp"))) == 5 * 3
-    again = run_reward_labels(cfg, pairs_dir(tmp_path / "again"), tmp_path / "rewards")
+    again = label(cfg, pairs_dir(tmp_path / "again"), tmp_path / "rewards")
     assert again["prompts_rendered"] == 0 and again["prompts_from_cache"] == 5
     rerun = pd.read_parquet(tmp_path / "rewards" / "part-00000.parquet")
     assert np.allclose(np.stack(rerun["pickscore"].to_numpy()), np.stack(labels["pickscore"].to_numpy()))
@@ -120,11 +133,11 @@ def test_reward_actor_serves_concurrent_callers(ray_session, tiny_models_cfg, tm
 
     # A wide batching window: callers that arrive within it share a batch even on a loaded machine.
     cfg = config(tiny_models_cfg, "rewards.service_batch_wait_s=1.0")
-    service = reward_service(cfg, str(tmp_path / "cache.sqlite"), num_gpus=0)
+    service = reward_service(labelling(cfg), cfg.data.scorer_pool, str(tmp_path / "cache.sqlite"), num_gpus=0)
     try:
         requests = [[f"a {animal} on a sofa"] for animal in ("cat", "dog", "fox", "owl")] + [PROMPTS]
         answers = ray.get([service.score.remote(r, r) for r in requests])  # in flight together
-        expected = RewardLabeler(cfg, cache_path=None)
+        expected = RewardLabeler(labelling(cfg), cache_path=None)
         for request, answer in zip(requests, answers, strict=True):
             scores = expected.label(request, request).scores
             want = 0.7 * scores[:, :, 0].mean(axis=1) + 0.3 * scores[:, :, 1].mean(axis=1)

@@ -63,7 +63,7 @@ def test_sft_lowers_held_out_loss_and_teaches_tags(ray_session, tiny_models_cfg,
     base, tokenizer = load_causal_lm("tiny:bloom", tiny_models_cfg)
     before = held_out_loss(base, tokenizer, pairs, cfg)
 
-    manifest = run_sft(cfg, pairs_dir, tmp_path / "sft")
+    manifest = run_sft(cfg.sft, cfg.models, cfg.cluster, pairs_dir, tmp_path / "sft")
     trained, trained_tokenizer = load_causal_lm(manifest["model"], tiny_models_cfg)
     after = held_out_loss(trained, trained_tokenizer, pairs, cfg)
     print(f"held-out loss per target token: {before:.3f} -> {after:.3f}")

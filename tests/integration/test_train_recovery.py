@@ -15,6 +15,10 @@ from bp_ray.train.sft import run_sft
 from tests.integration.ray_train_faults import worker_killer
 from tests.integration.train_inputs import corpus_pairs, model_weights
 
+
+def sft_run(cfg, *args, **kwargs) -> dict:
+    return run_sft(cfg.sft, cfg.models, cfg.cluster, *args, **kwargs)
+
 pytestmark = pytest.mark.integration
 
 
@@ -34,7 +38,7 @@ def sft_cfg(zoo_dir: str, *overrides: str):
 def test_zero_stages_train_with_two_workers(ray_session, tiny_models_cfg, pairs_dir, tmp_path, stage):
     cfg = sft_cfg(tiny_models_cfg.zoo_dir, f"sft.deepspeed.zero_stage={stage}", "sft.resources.num_workers=2",
                   "sft.epochs=0.2", "sft.checkpoint_every=3")
-    manifest = run_sft(cfg, pairs_dir, tmp_path / "sft")
+    manifest = run_sft(cfg.sft, cfg.models, cfg.cluster, pairs_dir, tmp_path / "sft")
     assert manifest["complete"] and manifest["workers"] == 2 and manifest["zero_stage"] == stage
     assert manifest["steps"] == manifest["total_steps"] >= 4
     trained = model_weights(tmp_path / "sft")
@@ -50,15 +54,15 @@ def test_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(r
                                                                               pairs_dir, tmp_path):
     common = ("sft.epochs=0.5", "sft.checkpoint_every=4")
     out = tmp_path / "sft"
-    whole = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, out)
+    whole = sft_run(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, out)
     expected = model_weights(out)
 
     # Same folder, no --resume: Ray Train would restore the finished run by its name unless bp-ray forgets it.
-    first = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common, "sft.stop_after_step=8"), pairs_dir, out)
+    first = sft_run(sft_cfg(tiny_models_cfg.zoo_dir, *common, "sft.stop_after_step=8"), pairs_dir, out)
     assert first["starts"] == [0], "a run without --resume must not restore the earlier checkpoints"
     assert first["steps"] == 8 and not first["complete"]
     assert not (out / "_SUCCESS.json").exists()
-    second = run_sft(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, out, resume=True)
+    second = sft_run(sft_cfg(tiny_models_cfg.zoo_dir, *common), pairs_dir, out, resume=True)
     assert second["complete"] and second["starts"] == [0, 8]
     assert second["steps"] == whole["steps"] > 8
 
@@ -74,7 +78,7 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoi
     cfg = sft_cfg(tiny_models_cfg.zoo_dir, "sft.epochs=1", "sft.checkpoint_every=10",
                   "sft.resources.num_workers=2")
     with worker_killer(out / "ray" / "sft", after_step=10) as killed:
-        manifest = run_sft(cfg, pairs_dir, out)
+        manifest = run_sft(cfg.sft, cfg.models, cfg.cluster, pairs_dir, out)
     assert killed, "no Ray Train worker was found to kill"
     assert manifest["complete"] and manifest["steps"] == manifest["total_steps"]
     starts = manifest["starts"]
@@ -87,4 +91,4 @@ def test_a_killed_worker_is_replaced_and_training_goes_on_from_the_last_checkpoi
 def test_a_run_that_cannot_fit_the_local_ray_fails_clearly(ray_session, tiny_models_cfg, pairs_dir, tmp_path):
     cfg = sft_cfg(tiny_models_cfg.zoo_dir, "sft.resources.num_workers=3")  # the test Ray has 2 CPUs
     with pytest.raises(RuntimeError, match="needs 3 CPUs and 0 GPUs, but this local Ray has 2 CPUs"):
-        run_sft(cfg, pairs_dir, tmp_path / "sft")
+        run_sft(cfg.sft, cfg.models, cfg.cluster, pairs_dir, tmp_path / "sft")

@@ -20,16 +20,19 @@ def test_world_pipeline_raises_true_aesthetic_and_keeps_intent(tmp_path, ray_ses
     from bp_ray.data.corpus import write_corpus
     from bp_ray.data.pipeline import corpus_spec, run_data_generation
     from bp_ray.eval.run import run_evaluation
+    from bp_ray.rewards.labeler import RewardSetup
     from bp_ray.train.ppo import run_ppo
     from bp_ray.train.sft import run_sft
 
     cfg = load_config("world", [f"models.zoo_dir={tmp_path / 'zoo'}", *REDUCED])
-    write_corpus(tmp_path / "corpus", corpus_spec(cfg))
-    data = run_data_generation(cfg, tmp_path / "data", tmp_path / "corpus")
+    write_corpus(tmp_path / "corpus", corpus_spec(cfg.data))
+    data = run_data_generation(cfg.data, cfg.models, cfg.cluster, tmp_path / "data", tmp_path / "corpus")
     assert data["pairs"]["caption"]["dropped"].get("off_topic", 0) > 0  # the relevance filter had work to do
-    run_sft(cfg, tmp_path / "data", tmp_path / "sft")
-    run_ppo(cfg, tmp_path / "data", tmp_path / "sft", None, tmp_path / "ppo")
-    run_evaluation(cfg, tmp_path / "eval", sft=tmp_path / "sft", ppo=tmp_path / "ppo")
+    run_sft(cfg.sft, cfg.models, cfg.cluster, tmp_path / "data", tmp_path / "sft")
+    run_ppo(cfg.ppo, cfg.sft, cfg.cluster, RewardSetup.for_labels(cfg.data, cfg.rewards, cfg.models),
+            cfg.data.scorer_pool, tmp_path / "data", tmp_path / "sft", None, tmp_path / "ppo")
+    run_evaluation(cfg.eval, cfg.sft, cfg.data, cfg.rewards, cfg.models, cfg.cluster, tmp_path / "eval",
+                   sft_dir=tmp_path / "sft", ppo_dir=tmp_path / "ppo")
 
     table = {row["system"]: row for row in json.loads((tmp_path / "eval" / "results.json").read_text())["table"]}
     original, sft, ppo = table["original"], table["sft"], table["ppo"]

@@ -111,7 +111,8 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
     cfg = load_config("world", [f"models.zoo_dir={world_models_cfg.zoo_dir}", "eval.num_prompts=5",
                                 "eval.num_seeds=2", "eval.grid_prompts=2", "eval.batch_size=2",
                                 *[f"models.zoo.world.{k}={v}" for k, v in QUICK_WORLD.items()]])
-    run_evaluation(cfg, tmp_path, systems=["original", "tags"])
+    run_evaluation(cfg.eval, cfg.sft, cfg.data, cfg.rewards, cfg.models, cfg.cluster, tmp_path,
+                   systems=["original", "tags"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metrics"][-4:] == ["true_aesthetic", "colour_match", "shape_match", "count_match"]
     assert set(results["tags"]) <= set(STYLE_WORDS)
@@ -120,7 +121,7 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
     for check in ("colour_match", "shape_match", "count_match"):  # every world prompt names a coloured shape
         assert set(scores[check].unique()) <= {0.0, 1.0}
     rewrites = [json.loads(line) for line in (tmp_path / "rewrites.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rewrites] == embedded_eval_prompts(cfg)[:5]
+    assert [r["prompt"] for r in rewrites] == embedded_eval_prompts(cfg.data)[:5]
     assert len(list((tmp_path / "images").rglob("*.png"))) == 2 * 2 * 2  # only the grid's images are kept
     for row in results["table"]:
         assert 0 <= row["true_aesthetic_mean"] <= 10 and 0 <= row["colour_match_mean"] <= 1

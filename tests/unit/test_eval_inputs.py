@@ -12,25 +12,30 @@ from bp_ray.eval.systems import checkpoint_model_dir, popular_tags, with_tags
 from tests.conftest import shared_path
 
 
+def sections(cfg):
+    """What load_eval_prompts reads of a config."""
+    return cfg.eval, cfg.data
+
+
 def test_the_embedded_set_is_distinct_deterministic_and_held_out_from_the_corpus():
     cfg = load_config("tiny", ["eval.num_prompts=0"])
     corpus = {p.strip().lower() for p in generate_prompts(cfg.data.corpus_rows, cfg.data.corpus_seed)}
-    prompts, report = load_eval_prompts(cfg)
+    prompts, report = load_eval_prompts(cfg.eval, cfg.data)
     assert report is None and len(prompts) == 200
     assert len({p.lower() for p in prompts}) == 200 and not {p.lower() for p in prompts} & corpus
-    assert prompts == load_eval_prompts(cfg)[0]
+    assert prompts == load_eval_prompts(cfg.eval, cfg.data)[0]
     # the exclusion is what holds it out: without it, some corpus prompts come back
     assert {p.lower() for p in VocabPrompts().eval_prompts(200, EMBEDDED_SEED, set())} & corpus
 
 
 def test_num_prompts_caps_the_set():
-    assert len(load_eval_prompts(load_config("tiny", ["eval.num_prompts=7"]))[0]) == 7
+    assert len(load_eval_prompts(*sections(load_config("tiny", ["eval.num_prompts=7"])))[0]) == 7
 
 
 def test_a_prompt_file_is_read_in_order_with_bad_rows_skipped_and_counted(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "a cat on a sofa"}\nnot json\n{"prompt": ""}\n{"prompt": "a red fox"}\n')
-    prompts, report = load_eval_prompts(load_config("tiny"), path)
+    prompts, report = load_eval_prompts(*sections(load_config("tiny")), path)
     assert prompts == ["a cat on a sofa", "a red fox"]
     assert sum(report.rows_skipped.values()) == 2
 
@@ -38,12 +43,12 @@ def test_a_prompt_file_is_read_in_order_with_bad_rows_skipped_and_counted(tmp_pa
 def test_a_csv_prompt_file_is_read(tmp_path):
     path = tmp_path / "prompts.csv"
     path.write_text('prompt,category\n"a cat, sitting",animals\na dog,animals\n')
-    assert load_eval_prompts(load_config("tiny"), path)[0] == ["a cat, sitting", "a dog"]
+    assert load_eval_prompts(*sections(load_config("tiny")), path)[0] == ["a cat, sitting", "a dog"]
 
 
 def test_the_real_drawbench_prompts_load():
     path = shared_path("data", "prompts", "drawbench.jsonl")
-    prompts, _ = load_eval_prompts(load_config("tiny", ["eval.num_prompts=0"]), path)
+    prompts, _ = load_eval_prompts(*sections(load_config("tiny", ["eval.num_prompts=0"])), path)
     assert len(prompts) > 100 and all(p.strip() for p in prompts)
 
 

@@ -72,7 +72,7 @@ def test_a_registered_prompt_source_makes_the_corpus_and_the_eval_set(monkeypatc
     rows = generate_corpus_rows(CorpusSpec(num_rows=40, seed=1, prompt_source="fruit", with_images=False))
     assert any("pear" in p or "plum" in p for p in rows["prompt"])
     cfg = load_config("tiny", ["data.corpus_kind=fruit", "eval.num_prompts=3"])
-    assert load_eval_prompts(cfg)[0] == ["fruit 0", "fruit 1", "fruit 2"]
+    assert load_eval_prompts(cfg.eval, cfg.data)[0] == ["fruit 0", "fruit 1", "fruit 2"]
     with pytest.raises(ConfigError, match=r"data\.corpus_kind='vegetable'.*prompts, .*fruit"):
         load_config("tiny", ["data.corpus_kind=vegetable"])
 
@@ -99,4 +99,4 @@ def test_eval_metrics_must_be_registered(monkeypatch):
 
     monkeypatch.setitem(registry().eval_metrics, "sharpness", EvalMetric("sharpness", ("sharpness",), sharpness))
     cfg = load_config("tiny", ["eval.metrics=[sharpness]"])
-    assert image_metrics(cfg)[-1] == "sharpness"
+    assert image_metrics(cfg.eval)[-1] == "sharpness"

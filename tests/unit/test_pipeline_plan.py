@@ -96,31 +96,47 @@ def test_each_declared_stage_reads_earlier_stages_and_runs_on_the_run_folders(tm
     calls = {}
 
     def recorder(name):
-        def run(cfg, inputs, out, resume):
-            calls[name] = (inputs, out, resume)
+        def run(inputs, out, resume, **sections):
+            calls[name] = (inputs, out, resume, sections)
             return {"stage": name}
         return run
 
     monkeypatch.setattr(pipeline, "STAGES", tuple(dataclasses.replace(s, run=recorder(s.name)) for s in STAGES))
     layout = RunLayout(tmp_path)
-    runners = pipeline.stage_runners(load_config("tiny"), layout)
+    cfg = load_config("tiny")
+    runners = pipeline.stage_runners(cfg, layout)
     assert list(runners) == list(PIPELINE_STAGES)
     for position, stage in enumerate(STAGES):
         assert all(PIPELINE_STAGES.index(read) < position for read in stage.inputs), stage.name
         runners[stage.name](True)
-        inputs, out, resume = calls[stage.name]
+        inputs, out, resume, sections = calls[stage.name]
         assert inputs == {read: tmp_path / read for read in stage.inputs} and out == tmp_path / stage.name and resume
+        # each stage gets its declared sections of the config and nothing else
+        assert sections == {name: getattr(cfg, name) for name in stage.sections}, stage.name
     assert calls["ppo"][0].keys() == {"data", "sft", "rm", "rewards"}
 
 
+def test_each_stage_function_takes_exactly_its_declared_sections():
+    import inspect
+
+    from bp_ray.stages import STAGES
+
+    for stage in STAGES:
+        keyword_only = [name for name, parameter in inspect.signature(stage.run).parameters.items()
+                        if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert keyword_only == list(stage.sections), stage.name
+        # what decides a stage's output is among what it reads
+        assert {key.lstrip("-").split(".")[0] for key in stage.config_keys} <= set(stage.sections), stage.name
+
+
 def test_the_corpus_stage_generates_nothing_when_the_pairs_come_from_prompt_files(tmp_path):
-    from bp_ray.stages import BY_NAME
+    from bp_ray.stages import BY_NAME, run_stage
     from bp_ray.summaries import corpus_summary
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat on a sofa\n")
     cfg = load_config("tiny", [f"data.source={prompts}"])
-    manifest = BY_NAME["corpus"].run(cfg, {}, tmp_path / "corpus", False)
+    manifest = run_stage(BY_NAME["corpus"], cfg, {}, tmp_path / "corpus", False)
     assert manifest["not_used"] and not list((tmp_path / "corpus").glob("*.parquet"))
     assert corpus_summary(manifest) == f"corpus: not used (data.source is {prompts})"
     assert fingerprints(cfg)["corpus"] != BASE["corpus"]  # switching back to the corpus generates it

@@ -276,7 +276,7 @@ def test_extra_sources_are_appended_and_their_bad_rows_counted(tmp_path: Path):
                                       "data.limit=5"])
     cfg = config_from_args(args)
     assert (cfg.data.source, cfg.data.extra_sources) == (str(first), [str(second)])
-    table, report, described = read_source(cfg, tmp_path / "corpus")
+    table, report, described = read_source(cfg.data, tmp_path / "corpus")
     # a blank text line is a row (cleaning drops it as `empty`); a bad JSON line is skipped and counted
     assert table[C.PROMPT].tolist() == ["a castle, oil painting", "a cat", "a fox in snow, 8k", "", "a dog"]
     assert table[C.ROW_ID].is_unique and report.rows_read == 5 and report.rows_skipped == {"invalid_json": 1}
@@ -287,4 +287,4 @@ def test_extra_sources_are_appended_and_their_bad_rows_counted(tmp_path: Path):
     clash.write_text('{"prompt": "a castle, oil painting"}\n')
     cfg.data.extra_sources = [str(clash)]
     with pytest.raises(ValueError, match="same ids; rename one of"):
-        read_source(cfg, tmp_path / "corpus")
+        read_source(cfg.data, tmp_path / "corpus")

@@ -168,13 +168,13 @@ def test_world_eval_prompts_and_tags():
     from bp_ray.eval.prompts import embedded_eval_prompts, load_eval_prompts
     from bp_ray.eval.systems import popular_tags, tag_vocabulary, tags_pool
 
-    prompts = embedded_eval_prompts(load_config("world"))
+    prompts = embedded_eval_prompts(load_config("world").data)
     assert len(prompts) == len(set(prompts)) == 200
     assert all(parse_description(p).objects and parse_description(p).styles == () for p in prompts)
     assert {len(parse_description(p).objects) for p in prompts[:4]} == {1, 2}
     cfg = load_config("world", ["eval.num_prompts=6"])
-    assert load_eval_prompts(cfg)[0] == prompts[:6]
-    tags = popular_tags(tags_pool(cfg), 4, tag_vocabulary(cfg))
+    assert load_eval_prompts(cfg.eval, cfg.data)[0] == prompts[:6]
+    tags = popular_tags(tags_pool(cfg.eval, cfg.data), 4, tag_vocabulary(cfg.data))
     assert len(tags) == 4 and set(tags) <= set(STYLE_WORDS)
 
 
