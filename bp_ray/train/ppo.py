@@ -30,7 +30,16 @@ from bp_ray.config import ActorPoolConfig, ClusterConfig, ModelsConfig, PPOConfi
 from bp_ray.data import columns as C
 from bp_ray.layout import MANIFEST, SUCCESS
 from bp_ray.rewards.labeler import RewardSetup
-from bp_ray.train.loop import MODEL_DIR
+from bp_ray.train.loop import (
+    MODEL_DIR,
+    finish_logs,
+    log_step,
+    progress_bar,
+    report_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    worker_device,
+)
 from bp_ray.train.ppo_math import (
     entropy_from_logits,
     explained_variance,
@@ -260,15 +269,6 @@ def evaluate(model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, lows: list[str
 
 def ppo_worker_loop(config: dict) -> None:
     """Ray Train worker: PPO iterations from the latest checkpoint (if any) to ppo.total_steps."""
-    from bp_ray.train.loop import (
-        finish_logs,
-        log_step,
-        progress_bar,
-        report_checkpoint,
-        restore_checkpoint,
-        save_checkpoint,
-        worker_device,
-    )
 
     ppo: PPOConfig = config["ppo"]
     sft: SFTConfig = config["sft"]
