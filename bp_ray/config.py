@@ -333,11 +333,28 @@ class RMConfig(TrainingConfig):
 
 @dataclass
 class PPOConfig:
-    """PPO against the reward with an adaptive KL penalty to the frozen SFT reference (paper Section 4.3)."""
+    """RL against the reward with a KL penalty to the frozen SFT reference: the paper's PPO with an adaptive KL
+    coefficient (Section 4.3), or a critic-free group-relative method (GRPO, RLOO) on the same loop."""
 
+    algorithm: str = opt("ppo", choices=("ppo", "grpo", "rloo"))
+    """`ppo` (critic, GAE, KL per token in the reward), `grpo` (group-standardised scores, KL as a k3 loss term) or
+    `rloo` (leave-one-out baseline within the group, KL in the reward or the loss: kl_in). The group methods
+    sample group_size responses per user prompt and train no critic."""
+    group_size: int = opt(4, ge=2)
+    """GRPO / RLOO: responses per user prompt; rollout_batch_size counts responses, so it holds
+    rollout_batch_size / group_size prompts. All of a prompt's responses are rendered with the same seeds."""
+    kl_in: str = opt("reward", choices=("reward", "loss"))
+    """RLOO: the KL to the reference as a per-response penalty on the score (k1 summed over tokens) or as GRPO's
+    k3 loss term. GRPO always uses the loss term, PPO the per-token reward penalty."""
+    normalize_terms: bool = False
+    """GRPO / RLOO: standardise each score term (reward, relevance, intent hinge, length, repetition) within its
+    group before weighting and summing them (GDPO-style), so a wide-spread term cannot drown a narrow one."""
+    group_eps: float = opt(1e-4, gt=0)
+    """Added to a group's standard deviation before dividing by it."""
     lr: float = opt(5e-6, gt=0)
     init_kl_coef: float = opt(0.05, ge=0)
-    """Initial weight of the per-token KL penalty against the SFT policy."""
+    """Initial weight of the KL to the SFT policy (PPO, RLOO with kl_in=reward: the penalty in the reward; GRPO:
+    the loss term's coefficient); the adaptive controller moves it for every algorithm."""
     kl_target: float | None = opt(6.0, gt=0)
     """Adaptive KL target (Ziegler et al. 2019); null keeps the coefficient fixed."""
     kl_horizon: int = opt(10000, ge=1)
@@ -347,6 +364,7 @@ class PPOConfig:
     clip_range: float = opt(0.2, gt=0)
     clip_range_value: float = opt(0.2, gt=0)
     vf_coef: float = opt(0.5, ge=0)
+    """PPO: weight of the value loss in the total loss (the group methods have no critic)."""
     entropy_coef: float = opt(0.0, ge=0)
     max_new_tokens: int = opt(256, ge=1)
     temperature: float = opt(1.0, gt=0)

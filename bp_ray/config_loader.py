@@ -296,6 +296,10 @@ def _validate_ppo(ppo: Any) -> None:
     if ppo.rollout_batch_size % world or ppo.minibatch_size % world:
         raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} and ppo.minibatch_size="
                           f"{ppo.minibatch_size} must be multiples of ppo.resources.num_workers={world}")
+    if ppo.algorithm != "ppo" and ppo.rollout_batch_size % (ppo.group_size * world):
+        raise ConfigError(f"ppo.algorithm={ppo.algorithm}: ppo.rollout_batch_size={ppo.rollout_batch_size} must be a "
+                          f"multiple of ppo.group_size={ppo.group_size} x ppo.resources.num_workers={world} (each "
+                          f"worker samples whole groups)")
     if ppo.rollout_batch_size % ppo.minibatch_size:
         raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
                           f"ppo.minibatch_size={ppo.minibatch_size}")

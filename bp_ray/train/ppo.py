@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ from bp_ray.config import ActorPoolConfig, ClusterConfig, ModelsConfig, PPOConfi
 from bp_ray.data import columns as C
 from bp_ray.layout import MANIFEST, SUCCESS
 from bp_ray.rewards.labeler import RewardSetup
+from bp_ray.train.group_math import (
+    grpo_advantages,
+    kl_loss,
+    normalised_score,
+    rloo_advantages,
+    token_advantages,
+)
 from bp_ray.train.loop import (
     MODEL_DIR,
     finish_logs,
@@ -45,6 +53,7 @@ from bp_ray.train.ppo_math import (
     explained_variance,
     gae,
     kl_controller,
+    kl_per_token,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
@@ -68,13 +77,15 @@ class _ActorCritic:
 
         from bp_ray.models.loading import load_causal_lm
         from bp_ray.train.deepspeed_config import deepspeed_config
-        from bp_ray.train.ppo_rollout import SeparateValueModel, SharedValueModel
+        from bp_ray.train.ppo_rollout import PolicyModel, SeparateValueModel, SharedValueModel
 
-        self.shared = ppo.value_model == "shared"
+        self.critic = "none" if ppo.algorithm != "ppo" else ppo.value_model
         policy, self.tokenizer = load_causal_lm(sft_model, models, device=device)
         # Dropout off in every pass: old and new log-probs must come from the same function.
         policy.eval()
-        if self.shared:
+        if self.critic == "none":
+            module = PolicyModel(policy)
+        elif self.critic == "shared":
             module = SharedValueModel(policy)
         else:
             critic = AutoModelForTokenClassification.from_pretrained(sft_model, num_labels=1).eval()
@@ -95,7 +106,7 @@ class _ActorCritic:
         """(B, R, vocab) logits and (B, R) values of the response tokens, with grad."""
         logits, values = self.engine(rollout.input_ids, rollout.attention_mask)
         start = rollout.query_len - 1
-        return logits[:, start:-1].float(), values[:, start:-1].float()
+        return logits[:, start:-1].float(), None if values is None else values[:, start:-1].float()
 
     def logprobs_and_values(self, rollout: Any) -> tuple[Any, Any]:
         """(B, R) log-probs and values of the sampled response tokens, without grad (the "old" ones of PPO)."""
@@ -116,10 +127,10 @@ class _ActorCritic:
 
         self.policy.save_pretrained(folder / MODEL_DIR, safe_serialization=True)
         self.tokenizer.save_pretrained(folder / MODEL_DIR)
-        if self.shared:
+        if self.critic == "shared":
             head = self.engine.module.value_head.state_dict()
             save_file({k: v.contiguous() for k, v in head.items()}, str(folder / MODEL_DIR / VALUE_HEAD_FILE))
-        else:
+        elif self.critic == "separate":
             self.engine.module.critic.save_pretrained(folder / CRITIC_DIR, safe_serialization=True)
 
 
@@ -154,7 +165,8 @@ class Scorer:
         """Scored with the iteration's whole batch every time rather than cached per pair: padding makes a score
         depend on its batch in the last float bits, and a resumed run must repeat the same numbers. Cheap: the
         learned reward is one forward pass, and the online reward answers repeats from its cache."""
-        if self.ppo.reward_baseline == "none":
+        # A group's responses share their prompt's baseline, so the group methods' advantages cancel it.
+        if self.ppo.reward_baseline == "none" or self.ppo.algorithm != "ppo":
             return np.zeros(len(rows))
         return np.asarray(self.scores(rows[C.LOW].tolist(), rows[C.HIGH].tolist())["reward"], dtype=np.float64)
 
@@ -167,9 +179,12 @@ class Scorer:
             return np.ones(len(lows))
         return np.asarray(self.scores(lows, lows)["relevance"], dtype=np.float64)
 
-    def shape(self, scores: dict[str, np.ndarray], rows: Any, texts: list[str]) -> tuple[np.ndarray, dict]:
-        return self.guards.shape(scores["reward"], self.baseline(rows), scores["relevance"], texts,
-                                 self.intent(rows[C.LOW].tolist()))
+    def shape(self, scores: dict[str, np.ndarray], rows: Any,
+              texts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+        """(B,) scores, (B,) values of each unweighted score term, and the batch means to log."""
+        intent = self.intent(rows[C.LOW].tolist())
+        score, logged = self.guards.shape(scores["reward"], self.baseline(rows), scores["relevance"], texts, intent)
+        return score, self.guards.terms(scores["reward"], scores["relevance"], texts, intent), logged
 
 
 @dataclass
@@ -184,6 +199,10 @@ class Experience:
     scores: dict[str, np.ndarray]
     shaped: np.ndarray
     """(B,) each response's score: reward - baseline + guards."""
+    terms: dict[str, np.ndarray]
+    """(B,) each unweighted score term (Guards.terms), for per-term group normalisation."""
+    weights: dict[str, float]
+    """Each term's weight in the score (Guards.weights)."""
     reward_terms: dict[str, float]
     generate_s: float
     reward_s: float
@@ -211,43 +230,68 @@ def rollout(model: _ActorCritic, reference: Any, ppo: PPOConfig, sft: SFTConfig,
     old_logprobs, old_values = model.logprobs_and_values(out)
     scores = scorer.scores(lows, out.texts)
     ref_logprobs = torch.as_tensor(ray.get(ref_future), device=old_logprobs.device)
-    shaped, terms = scorer.shape(scores, rows, out.texts)
-    return Experience(out, old_logprobs, old_values, ref_logprobs, scores, shaped, terms, generated - began,
-                      time.perf_counter() - generated)
+    shaped, terms, logged = scorer.shape(scores, rows, out.texts)
+    return Experience(out, old_logprobs, old_values, ref_logprobs, scores, shaped, terms, scorer.guards.weights(),
+                      logged, generated - began, time.perf_counter() - generated)
 
 
 def advantages(exp: Experience, kl_coef: float, ppo: Any) -> tuple[Any, Any, Any]:
-    """(advantages, returns, per-token KL): the KL penalty on every token and the score on the last
-    (token_rewards), GAE over them, advantages whitened."""
+    """(B, T) advantages, (B, T) returns (None without a critic) and the (B, T) per-token KL to the reference.
+
+    PPO: the KL penalty on every token and the score on the last (token_rewards), GAE over them, whitened. GRPO /
+    RLOO: each response's score (per-term group-standardised with normalize_terms; less kl_coef x its summed KL
+    for RLOO with kl_in=reward) made group-relative, the same on every token of the response."""
     import torch
 
     mask = exp.rollout.mask.to(exp.old_logprobs.device)
-    rewards, kl = token_rewards(torch.as_tensor(exp.shaped, dtype=torch.float32, device=mask.device),
-                                exp.old_logprobs, exp.ref_logprobs, mask, kl_coef, ppo.kl_estimator)
-    adv, returns = gae(exp.old_values, rewards, mask, ppo.gamma, ppo.lam)
-    return (masked_whiten(adv, mask) if ppo.whiten_advantages else adv), returns, kl
+    scores = torch.as_tensor(exp.shaped, dtype=torch.float32, device=mask.device)
+    if ppo.algorithm == "ppo":
+        rewards, kl = token_rewards(scores, exp.old_logprobs, exp.ref_logprobs, mask, kl_coef, ppo.kl_estimator)
+        adv, returns = gae(exp.old_values, rewards, mask, ppo.gamma, ppo.lam)
+        return (masked_whiten(adv, mask) if ppo.whiten_advantages else adv), returns, kl
+    kl = kl_per_token(exp.old_logprobs, exp.ref_logprobs, ppo.kl_estimator)
+    if ppo.normalize_terms:
+        terms = {name: torch.as_tensor(values, dtype=torch.float32, device=mask.device)
+                 for name, values in exp.terms.items()}
+        scores = normalised_score(terms, exp.weights, ppo.group_size, ppo.group_eps)
+    if ppo.algorithm == "rloo" and ppo.kl_in == "reward":
+        scores = scores - kl_coef * (kl * mask).sum(dim=-1)
+    adv = (grpo_advantages(scores, ppo.group_size, ppo.group_eps) if ppo.algorithm == "grpo"
+           else rloo_advantages(scores, ppo.group_size))
+    return token_advantages(adv, mask), None, kl
 
 
-def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: Any, world: int) -> dict[str, float]:
-    """`ppo_epochs` passes over the rollout in minibatches: the clipped surrogate minus the entropy bonus for the
-    policy, the clipped value loss for the critic; returns each loss and statistic averaged over the steps."""
+def kl_in_loss(ppo: Any) -> bool:
+    """Whether the KL to the reference is a loss term (GRPO; RLOO with kl_in=loss) rather than in the reward."""
+    return ppo.algorithm == "grpo" or (ppo.algorithm == "rloo" and ppo.kl_in == "loss")
+
+
+def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: Any, world: int,
+           kl_coef: float) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout in minibatches, each one optimizer step on the total loss: the clipped
+    surrogate, minus the entropy bonus, plus the clipped value loss (PPO's critic) or the k3 KL term (GRPO, RLOO
+    with kl_in=loss); returns each loss and statistic averaged over the steps."""
     import torch
 
     mask = exp.rollout.mask.to(exp.old_logprobs.device)
-    stats: dict[str, list[float]] = {"loss/policy": [], "loss/value": [], "clipfrac": [], "approx_kl": [],
-                                     "value_clipfrac": [], "entropy": []}
+    zero = torch.zeros((), device=mask.device)
+    stats: dict[str, list[float]] = defaultdict(list)
     for _ in range(ppo.ppo_epochs):
         for rows in torch.randperm(len(exp.rollout.texts)).split(ppo.minibatch_size // world):
             part = exp.rollout.select(rows)
             logits, values = model.logits_and_values(part)
-            pg, pg_stats = policy_loss(logprobs_from_logits(logits, part.response_ids), exp.old_logprobs[rows],
-                                       adv[rows], mask[rows], ppo.clip_range)
-            vf, vf_stats = value_loss(values, exp.old_values[rows], returns[rows], mask[rows], ppo.clip_range_value)
+            logprobs = logprobs_from_logits(logits, part.response_ids)
+            pg, pg_stats = policy_loss(logprobs, exp.old_logprobs[rows], adv[rows], mask[rows], ppo.clip_range)
+            vf, vf_stats = (value_loss(values, exp.old_values[rows], returns[rows], mask[rows], ppo.clip_range_value)
+                            if values is not None else (zero, {}))
+            kl = kl_loss(logprobs, exp.ref_logprobs[rows], mask[rows]) if kl_in_loss(ppo) else zero
             entropy = masked_mean(entropy_from_logits(logits), mask[rows])
-            loss = pg - ppo.entropy_coef * entropy + ppo.vf_coef * vf
+            loss = pg - ppo.entropy_coef * entropy + ppo.vf_coef * vf + kl_coef * kl
             model.step(loss)
-            for key, value in {"loss/policy": pg, "loss/value": vf, "entropy": entropy, **pg_stats,
-                               **vf_stats}.items():
+            losses = {"loss/policy": pg, "entropy": entropy, **pg_stats,
+                      **({"loss/value": vf, **vf_stats} if values is not None else {}),
+                      **({"loss/kl": kl} if kl_in_loss(ppo) else {})}
+            for key, value in losses.items():
                 stats[key].append(float(value))
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
@@ -268,7 +312,7 @@ def evaluate(model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, lows: list[str
 
 
 def ppo_worker_loop(config: dict) -> None:
-    """Ray Train worker: PPO iterations from the latest checkpoint (if any) to ppo.total_steps."""
+    """Ray Train worker: RL iterations (ppo.algorithm) from the latest checkpoint (if any) to ppo.total_steps."""
 
     ppo: PPOConfig = config["ppo"]
     sft: SFTConfig = config["sft"]
@@ -294,8 +338,10 @@ def ppo_worker_loop(config: dict) -> None:
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
     held_out = split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed)
     train, evaluation = pairs[~held_out].reset_index(drop=True), pairs[held_out].head(ppo.eval_prompts)
-    if len(train) < ppo.rollout_batch_size:
-        raise ValueError(f"{len(train)} training pairs are fewer than ppo.rollout_batch_size={ppo.rollout_batch_size}")
+    group = ppo.group_size if ppo.algorithm != "ppo" else 1
+    prompts = ppo.rollout_batch_size // group  # per iteration, over all workers; each sampled `group` times
+    if len(train) < prompts:
+        raise ValueError(f"{len(train)} training pairs are fewer than the {prompts} prompts of an iteration")
     scorer = Scorer(config["reward"], ppo, Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef,
                                                   ppo.repetition_coef, ppo.intent_hinge_coef, ppo.intent_margin))
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
@@ -313,18 +359,18 @@ def ppo_worker_loop(config: dict) -> None:
     start_step = state["step"]
     end_step = min(ppo.total_steps, ppo.stop_after_step) if ppo.stop_after_step else ppo.total_steps
     writer = MetricsWriter(Path(config["metrics_dir"]), enabled=rank == 0, start_step=start_step)
-    progress = progress_bar("ppo", ppo.total_steps, start_step) if rank == 0 else None
-    per_epoch = len(train) // ppo.rollout_batch_size
+    progress = progress_bar(ppo.algorithm, ppo.total_steps, start_step) if rank == 0 else None
+    per_epoch = len(train) // prompts
 
     for step in range(start_step, end_step):
         began = time.perf_counter()
         epoch, index = divmod(step, per_epoch)
-        rows = train.iloc[batches_for_rank(epoch_order(len(train), epoch, ppo.seed), ppo.rollout_batch_size,
-                                           rank, world)[index]]
+        rows = train.iloc[batches_for_rank(epoch_order(len(train), epoch, ppo.seed), prompts, rank, world)[index]]
+        rows = rows.iloc[np.repeat(np.arange(len(rows)), group)]  # a group's responses side by side
         torch.manual_seed(hash((ppo.seed, step, rank)) % 2**31)
         exp = rollout(model, reference, ppo, sft, rows, scorer)
         adv, returns, kl = advantages(exp, controller.value, ppo)
-        stats = update(model, exp, adv, returns, ppo, world)
+        stats = update(model, exp, adv, returns, ppo, world, controller.value)
         updated = time.perf_counter()
 
         mask = exp.rollout.mask.to(kl.device)
@@ -332,7 +378,8 @@ def ppo_worker_loop(config: dict) -> None:
                  "reward/pickscore": float(np.mean(exp.scores["pickscore"])),
                  "reward/aesthetic": float(np.mean(exp.scores["aesthetic"])),
                  "kl": float((kl * mask).sum(-1).mean()), "response_tokens": float(mask.sum(-1).mean()),
-                 "explained_variance": explained_variance(exp.old_values, returns, mask),
+                 **({"explained_variance": explained_variance(exp.old_values, returns, mask)}
+                    if returns is not None else {}),
                  "time/generate_s": exp.generate_s, "time/reward_s": exp.reward_s,
                  "time/update_s": updated - began - exp.generate_s - exp.reward_s}
         metrics = _all_mean(local, world)
@@ -346,7 +393,8 @@ def ppo_worker_loop(config: dict) -> None:
                          kl_controller=controller.state_dict())
             report_checkpoint(save_checkpoint(model.engine, model.save_models, state, rank,
                                               ppo.deepspeed.zero_stage), metrics, done)
-        log_step(writer, progress, done, metrics, f"ppo reward {metrics['reward/combined']:.3f} kl {metrics['kl']:.2f}")
+        log_step(writer, progress, done, metrics,
+                 f"{ppo.algorithm} reward {metrics['reward/combined']:.3f} kl {metrics['kl']:.2f}")
     finish_logs(writer, progress)
 
 

@@ -126,6 +126,17 @@ class SharedValueModel(torch.nn.Module):
         return out.logits, self.value_head(out.hidden_states[-1].float())[..., 0]
 
 
+class PolicyModel(torch.nn.Module):
+    """The policy alone, for the critic-free methods: (logits, None)."""
+
+    def __init__(self, policy: Any):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.policy(**lm_inputs(self.policy, input_ids, attention_mask)).logits, None
+
+
 class SeparateValueModel(torch.nn.Module):
     """Policy and critic as two networks (the critic a token-regression copy of the SFT model) in one module, so
     one optimizer steps both on one total loss."""
@@ -156,18 +167,30 @@ class Guards:
     intent_hinge_coef: float = 0.0
     intent_margin: float = 0.0
 
+    def weights(self) -> dict[str, float]:
+        """Each term's weight in the score (the baseline is subtracted apart)."""
+        return {"reward": 1.0, "relevance": self.relevance_coef, "intent_shortfall": -self.intent_hinge_coef,
+                "words_over_cap": -self.length_coef, "repetition": -self.repetition_coef}
+
+    def terms(self, reward: np.ndarray, relevance: np.ndarray, texts: list[str],
+              intent: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """(B,) values of every weighted term of the score, unweighted."""
+        words = np.array([len(t.split()) for t in texts], dtype=np.float64)
+        shortfall = (np.maximum(np.asarray(intent) - self.intent_margin - relevance, 0.0) if intent is not None
+                     else np.zeros_like(words))
+        return {"reward": np.asarray(reward, dtype=np.float64), "relevance": np.asarray(relevance, dtype=np.float64),
+                "intent_shortfall": shortfall,
+                "words_over_cap": np.maximum(words - self.max_words, 0.0) if self.max_words else np.zeros_like(words),
+                "repetition": np.array([repetition_share(t) for t in texts], dtype=np.float64)}
+
     def shape(self, reward: np.ndarray, baseline: np.ndarray, relevance: np.ndarray, texts: list[str],
               intent: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """(B,) scores for PPO and the batch means of every term."""
-        words = np.array([len(t.split()) for t in texts], dtype=np.float64)
-        excess = np.maximum(words - self.max_words, 0.0) if self.max_words else np.zeros_like(words)
-        repetition = np.array([repetition_share(t) for t in texts], dtype=np.float64)
-        shortfall = (np.maximum(np.asarray(intent) - self.intent_margin - relevance, 0.0) if intent is not None
-                     else np.zeros_like(words))
-        score = (reward - baseline + self.relevance_coef * relevance - self.intent_hinge_coef * shortfall
-                 - self.length_coef * excess - self.repetition_coef * repetition)
-        terms = {"reward/combined": reward, "reward/baseline": baseline, "reward/relevance": relevance,
-                 "reward/score": score, "guard/words": words, "guard/words_over_cap": excess,
-                 "guard/repetition": repetition, "guard/intent_shortfall": shortfall,
-                 "guard/intent_kept": (shortfall == 0).astype(np.float64)}
-        return score, {name: float(np.mean(values)) for name, values in terms.items()}
+        terms = self.terms(reward, relevance, texts, intent)
+        score = sum(weight * terms[name] for name, weight in self.weights().items()) - baseline
+        logged = {"reward/combined": reward, "reward/baseline": baseline, "reward/relevance": relevance,
+                  "reward/score": score, "guard/words": np.array([len(t.split()) for t in texts], dtype=np.float64),
+                  "guard/words_over_cap": terms["words_over_cap"], "guard/repetition": terms["repetition"],
+                  "guard/intent_shortfall": terms["intent_shortfall"],
+                  "guard/intent_kept": (terms["intent_shortfall"] == 0).astype(np.float64)}
+        return score, {name: float(np.mean(values)) for name, values in logged.items()}

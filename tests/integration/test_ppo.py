@@ -100,6 +100,59 @@ def test_a_killed_worker_is_replaced_and_ppo_goes_on_from_the_last_checkpoint(tr
     assert pd.read_csv(out / "metrics" / "metrics.csv")["step"].tolist() == list(range(1, 9))
 
 
+def test_grpo_raises_the_held_out_reward_with_no_critic(trained, tiny_models_cfg, tmp_path):
+    cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.algorithm=grpo", "ppo.group_size=4", "ppo.total_steps=30",
+                  "ppo.checkpoint_every=10")
+    manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "grpo")
+    before, after = manifest["initial_eval"]["eval/reward"], manifest["final_metrics"]["eval/reward"]
+    print(f"held-out reward (greedy): SFT {before:.3f} -> GRPO {after:.3f}")
+    assert after > before + 0.1
+    assert manifest["complete"] and (tmp_path / "grpo" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "grpo" / "critic").exists()
+    metrics = pd.read_csv(tmp_path / "grpo" / "metrics" / "metrics.csv")
+    assert {"loss/kl", "kl", "kl_coef", "clipfrac", "reward/combined"} <= set(metrics.columns)
+    assert not {"loss/value", "explained_variance"} & set(metrics.columns)
+    assert (metrics["loss/kl"] >= 0).all()  # the k3 estimate is never negative
+
+
+def test_a_stopped_and_resumed_grpo_run_ends_like_an_uninterrupted_one(trained, tiny_models_cfg, tmp_path):
+    common = ("ppo.algorithm=grpo", "ppo.total_steps=4", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1",
+              "ppo.eval_prompts=4")
+    args = (trained["pairs"], trained["sft"], trained["rm"])
+    whole = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "whole")
+    first = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common, "ppo.stop_after_step=2"), *args, tmp_path / "split")
+    assert first["steps"] == 2 and not first["complete"]
+    second = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, tmp_path / "split", resume=True)
+    assert second["complete"] and second["starts"] == [0, 2]
+    assert second["kl_coef"] == pytest.approx(whole["kl_coef"], rel=1e-6)
+    expected, got = model_weights(tmp_path / "whole"), model_weights(tmp_path / "split")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # the training loop's killed worker is also tested in test_train_recovery.py
+def test_a_killed_worker_is_replaced_and_rloo_goes_on_from_the_last_checkpoint(trained, tiny_models_cfg, tmp_path):
+    out = tmp_path / "rloo"
+    cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.algorithm=rloo", "ppo.total_steps=6", "ppo.checkpoint_every=2",
+                  "ppo.ppo_epochs=1", "ppo.eval_prompts=4")
+    with worker_killer(out / "ray" / "ppo", after_step=2) as killed:
+        manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], out)
+    assert killed, "no Ray Train worker was found to kill"
+    assert manifest["complete"] and manifest["steps"] == 6
+    starts = manifest["starts"]
+    assert len(starts) >= 2 and starts[0] == 0 and all(s > 0 and s % 2 == 0 for s in starts[1:]), starts
+
+
+def test_rloo_with_the_kl_in_the_loss_and_per_term_normalisation_runs(trained, tiny_models_cfg, tmp_path):
+    cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.algorithm=rloo", "ppo.kl_in=loss", "ppo.normalize_terms=true",
+                  "ppo.group_size=2", "ppo.total_steps=2", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1",
+                  "ppo.eval_prompts=4")
+    manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "rloo")
+    assert manifest["complete"]
+    metrics = pd.read_csv(tmp_path / "rloo" / "metrics" / "metrics.csv")
+    assert "loss/kl" in metrics.columns and metrics["reward/combined"].notna().all()
+
+
 def test_shared_value_head_and_online_rewards_run(trained, tiny_models_cfg, tmp_path):
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=2", "ppo.checkpoint_every=2", "ppo.ppo_epochs=1",
                   "ppo.value_model=shared", "ppo.reward_source=online", "ppo.relevance_coef=0.1",
