@@ -1,6 +1,7 @@
-"""PPO throughput on this machine: full iterations (rollout + reward + update) of `bp-ray train ppo` against TRL's
-PPO trainer (`trl.experimental.ppo.PPOTrainer`, the installed TRL's own PPO) on the same tiny models, prompts and
-batch sizes.
+"""RL throughput on this machine: full iterations (rollout + reward + update) of `bp-ray train ppo` against TRL's
+trainer of the same algorithm on the same tiny models, prompts and batch sizes: PPO against
+`trl.experimental.ppo.PPOTrainer` (the installed TRL's own PPO), GRPO (`--algorithm grpo`, groups of 4) against
+`trl.GRPOTrainer`.
 
 Both start from the same SFT policy (trained here for one epoch on subject -> prompt pairs of the embedded
 corpus) and get their reward from the same learned PickScore regressor (`bp-ray train rm`, labels made up so they
@@ -11,7 +12,12 @@ bp-ray runs on Ray Train + DeepSpeed with one CPU worker plus the reference and 
 process. "Steady" is the median samples/s over the iterations after the first two; bp-ray's shares of time in
 generation, reward (reference log-probs and the reward actor) and update come from its per-iteration metrics.
 
-    python benchmarks/ppo_throughput.py [--iterations 12]
+    python benchmarks/ppo_throughput.py [--iterations 12] [--algorithm grpo]
+
+For GRPO both sample 16 responses an iteration (4 prompts x 4), take 8 optimizer steps on them (2 minibatches of 8,
+4 passes; TRL: steps_per_generation 2, num_iterations 4), keep the KL to the reference in the loss (beta 0.05) and
+score each completion with the same PickScore regressor (TRL through a reward function that calls it on the
+completion, as bp-ray's reward actor does).
 """
 
 from __future__ import annotations
@@ -124,9 +130,54 @@ def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -
             "wall_s": time.perf_counter() - start}
 
 
+def trl_grpo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bp_ray.models.reward_model import load_regressor, predict_standardised
+
+    steps_per_round = (ROLLOUT // MINIBATCH) * EPOCHS
+
+    class IterationTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(sft / "model", padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(sft / "model")
+    regressor, reward_tokenizer = load_regressor(str(rm / "pickscore" / "model"), None, 1)
+
+    def pickscore(prompts, completions, **kwargs) -> list[float]:
+        return predict_standardised(regressor, reward_tokenizer, completions, cfg.rm.max_length)[:, 0].tolist()
+
+    lows = pd.read_parquet(pairs / "part-00000.parquet")[C.LOW].tolist()
+    data = Dataset.from_dict({"prompt": [format_prompt(cfg.sft.instruction, low) for low in lows]})
+    args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=MINIBATCH, gradient_accumulation_steps=1,
+                      steps_per_generation=ROLLOUT // MINIBATCH, num_generations=cfg.ppo.group_size,
+                      num_iterations=EPOCHS, max_steps=iterations * steps_per_round,
+                      max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=cfg.ppo.lr,
+                      beta=cfg.ppo.init_kl_coef, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                      seed=cfg.ppo.seed, logging_steps=10_000, disable_tqdm=True)
+    timer = IterationTimer()
+    trainer = GRPOTrainer(model=policy, reward_funcs=[pickscore], args=args, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[timer])
+    timer.stamps = [time.perf_counter()]
+    trainer.train()
+    rounds = np.diff(timer.stamps[::steps_per_round])  # one generation round = steps_per_round optimizer steps
+    return {"iterations": len(rounds), "steady_samples_per_s": float(np.median(ROLLOUT / rounds[WARMUP:])),
+            "wall_s": time.perf_counter() - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--algorithm", choices=("ppo", "grpo"), default="ppo")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bp-ray-ppo-bench-"))
     try:
@@ -140,18 +191,20 @@ def main() -> None:
         cfg = load_config("tiny", [f"ppo.total_steps={args.iterations}", f"ppo.checkpoint_every={args.iterations}",
                                    f"ppo.rollout_batch_size={ROLLOUT}", f"ppo.minibatch_size={MINIBATCH}",
                                    f"ppo.ppo_epochs={EPOCHS}", f"ppo.max_new_tokens={NEW_TOKENS}",
-                                   "ppo.reward_baseline=none", "ppo.eval_prompts=4"])
-        results = {"bp_ray_ppo": bp_ray_ppo(cfg, pairs, work / "sft", work / "rm", work / "ppo"),
-                   "trl_experimental_ppo": trl_ppo(cfg, pairs, work / "sft", work / "rm", args.iterations,
-                                                   work / "trl")}
+                                   "ppo.reward_baseline=none", "ppo.eval_prompts=4", f"ppo.algorithm={args.algorithm}",
+                                   "ppo.group_size=4"])
+        peer = trl_grpo if args.algorithm == "grpo" else trl_ppo
+        results = {f"bp_ray_{args.algorithm}": bp_ray_ppo(cfg, pairs, work / "sft", work / "rm", work / "ppo"),
+                   f"trl_{args.algorithm}": peer(cfg, pairs, work / "sft", work / "rm", args.iterations, work / "trl")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ours, theirs = results["bp_ray_ppo"], results["trl_experimental_ppo"]
-    print(f"PPO throughput, tiny BLOOM, rollout {ROLLOUT}, minibatch {MINIBATCH}, {EPOCHS} epochs, "
-          f"{NEW_TOKENS} new tokens, {args.iterations} iterations")
+    ours, theirs = results[f"bp_ray_{args.algorithm}"], results[f"trl_{args.algorithm}"]
+    trainer = "GRPOTrainer" if args.algorithm == "grpo" else "experimental PPOTrainer"
+    print(f"{args.algorithm.upper()} throughput, tiny BLOOM, rollout {ROLLOUT}, minibatch {MINIBATCH}, "
+          f"{EPOCHS} epochs, {NEW_TOKENS} new tokens, {args.iterations} iterations")
     print(f"  bp-ray (Ray Train + DeepSpeed, actors)  steady {ours['steady_samples_per_s']:6.1f} samples/s  "
           f"wall {ours['wall_s']:6.1f} s")
-    print(f"  TRL experimental PPOTrainer (1 proc)  steady {theirs['steady_samples_per_s']:6.1f} samples/s  "
+    print(f"  TRL {trainer} (1 proc)  steady {theirs['steady_samples_per_s']:6.1f} samples/s  "
           f"wall {theirs['wall_s']:6.1f} s")
     print(f"  ratio bp-ray / TRL: {ours['steady_samples_per_s'] / theirs['steady_samples_per_s']:.2f}x")
     print(f"  bp-ray time shares: generation {ours['share_generate']:.0%}, reward {ours['share_reward']:.0%}, "
