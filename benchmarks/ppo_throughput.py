@@ -58,6 +58,20 @@ WARMUP = 2
 ROLLOUT, MINIBATCH, EPOCHS, NEW_TOKENS = 16, 8, 4, 24
 
 
+def iteration_timer():
+    """A TRL callback that stamps the end of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class IterationTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    return IterationTimer()
+
+
 def made_up_labels(pairs_dir: Path, folder: Path) -> Path:
     """Label files shaped like `bp-ray rewards label` output; scores grow with commas and words."""
     pairs = pd.read_parquet(pairs_dir / "part-00000.parquet")
@@ -87,15 +101,8 @@ def bp_ray_ppo(cfg, pairs: Path, sft: Path, rm: Path, out: Path) -> dict:
 def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    class IterationTimer(TrainerCallback):
-        def __init__(self):
-            self.stamps = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
 
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -117,7 +124,7 @@ def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -
                      stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[], use_cpu=True,
                      bf16=False, fp16=False, seed=cfg.ppo.seed, logging_steps=10_000, disable_tqdm=True,
                      local_rollout_forward_batch_size=ROLLOUT)
-    timer = IterationTimer()
+    timer = iteration_timer()
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, train_dataset=data, value_model=value, callbacks=[timer])
     timer.stamps = [time.perf_counter()]
@@ -133,19 +140,12 @@ def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -
 def trl_grpo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from bp_ray.models.reward_model import load_regressor, predict_standardised
 
     steps_per_round = (ROLLOUT // MINIBATCH) * EPOCHS
-
-    class IterationTimer(TrainerCallback):
-        def __init__(self):
-            self.stamps = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
 
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -164,7 +164,7 @@ def trl_grpo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) 
                       max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=cfg.ppo.lr,
                       beta=cfg.ppo.init_kl_coef, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                       seed=cfg.ppo.seed, logging_steps=10_000, disable_tqdm=True)
-    timer = IterationTimer()
+    timer = iteration_timer()
     trainer = GRPOTrainer(model=policy, reward_funcs=[pickscore], args=args, train_dataset=data,
                           processing_class=tokenizer, callbacks=[timer])
     timer.stamps = [time.perf_counter()]
