@@ -55,6 +55,9 @@ def rm_run(cfg, *args, **kwargs) -> dict:
     return run_rm(cfg.rm, cfg.rewards, cfg.models, cfg.cluster, *args, **kwargs)
 
 WARMUP = 2
+PHASES = ("time/generate_s", "time/reward_s", "time/rollout_wait_s", "time/update_s")
+"""Generation and reward (the rollout's own phases, on the actor with async_rollout), how long the worker waited
+for the rollout, and the update."""
 ROLLOUT, MINIBATCH, EPOCHS, NEW_TOKENS = 16, 8, 4, 24
 
 
@@ -91,11 +94,9 @@ def bp_ray_ppo(cfg, pairs: Path, sft: Path, rm: Path, out: Path) -> dict:
     manifest = ppo_run(cfg, pairs, sft, rm, out)
     wall = time.perf_counter() - start
     metrics = pd.read_csv(out / "metrics" / "metrics.csv").iloc[WARMUP:]
-    times = metrics[["time/generate_s", "time/reward_s", "time/update_s"]].sum()
     return {"iterations": manifest["steps"], "steady_samples_per_s": float(metrics["perf/samples_per_s"].median()),
-            "wall_s": wall, "share_generate": float(times["time/generate_s"] / times.sum()),
-            "share_reward": float(times["time/reward_s"] / times.sum()),
-            "share_update": float(times["time/update_s"] / times.sum())}
+            "wall_s": wall, **{f"median_{k.split('/')[1]}": float(metrics[k].median()) for k in PHASES},
+            "median_rollout_lag": float(metrics["rollout/lag"].median())}
 
 
 def trl_ppo(cfg, pairs: Path, sft: Path, rm: Path, iterations: int, out: Path) -> dict:
@@ -179,6 +180,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--algorithm", choices=("ppo", "grpo"), default="ppo")
     args = parser.parse_args()
+    import ray
+
     work = Path(tempfile.mkdtemp(prefix="bp-ray-ppo-bench-"))
     try:
         pairs = write_subject_pairs(work / "data", rows=1200)
@@ -188,27 +191,32 @@ def main() -> None:
                 work / "sft")
         rm_run(load_config("tiny", ["rm.epochs=1", "rm.checkpoint_every=10000"]),
                made_up_labels(pairs, work / "rewards"), work / "rm")
-        cfg = load_config("tiny", [f"ppo.total_steps={args.iterations}", f"ppo.checkpoint_every={args.iterations}",
-                                   f"ppo.rollout_batch_size={ROLLOUT}", f"ppo.minibatch_size={MINIBATCH}",
-                                   f"ppo.ppo_epochs={EPOCHS}", f"ppo.max_new_tokens={NEW_TOKENS}",
-                                   "ppo.reward_baseline=none", "ppo.eval_prompts=4", f"ppo.algorithm={args.algorithm}",
-                                   "ppo.group_size=4"])
+        overrides = [f"ppo.total_steps={args.iterations}", f"ppo.checkpoint_every={args.iterations}",
+                     f"ppo.rollout_batch_size={ROLLOUT}", f"ppo.minibatch_size={MINIBATCH}", f"ppo.ppo_epochs={EPOCHS}",
+                     f"ppo.max_new_tokens={NEW_TOKENS}", "ppo.reward_baseline=none", "ppo.eval_prompts=4",
+                     f"ppo.algorithm={args.algorithm}", "ppo.group_size=4", "ppo.deepspeed.zero_stage=0"]
+        cfg = load_config("tiny", overrides)
+        results = {"bp-ray": bp_ray_ppo(cfg, pairs, work / "sft", work / "rm", work / "ppo")}
+        if args.algorithm == "grpo":
+            results["bp-ray async"] = bp_ray_ppo(load_config("tiny", [*overrides, "ppo.async_rollout=true"]), pairs,
+                                                 work / "sft", work / "rm", work / "ppo-async")
+        ray.shutdown()  # the peer runs with the machine to itself
         peer = trl_grpo if args.algorithm == "grpo" else trl_ppo
-        results = {f"bp_ray_{args.algorithm}": bp_ray_ppo(cfg, pairs, work / "sft", work / "rm", work / "ppo"),
-                   f"trl_{args.algorithm}": peer(cfg, pairs, work / "sft", work / "rm", args.iterations, work / "trl")}
+        results["TRL"] = peer(cfg, pairs, work / "sft", work / "rm", args.iterations, work / "trl")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ours, theirs = results[f"bp_ray_{args.algorithm}"], results[f"trl_{args.algorithm}"]
     trainer = "GRPOTrainer" if args.algorithm == "grpo" else "experimental PPOTrainer"
+    theirs = results["TRL"]["steady_samples_per_s"]
     print(f"{args.algorithm.upper()} throughput, tiny BLOOM, rollout {ROLLOUT}, minibatch {MINIBATCH}, "
           f"{EPOCHS} epochs, {NEW_TOKENS} new tokens, {args.iterations} iterations")
-    print(f"  bp-ray (Ray Train + DeepSpeed, actors)  steady {ours['steady_samples_per_s']:6.1f} samples/s  "
-          f"wall {ours['wall_s']:6.1f} s")
-    print(f"  TRL {trainer} (1 proc)  steady {theirs['steady_samples_per_s']:6.1f} samples/s  "
-          f"wall {theirs['wall_s']:6.1f} s")
-    print(f"  ratio bp-ray / TRL: {ours['steady_samples_per_s'] / theirs['steady_samples_per_s']:.2f}x")
-    print(f"  bp-ray time shares: generation {ours['share_generate']:.0%}, reward {ours['share_reward']:.0%}, "
-          f"update {ours['share_update']:.0%}")
+    for name, got in results.items():
+        label = {"bp-ray": "bp-ray (Ray Train + DeepSpeed, actors)", "bp-ray async": "bp-ray, async_rollout",
+                 "TRL": f"TRL {trainer} (1 proc)"}[name]
+        print(f"  {label:40s} steady {got['steady_samples_per_s']:6.1f} samples/s  wall {got['wall_s']:6.1f} s  "
+              f"{got['steady_samples_per_s'] / theirs:.2f}x TRL")
+        if name != "TRL":
+            phases = ", ".join(f"{phase[5:-2]} {got['median_' + phase[5:]]:.3f}" for phase in PHASES)
+            print(f"    median s per iteration: {phases}; rollout lag {got['median_rollout_lag']:.0f}")
     print(json.dumps(results, indent=1))
 
 

@@ -401,8 +401,14 @@ class PPOConfig:
     checkpoint_every: int = opt(100, ge=1)
     stop_after_step: int = opt(0, ge=0)
     """As sft.stop_after_step."""
+    async_rollout: bool = False
+    """Group methods: each worker's next iteration is sampled and scored by a rollout actor (a copy of the policy,
+    sent the weights before each update) while the worker updates on this one: one update off-policy, as
+    OpenRLHF's async training and verl's one-step-off-policy; hides generation and reward behind the update. The
+    first iteration of a run (and of a resumed one) is sampled on-policy."""
     actor_cpus: float = opt(1.0, ge=0)
-    """CPUs of the reference actor and of the reward actor each (learned or online)."""
+    """CPUs of the reference actor and of the reward actor each (learned or online), and of each worker's rollout
+    actor (async_rollout)."""
     actor_gpus: float = opt(0.0, ge=0)
     seed: int = 42
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -292,6 +292,9 @@ def _validate_ppo(ppo: Any) -> None:
     if ppo.deepspeed.zero_stage == 3:
         raise ConfigError("ppo.deepspeed.zero_stage=3 is not supported: each worker generates its rollouts and needs "
                           "the policy's full weights (use 0-2; ZeRO-2 already partitions optimizer state and grads)")
+    if ppo.async_rollout and ppo.algorithm == "ppo":
+        raise ConfigError("ppo.async_rollout needs a critic-free method (ppo.algorithm=grpo or rloo): PPO's values "
+                          "come from the critic the worker is updating")
     world = ppo.resources.num_workers
     if ppo.rollout_batch_size % world or ppo.minibatch_size % world:
         raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} and ppo.minibatch_size="

@@ -10,10 +10,13 @@ one module in one DeepSpeed engine. Every `checkpoint_every` iterations: greedy 
 is scored, and a checkpoint (policy in Hugging Face format, critic, DeepSpeed state, the KL coefficient, RNG) is
 reported to Ray Train.
 Iteration i samples with a generator seeded by (seed, i, rank), so a resumed run repeats the same iterations.
+With ppo.async_rollout (group methods) a rollout actor per worker samples iteration i+1 while the worker updates
+on iteration i, with the weights of before that update (one update off-policy).
 
-The loop reads as the algorithm: `rollout()` (samples, old log-probs and values, reference log-probs, shaped
-scores), `advantages()` (token rewards with the KL penalty, GAE, whitening), `update()` (the clipped policy and
-value losses over minibatches, summed in one line); the math is in `ppo_math.py`, one function per equation.
+The loop reads as the algorithm: `rollout()` (ppo_experience.py: samples, old log-probs and values, reference
+log-probs, shaped scores), `advantages()` (token rewards with the KL penalty, GAE, whitening), `update()` (the
+clipped policy and value losses over minibatches, summed in one line); the math is in `ppo_math.py`, one function
+per equation.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from bp_ray.train.loop import (
     save_checkpoint,
     worker_device,
 )
+from bp_ray.train.ppo_experience import Experience, Scorer, guards_for, rollout
 from bp_ray.train.ppo_math import (
     entropy_from_logits,
     explained_variance,
@@ -104,9 +107,9 @@ class _ActorCritic:
 
     def logits_and_values(self, rollout: Any) -> tuple[Any, Any]:
         """(B, R, vocab) logits and (B, R) values of the response tokens, with grad."""
-        logits, values = self.engine(rollout.input_ids, rollout.attention_mask)
-        start = rollout.query_len - 1
-        return logits[:, start:-1].float(), None if values is None else values[:, start:-1].float()
+        keep = rollout.response_ids.shape[1] + 1
+        logits, values = self.engine(rollout.input_ids, rollout.attention_mask, keep)
+        return logits[:, -keep:-1].float(), None if values is None else values[:, -keep:-1].float()
 
     def logprobs_and_values(self, rollout: Any) -> tuple[Any, Any]:
         """(B, R) log-probs and values of the sampled response tokens, without grad (the "old" ones of PPO)."""
@@ -145,94 +148,6 @@ def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(tensor)
     return dict(zip(keys, (tensor / world).tolist(), strict=True))
-
-
-@dataclass
-class Scorer:
-    """What a rollout's texts score: the reward actor (learned or online), less the paper's baseline (the reward
-    of each pair's own high prompt), shaped by the reward-hacking guards."""
-
-    actor: Any
-    ppo: Any
-    guards: Any
-
-    def scores(self, lows: list[str], texts: list[str]) -> dict[str, np.ndarray]:
-        from bp_ray.train.ppo_actors import remote_scores
-
-        return remote_scores(self.actor, lows, texts)
-
-    def baseline(self, rows: Any) -> np.ndarray:
-        """Scored with the iteration's whole batch every time rather than cached per pair: padding makes a score
-        depend on its batch in the last float bits, and a resumed run must repeat the same numbers. Cheap: the
-        learned reward is one forward pass, and the online reward answers repeats from its cache."""
-        # A group's responses share their prompt's baseline, so the group methods' advantages cancel it.
-        if self.ppo.reward_baseline == "none" or self.ppo.algorithm != "ppo":
-            return np.zeros(len(rows))
-        return np.asarray(self.scores(rows[C.LOW].tolist(), rows[C.HIGH].tolist())["reward"], dtype=np.float64)
-
-    def intent(self, lows: list[str]) -> np.ndarray | None:
-        """Relevance of each low prompt to itself: through its own renders (online, cached after the first time),
-        or 1 for the text reward (a prompt's CLIP text embedding against itself)."""
-        if not self.ppo.intent_hinge_coef:
-            return None
-        if self.ppo.reward_source == "rm":
-            return np.ones(len(lows))
-        return np.asarray(self.scores(lows, lows)["relevance"], dtype=np.float64)
-
-    def shape(self, scores: dict[str, np.ndarray], rows: Any,
-              texts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
-        """(B,) scores, (B,) values of each unweighted score term, and the batch means to log."""
-        intent = self.intent(rows[C.LOW].tolist())
-        score, logged = self.guards.shape(scores["reward"], self.baseline(rows), scores["relevance"], texts, intent)
-        return score, self.guards.terms(scores["reward"], scores["relevance"], texts, intent), logged
-
-
-@dataclass
-class Experience:
-    """One iteration's samples on this worker and everything the update needs of them."""
-
-    rollout: Any
-    """ppo_rollout.Rollout: queries, responses, their mask and decoded texts."""
-    old_logprobs: Any
-    old_values: Any
-    ref_logprobs: Any
-    scores: dict[str, np.ndarray]
-    shaped: np.ndarray
-    """(B,) each response's score: reward - baseline + guards."""
-    terms: dict[str, np.ndarray]
-    """(B,) each unweighted score term (Guards.terms), for per-term group normalisation."""
-    weights: dict[str, float]
-    """Each term's weight in the score (Guards.weights)."""
-    reward_terms: dict[str, float]
-    generate_s: float
-    reward_s: float
-
-
-def rollout(model: _ActorCritic, reference: Any, ppo: PPOConfig, sft: SFTConfig, rows: Any,
-            scorer: Scorer) -> Experience:
-    """Sample a response to each pair's low prompt, read its old log-probs and values, the reference's log-probs
-    (an actor, asked while the rest runs) and its scores, shaped by the baseline and the guards."""
-    import ray
-    import torch
-
-    from bp_ray.data.policy_format import format_prompt, policy_text
-    from bp_ray.train.ppo_rollout import sample
-
-    keep = sft.keep_prompt  # with keep_prompt the policy writes only what follows the user prompt
-    lows = rows[C.LOW].tolist()
-    began = time.perf_counter()
-    out = sample(model.policy, model.tokenizer, [format_prompt(sft.instruction, low, keep) for low in lows],
-                 ppo.max_new_tokens, ppo.temperature, ppo.top_p, max_query_tokens=ppo.max_query_tokens)
-    out.texts = [policy_text(low, text, keep) for low, text in zip(lows, out.texts, strict=True)]
-    generated = time.perf_counter()
-    ref_future = reference.logprobs.remote(out.input_ids.cpu().numpy(), out.attention_mask.cpu().numpy(),
-                                           out.query_len)
-    old_logprobs, old_values = model.logprobs_and_values(out)
-    scores = scorer.scores(lows, out.texts)
-    ref_logprobs = torch.as_tensor(ray.get(ref_future), device=old_logprobs.device)
-    shaped, terms, logged = scorer.shape(scores, rows, out.texts)
-    return Experience(out, old_logprobs, old_values, ref_logprobs, scores, shaped, terms, scorer.guards.weights(),
-                      logged, generated - began, time.perf_counter() - generated)
 
 
 def advantages(exp: Experience, kl_coef: float, ppo: Any) -> tuple[Any, Any, Any]:
@@ -278,14 +193,17 @@ def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: An
     stats: dict[str, list[float]] = defaultdict(list)
     for _ in range(ppo.ppo_epochs):
         for rows in torch.randperm(len(exp.rollout.texts)).split(ppo.minibatch_size // world):
-            part = exp.rollout.select(rows)
+            part = exp.rollout.select(rows).trimmed()
+            n = part.mask.shape[1]  # the response columns these rows use
+            m = mask[rows, :n]
             logits, values = model.logits_and_values(part)
             logprobs = logprobs_from_logits(logits, part.response_ids)
-            pg, pg_stats = policy_loss(logprobs, exp.old_logprobs[rows], adv[rows], mask[rows], ppo.clip_range)
-            vf, vf_stats = (value_loss(values, exp.old_values[rows], returns[rows], mask[rows], ppo.clip_range_value)
+            pg, pg_stats = policy_loss(logprobs, exp.old_logprobs[rows, :n], adv[rows, :n], m, ppo.clip_range)
+            vf, vf_stats = (value_loss(values, exp.old_values[rows, :n], returns[rows, :n], m, ppo.clip_range_value)
                             if values is not None else (zero, {}))
-            kl = kl_loss(logprobs, exp.ref_logprobs[rows], mask[rows]) if kl_in_loss(ppo) else zero
-            entropy = masked_mean(entropy_from_logits(logits), mask[rows])
+            kl = kl_loss(logprobs, exp.ref_logprobs[rows, :n], m) if kl_in_loss(ppo) else zero
+            # Without a bonus the entropy is only logged: no graph to build or walk back through.
+            entropy = masked_mean(entropy_from_logits(logits if ppo.entropy_coef else logits.detach()), m)
             loss = pg - ppo.entropy_coef * entropy + ppo.vf_coef * vf + kl_coef * kl
             model.step(loss)
             losses = {"loss/policy": pg, "entropy": entropy, **pg_stats,
@@ -311,6 +229,42 @@ def evaluate(model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, lows: list[str
                       "eval/words": float(np.mean([len(t.split()) for t in texts]))}, world)
 
 
+class _Rollouts:
+    """Where each iteration's experience comes from: the worker's own policy (on-policy), or with
+    ppo.async_rollout a rollout actor that samples iteration i+1 with the weights of before update i while the
+    worker runs that update."""
+
+    def __init__(self, model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, scorer: Scorer, config: dict,
+                 batch_rows: Any, rank: int, end_step: int):
+        from bp_ray.train.ppo_actors import start_rollout_actor
+
+        self.model, self.ppo, self.sft, self.scorer, self.reference = model, ppo, sft, scorer, config["reference"]
+        self.batch_rows, self.rank, self.end_step = batch_rows, rank, end_step
+        self.actor = (start_rollout_actor(ppo, sft, config["models"], config["sft_model"], self.reference,
+                                          config["reward"]) if ppo.async_rollout else None)
+        self.pending: tuple[int, Any] | None = None
+
+    def seed(self, step: int) -> int:
+        return hash((self.ppo.seed, step, self.rank)) % 2**31
+
+    def get(self, step: int) -> Experience:
+        """This step's experience; with the actor, also asks for the next step's, sampled with the weights the
+        policy has now (before this step's update)."""
+        import ray
+        import torch
+
+        if self.actor is None:
+            torch.manual_seed(self.seed(step))
+            return rollout(self.model, self.reference, self.ppo, self.sft, self.batch_rows(step), self.scorer, step)
+        pending = self.pending[1] if self.pending and self.pending[0] == step else self._ask(step, step)
+        self.pending = (step + 1, self._ask(step + 1, step)) if step + 1 < self.end_step else None
+        return ray.get(pending)
+
+    def _ask(self, step: int, policy_step: int) -> Any:
+        weights = {name: tensor.detach().cpu() for name, tensor in self.model.policy.state_dict().items()}
+        return self.actor.rollout.remote(weights, policy_step, self.batch_rows(step), self.seed(step))
+
+
 def ppo_worker_loop(config: dict) -> None:
     """Ray Train worker: RL iterations (ppo.algorithm) from the latest checkpoint (if any) to ppo.total_steps."""
 
@@ -321,7 +275,6 @@ def ppo_worker_loop(config: dict) -> None:
     import torch
 
     from bp_ray.train.metrics import MetricsWriter
-    from bp_ray.train.ppo_rollout import Guards
     from bp_ray.train.sft import read_pairs_frame
     from bp_ray.train.sft_data import batches_for_rank, epoch_order, split_held_out
 
@@ -334,7 +287,6 @@ def ppo_worker_loop(config: dict) -> None:
         device = str(rtt.get_device())
     torch.manual_seed(ppo.seed)  # the critic's new value head: the same start on every rank and every run
     model = _ActorCritic(ppo, config["models"], config["sft_model"], device, world)
-    reference = config["reference"]
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
     held_out = split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed)
     train, evaluation = pairs[~held_out].reset_index(drop=True), pairs[held_out].head(ppo.eval_prompts)
@@ -342,8 +294,7 @@ def ppo_worker_loop(config: dict) -> None:
     prompts = ppo.rollout_batch_size // group  # per iteration, over all workers; each sampled `group` times
     if len(train) < prompts:
         raise ValueError(f"{len(train)} training pairs are fewer than the {prompts} prompts of an iteration")
-    scorer = Scorer(config["reward"], ppo, Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef,
-                                                  ppo.repetition_coef, ppo.intent_hinge_coef, ppo.intent_margin))
+    scorer = Scorer(config["reward"], ppo, guards_for(ppo))
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
     held_out_lows = evaluation[C.LOW].tolist()[rank::world]
 
@@ -362,16 +313,18 @@ def ppo_worker_loop(config: dict) -> None:
     progress = progress_bar(ppo.algorithm, ppo.total_steps, start_step) if rank == 0 else None
     per_epoch = len(train) // prompts
 
-    for step in range(start_step, end_step):
-        began = time.perf_counter()
+    def batch_rows(step: int) -> Any:
         epoch, index = divmod(step, per_epoch)
         rows = train.iloc[batches_for_rank(epoch_order(len(train), epoch, ppo.seed), prompts, rank, world)[index]]
-        rows = rows.iloc[np.repeat(np.arange(len(rows)), group)]  # a group's responses side by side
-        torch.manual_seed(hash((ppo.seed, step, rank)) % 2**31)
-        exp = rollout(model, reference, ppo, sft, rows, scorer)
+        return rows.iloc[np.repeat(np.arange(len(rows)), group)]  # a group's responses side by side
+
+    rollouts = _Rollouts(model, ppo, sft, scorer, config, batch_rows, rank, end_step)
+    for step in range(start_step, end_step):
+        began = time.perf_counter()
+        exp = rollouts.get(step)
+        sampled = time.perf_counter()
         adv, returns, kl = advantages(exp, controller.value, ppo)
         stats = update(model, exp, adv, returns, ppo, world, controller.value)
-        updated = time.perf_counter()
 
         mask = exp.rollout.mask.to(kl.device)
         local = {**exp.reward_terms, **stats,
@@ -380,8 +333,9 @@ def ppo_worker_loop(config: dict) -> None:
                  "kl": float((kl * mask).sum(-1).mean()), "response_tokens": float(mask.sum(-1).mean()),
                  **({"explained_variance": explained_variance(exp.old_values, returns, mask)}
                     if returns is not None else {}),
-                 "time/generate_s": exp.generate_s, "time/reward_s": exp.reward_s,
-                 "time/update_s": updated - began - exp.generate_s - exp.reward_s}
+                 "rollout/lag": float(step - exp.policy_step), "time/generate_s": exp.generate_s,
+                 "time/reward_s": exp.reward_s, "time/rollout_wait_s": sampled - began,
+                 "time/update_s": time.perf_counter() - sampled}
         metrics = _all_mean(local, world)
         metrics["kl_coef"] = controller.value
         controller.update(metrics["kl"], ppo.rollout_batch_size)
@@ -430,9 +384,10 @@ def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: Rewa
         shutil.rmtree(out_dir / "metrics", ignore_errors=True)
     init_ray(cluster)
     workers = ppo.resources
-    require_resources(cluster, workers.num_workers * workers.cpus_per_worker + 2 * ppo.actor_cpus,
-                      (workers.num_workers if workers.use_gpu else 0) + 2 * ppo.actor_gpus,
-                      "ppo (train workers + reference and reward actors)")
+    actors = 2 + (workers.num_workers if ppo.async_rollout else 0)  # reference, reward (and rollout actors)
+    require_resources(cluster, workers.num_workers * workers.cpus_per_worker + actors * ppo.actor_cpus,
+                      (workers.num_workers if workers.use_gpu else 0) + actors * ppo.actor_gpus,
+                      "ppo (train workers + reference, reward and rollout actors)")
     reference = start_reference_actor(ppo, reward.models, sft_model)
     reward_actor = start_reward_actor(ppo, reward, reward_pool, Path(rm_dir).resolve() if rm_dir else None,
                                       cache_path)

@@ -1,6 +1,9 @@
 """The models PPO consults but does not train, as Ray actors with their own resources (on a cluster they sit on
 other GPUs than the policy): the frozen reference policy and the reward.
 
+With ppo.async_rollout each worker also has a rollout actor: a copy of its policy, one update behind, that samples
+and scores the next iteration while the worker updates on this one.
+
 The reward is either the trained reward models (`ppo.reward_source=rm`, with CLIP text relevance between the
 low prompt and the generated one) or online rendering and scoring by the reward service of `bp-ray rewards`
 (`online`: N seeds per prompt, PickScore, aesthetic and CLIP image relevance to the low prompt, cached).
@@ -14,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bp_ray.config import ActorPoolConfig, ModelsConfig, PPOConfig
+from bp_ray.config import ActorPoolConfig, ModelsConfig, PPOConfig, SFTConfig
 from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.rewards.scoring import combined_reward
+from bp_ray.train.ppo_experience import Experience, FrozenPolicy, Scorer, guards_for, rollout
 from bp_ray.train.ppo_rollout import Rollout, response_logprobs
 
 
@@ -86,9 +90,29 @@ def start_reference_actor(ppo: PPOConfig, models: ModelsConfig, sft_model: Path)
     return actor.remote(str(sft_model), models, "cuda" if ppo.actor_gpus else "cpu")
 
 
-def remote_scores(actor: Any, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
-    """{"reward", "pickscore", "aesthetic", "relevance"}: (B,) each, from either kind of reward actor (both answer
-    `score_rewrites`)."""
+class RolloutSampler:
+    """Ray actor (ppo.async_rollout): samples and scores a worker's next iteration with the weights the worker sends,
+    while the worker updates on the current one; the reference and reward actors are the workers' own."""
+
+    def __init__(self, model_dir: str, models_cfg: ModelsConfig, ppo: PPOConfig, sft: SFTConfig, reference: Any,
+                 reward: Any, device: str = "cpu", threads: int = 1):
+        from bp_ray.models.loading import load_causal_lm
+
+        torch.set_num_threads(threads)
+        policy, tokenizer = load_causal_lm(model_dir, models_cfg, device=device)
+        self.policy = FrozenPolicy(policy.requires_grad_(False), tokenizer)
+        self.reference, self.ppo, self.sft = reference, ppo, sft
+        self.scorer = Scorer(reward, ppo, guards_for(ppo))
+
+    def rollout(self, weights: dict[str, torch.Tensor], policy_step: int, rows: Any, seed: int) -> Experience:
+        self.policy.policy.load_state_dict(weights)
+        torch.manual_seed(seed)
+        return rollout(self.policy, self.reference, self.ppo, self.sft, rows, self.scorer, policy_step)
+
+
+def start_rollout_actor(ppo: PPOConfig, sft: SFTConfig, models: ModelsConfig, sft_model: str, reference: Any,
+                        reward: Any) -> Any:
     import ray
 
-    return ray.get(actor.score_rewrites.remote(lows, highs))
+    actor = ray.remote(RolloutSampler).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
+    return actor.remote(sft_model, models, ppo, sft, reference, reward, "cuda" if ppo.actor_gpus else "cpu")

@@ -43,6 +43,18 @@ class Rollout:
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.query_len, self.mask[rows],
                        [self.texts[int(i)] for i in rows])
 
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every one of them: left of this batch's longest
+        query, right of its longest response. The response's log-probs do not change (positions and ALiBi
+        count from a row's first real token); an update on a few rows of a rollout computes less."""
+        used = self.attention_mask[:, :self.query_len].any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        answered = self.mask.any(0).nonzero()
+        length = int(answered[-1]) + 1 if len(answered) else self.mask.shape[1]
+        end = self.query_len + length
+        return Rollout(self.input_ids[:, first:end], self.attention_mask[:, first:end], self.query_len - first,
+                       self.mask[:, :length], self.texts)
+
 
 def _first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
@@ -87,22 +99,26 @@ def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, 
                    query_len, mask.float(), texts)
 
 
-def lm_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+def lm_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              logits_to_keep: int = 0) -> dict[str, Any]:
+    """Keyword arguments of a causal LM's forward; logits_to_keep > 0 asks for the last positions' logits only (where
+    the model supports it: callers slice from the end, so a model that returns them all gives the same result)."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    parameters = inspect.signature(model.forward).parameters
     # Left padding: models with learned or rotary positions need explicit ids; BLOOM's ALiBi reads the mask.
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    if "position_ids" in parameters:
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # The LM head over the query's positions is most of a small model's update and of no use to RL.
+    if logits_to_keep and "logits_to_keep" in parameters:
+        kwargs["logits_to_keep"] = logits_to_keep
     return kwargs
-
-
-def _forward(model: Any, rollout: Rollout) -> Any:
-    return model(**lm_inputs(model, rollout.input_ids, rollout.attention_mask))
 
 
 def response_logits(model: Any, rollout: Rollout) -> torch.Tensor:
     """(B, response_len, vocab) logits that predict each response token."""
-    logits = _forward(model, rollout).logits
-    return logits[:, rollout.query_len - 1:-1].float()
+    keep = rollout.response_ids.shape[1] + 1
+    logits = model(**lm_inputs(model, rollout.input_ids, rollout.attention_mask, keep)).logits
+    return logits[:, -keep:-1].float()
 
 
 def response_logprobs(model: Any, rollout: Rollout) -> torch.Tensor:
@@ -120,9 +136,11 @@ class SharedValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, vocab) logits and (B, L) values."""
-        out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask), output_hidden_states=True)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, logits_to_keep or L, vocab) logits and (B, L) values."""
+        out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask, logits_to_keep),
+                          output_hidden_states=True)
         return out.logits, self.value_head(out.hidden_states[-1].float())[..., 0]
 
 
@@ -133,8 +151,9 @@ class PolicyModel(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.policy(**lm_inputs(self.policy, input_ids, attention_mask)).logits, None
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, None]:
+        return self.policy(**lm_inputs(self.policy, input_ids, attention_mask, logits_to_keep)).logits, None
 
 
 class SeparateValueModel(torch.nn.Module):
@@ -145,9 +164,10 @@ class SeparateValueModel(torch.nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, vocab) logits and (B, L) values."""
-        logits = self.policy(**lm_inputs(self.policy, input_ids, attention_mask)).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, logits_to_keep or L, vocab) logits and (B, L) values."""
+        logits = self.policy(**lm_inputs(self.policy, input_ids, attention_mask, logits_to_keep)).logits
         return logits, self.critic(**lm_inputs(self.critic, input_ids, attention_mask)).logits[..., 0]
 
 

@@ -115,6 +115,25 @@ def test_grpo_raises_the_held_out_reward_with_no_critic(trained, tiny_models_cfg
     assert {"loss/kl", "kl", "kl_coef", "clipfrac", "reward/combined"} <= set(metrics.columns)
     assert not {"loss/value", "explained_variance"} & set(metrics.columns)
     assert (metrics["loss/kl"] >= 0).all()  # the k3 estimate is never negative
+    assert (metrics["rollout/lag"] == 0).all()  # on-policy
+
+
+def test_grpo_with_async_rollouts_learns_one_update_behind_and_resumes(trained, tiny_models_cfg, tmp_path):
+    common = ("ppo.algorithm=grpo", "ppo.async_rollout=true", "ppo.total_steps=30", "ppo.checkpoint_every=10")
+    args = (trained["pairs"], trained["sft"], trained["rm"], tmp_path / "grpo")
+    first = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common, "ppo.stop_after_step=10"), *args)
+    assert first["steps"] == 10 and not first["complete"]
+    manifest = ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir, *common), *args, resume=True)
+    before, after = manifest["initial_eval"]["eval/reward"], manifest["final_metrics"]["eval/reward"]
+    print(f"held-out reward (greedy): SFT {before:.3f} -> async GRPO {after:.3f}")
+    assert manifest["complete"] and manifest["starts"] == [0, 10]
+    assert after > before + 0.1
+    metrics = pd.read_csv(tmp_path / "grpo" / "metrics" / "metrics.csv")
+    assert metrics["step"].tolist() == list(range(1, 31))
+    # Sampled by the weights of before the previous update, except the first iteration of each start.
+    lag = dict(zip(metrics["step"], metrics["rollout/lag"], strict=True))
+    assert {step for step, value in lag.items() if value == 0} == {1, 11}
+    assert {value for value in lag.values()} == {0, 1}
 
 
 @pytest.mark.slow  # the training loop's killed worker is also tested in test_train_recovery.py

@@ -91,6 +91,7 @@ def test_later_override_wins():
     (["ppo.deepspeed.zero_stage=3"], "ppo.deepspeed.zero_stage=3 is not supported"),
     (["ppo.resources.num_workers=3"], "must be multiples of ppo.resources.num_workers=3"),
     (["ppo.minibatch_size=6"], "ppo.rollout_batch_size=16 must be a multiple of ppo.minibatch_size=6"),
+    (["ppo.async_rollout=true"], "ppo.async_rollout needs a critic-free method"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

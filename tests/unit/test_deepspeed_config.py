@@ -46,6 +46,7 @@ def test_a_cpu_model_steps_with_torch_adamw_unless_its_optimizer_is_offloaded():
                                 warmup_steps=3, total_steps=100, lr_scheduler="cosine", **kwargs)["optimizer"]["params"]
 
     assert params(on_cpu=True)["torch_adam"] is True  # no C++ op to compile on first use
+    assert params(on_cpu=True)["fused"] is True
     assert "torch_adam" not in params()  # GPU: DeepSpeed's fused kernel
     offloaded = DeepSpeedConfig(zero_stage=2, offload_optimizer=True)
     assert "torch_adam" not in params(ds=offloaded, on_cpu=True)  # ZeRO-Offload steps with DeepSpeedCPUAdam
