@@ -21,7 +21,7 @@ def load_regressor(spec: str, models_cfg: ModelsConfig | None, num_heads: int, d
     From a backbone the heads start random (transformers says so once); from an RM folder they are restored."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from bp_ray.models.loading import quiet_hf_progress, resolve_model
+    from bp_ray.models.loading import quiet_hf_progress, resolve_model, use_torch_gelu
 
     quiet_hf_progress()
     path = resolve_model(spec, models_cfg)
@@ -30,6 +30,7 @@ def load_regressor(spec: str, models_cfg: ModelsConfig | None, num_heads: int, d
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_heads, problem_type="regression", pad_token_id=tokenizer.pad_token_id)
+    use_torch_gelu(model)
     return model.to(device), tokenizer
 
 

@@ -78,7 +78,7 @@ class _ActorCritic:
         import deepspeed
         from transformers import AutoModelForTokenClassification
 
-        from bp_ray.models.loading import load_causal_lm
+        from bp_ray.models.loading import load_causal_lm, use_torch_gelu
         from bp_ray.train.deepspeed_config import deepspeed_config
         from bp_ray.train.ppo_rollout import PolicyModel, SeparateValueModel, SharedValueModel
 
@@ -92,6 +92,7 @@ class _ActorCritic:
             module = SharedValueModel(policy)
         else:
             critic = AutoModelForTokenClassification.from_pretrained(sft_model, num_labels=1).eval()
+            use_torch_gelu(critic)
             if critic.config.pad_token_id is None:
                 critic.config.pad_token_id = self.tokenizer.pad_token_id
             module = SeparateValueModel(policy, critic)
