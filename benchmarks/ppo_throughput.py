@@ -8,11 +8,15 @@ corpus) and get their reward from the same learned PickScore regressor (`bp-ray 
 follow the number of tags and words): bp-ray through its reward actor, TRL by calling the regressor's backbone and
 score head itself. Rollout batch 16, minibatch 8, 4 PPO epochs, 24 new tokens, sampling at temperature 1.
 
-bp-ray runs on Ray Train + DeepSpeed with one CPU worker plus the reference and reward actors; TRL runs in this
-process. "Steady" is the median samples/s over the iterations after the first two; bp-ray's shares of time in
-generation, reward (reference log-probs and the reward actor) and update come from its per-iteration metrics.
+bp-ray runs on Ray Train + DeepSpeed (ZeRO stage 0: with one worker ZeRO partitions nothing and its gradient hooks
+cost a quarter of a tiny model's update) with one CPU worker plus the reference and reward actors, and for GRPO
+also with `ppo.async_rollout` (a rollout actor samples the next iteration one update behind). TRL runs in this
+process after Ray is stopped. "Steady" is the median samples/s over the iterations after the first two; bp-ray's
+median seconds in generation, reward (old and reference log-probs, the reward actor), waiting for the rollout and
+the update come from its per-iteration metrics. TRL's figure moves by up to 20% between runs: --rounds repeats
+the side-by-side runs and prints each round's ratios.
 
-    python benchmarks/ppo_throughput.py [--iterations 12] [--algorithm grpo]
+    python benchmarks/ppo_throughput.py [--iterations 12] [--algorithm grpo] [--rounds 3]
 
 For GRPO both sample 16 responses an iteration (4 prompts x 4), take 8 optimizer steps on them (2 minibatches of 8,
 4 passes; TRL: steps_per_generation 2, num_iterations 4), keep the KL to the reference in the loss (beta 0.05) and
@@ -179,8 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--algorithm", choices=("ppo", "grpo"), default="ppo")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the side-by-side runs (TRL's figure is noisy)")
     args = parser.parse_args()
-    import ray
 
     work = Path(tempfile.mkdtemp(prefix="bp-ray-ppo-bench-"))
     try:
@@ -195,29 +199,47 @@ def main() -> None:
                      f"ppo.rollout_batch_size={ROLLOUT}", f"ppo.minibatch_size={MINIBATCH}", f"ppo.ppo_epochs={EPOCHS}",
                      f"ppo.max_new_tokens={NEW_TOKENS}", "ppo.reward_baseline=none", "ppo.eval_prompts=4",
                      f"ppo.algorithm={args.algorithm}", "ppo.group_size=4", "ppo.deepspeed.zero_stage=0"]
-        cfg = load_config("tiny", overrides)
-        results = {"bp-ray": bp_ray_ppo(cfg, pairs, work / "sft", work / "rm", work / "ppo")}
-        if args.algorithm == "grpo":
-            results["bp-ray async"] = bp_ray_ppo(load_config("tiny", [*overrides, "ppo.async_rollout=true"]), pairs,
-                                                 work / "sft", work / "rm", work / "ppo-async")
-        ray.shutdown()  # the peer runs with the machine to itself
-        peer = trl_grpo if args.algorithm == "grpo" else trl_ppo
-        results["TRL"] = peer(cfg, pairs, work / "sft", work / "rm", args.iterations, work / "trl")
+        rounds = [one_round(args, overrides, pairs, work / f"round-{i}") for i in range(args.rounds)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     trainer = "GRPOTrainer" if args.algorithm == "grpo" else "experimental PPOTrainer"
-    theirs = results["TRL"]["steady_samples_per_s"]
+    labels = {"bp-ray": "bp-ray (Ray Train + DeepSpeed, actors)", "bp-ray async": "bp-ray, async_rollout",
+              "TRL": f"TRL {trainer} (1 proc)"}
     print(f"{args.algorithm.upper()} throughput, tiny BLOOM, rollout {ROLLOUT}, minibatch {MINIBATCH}, "
-          f"{EPOCHS} epochs, {NEW_TOKENS} new tokens, {args.iterations} iterations")
-    for name, got in results.items():
-        label = {"bp-ray": "bp-ray (Ray Train + DeepSpeed, actors)", "bp-ray async": "bp-ray, async_rollout",
-                 "TRL": f"TRL {trainer} (1 proc)"}[name]
-        print(f"  {label:40s} steady {got['steady_samples_per_s']:6.1f} samples/s  wall {got['wall_s']:6.1f} s  "
-              f"{got['steady_samples_per_s'] / theirs:.2f}x TRL")
+          f"{EPOCHS} epochs, {NEW_TOKENS} new tokens, {args.iterations} iterations, {args.rounds} round(s)")
+    for number, results in enumerate(rounds, 1):
+        theirs = results["TRL"]["steady_samples_per_s"]
+        print(f" round {number}")
+        for name, got in results.items():
+            print(f"  {labels[name]:40s} steady {got['steady_samples_per_s']:6.1f} samples/s  wall "
+                  f"{got['wall_s']:6.1f} s  {got['steady_samples_per_s'] / theirs:.2f}x TRL")
+            if name != "TRL":
+                phases = ", ".join(f"{phase[5:-2]} {got['median_' + phase[5:]]:.3f}" for phase in PHASES)
+                print(f"    median s per iteration: {phases}; rollout lag {got['median_rollout_lag']:.0f}")
+    for name in rounds[0]:
         if name != "TRL":
-            phases = ", ".join(f"{phase[5:-2]} {got['median_' + phase[5:]]:.3f}" for phase in PHASES)
-            print(f"    median s per iteration: {phases}; rollout lag {got['median_rollout_lag']:.0f}")
-    print(json.dumps(results, indent=1))
+            ratios = [r[name]["steady_samples_per_s"] / r["TRL"]["steady_samples_per_s"] for r in rounds]
+            print(f"  {labels[name]} / TRL over the rounds: " + ", ".join(f"{x:.2f}x" for x in ratios)
+                  + f"; median {np.median(ratios):.2f}x")
+    print(json.dumps(rounds, indent=1))
+
+
+def one_round(args: argparse.Namespace, overrides: list[str], pairs: Path, work: Path) -> dict:
+    """bp-ray (and, for GRPO, bp-ray with async_rollout), then TRL with Ray stopped, from the same SFT policy and
+    reward models."""
+    import ray
+
+    cfg = load_config("tiny", overrides)
+    inputs = (pairs, work.parent / "sft", work.parent / "rm")
+    results = {"bp-ray": bp_ray_ppo(cfg, *inputs, work / "ppo")}
+    if args.algorithm == "grpo":
+        results["bp-ray async"] = bp_ray_ppo(load_config("tiny", [*overrides, "ppo.async_rollout=true"]), *inputs,
+                                             work / "ppo-async")
+    ray.shutdown()  # the peer runs with the machine to itself
+    peer = trl_grpo if args.algorithm == "grpo" else trl_ppo
+    results["TRL"] = peer(cfg, *inputs, args.iterations, work / "trl")
+    return results
+
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ several seeds of each whole RL run, judged by the world's ground truth (issue 21
 seeds, the world preset's eval). Prints one row per algorithm: true aesthetic, colour / shape / count match, CLIP
 relevance (each the mean over seeds of the run's mean, with a 95% t-interval over the seeds), the final KL to the
 reference, RL wall time, sampled responses per second, and the peak RSS of the Ray Train worker and of the
-reference and reward actors (sampled every 0.5 s); `--json FILE` writes every run's row.
+reference, reward and (async_rollout) rollout actors (sampled every 0.5 s); `--json FILE` writes every run's row.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("true_aesthetic", "colour_match", "shape_match", "count_match", "relevance")
-PROCESSES = {"worker": "RayTrainWorker", "reference": "ReferencePolicy", "reward": "RewardService"}
+PROCESSES = {"worker": "RayTrainWorker", "reference": "ReferencePolicy", "reward": "RewardService",
+             "rollout": "RolloutSampler"}
 
 
 class PeakRSS:
@@ -89,7 +90,8 @@ def interval(values: list[float]) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = [*METRICS, "kl", "rl_s", "samples_per_s", "rss_worker_mb", "rss_reference_mb", "rss_reward_mb"]
+    columns = [*METRICS, "kl", "rl_s", "samples_per_s", "rss_worker_mb", "rss_reference_mb", "rss_reward_mb",
+               "rss_rollout_mb"]
     print("| algorithm | seeds | " + " | ".join(columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
