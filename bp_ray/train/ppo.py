@@ -82,6 +82,7 @@ class _ActorCritic:
         from bp_ray.train.deepspeed_config import deepspeed_config
         from bp_ray.train.ppo_rollout import PolicyModel, SeparateValueModel, SharedValueModel
 
+        self.device = device
         self.critic = "none" if ppo.algorithm != "ppo" else ppo.value_model
         policy, self.tokenizer = load_causal_lm(sft_model, models, device=device)
         # Dropout off in every pass: old and new log-probs must come from the same function.
@@ -259,7 +260,7 @@ class _Rollouts:
             return rollout(self.model, self.reference, self.ppo, self.sft, self.batch_rows(step), self.scorer, step)
         pending = self.pending[1] if self.pending and self.pending[0] == step else self._ask(step, step)
         self.pending = (step + 1, self._ask(step + 1, step)) if step + 1 < self.end_step else None
-        return ray.get(pending)
+        return ray.get(pending).to(self.model.device)
 
     def _ask(self, step: int, policy_step: int) -> Any:
         weights = {name: tensor.detach().cpu() for name, tensor in self.model.policy.state_dict().items()}

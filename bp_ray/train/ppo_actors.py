@@ -105,9 +105,9 @@ class RolloutSampler:
         self.scorer = Scorer(reward, ppo, guards_for(ppo))
 
     def rollout(self, weights: dict[str, torch.Tensor], policy_step: int, rows: Any, seed: int) -> Experience:
-        self.policy.policy.load_state_dict(weights)
+        self.policy.policy.load_state_dict(weights)  # copied onto the actor's device
         torch.manual_seed(seed)
-        return rollout(self.policy, self.reference, self.ppo, self.sft, rows, self.scorer, policy_step)
+        return rollout(self.policy, self.reference, self.ppo, self.sft, rows, self.scorer, policy_step).to("cpu")
 
 
 def start_rollout_actor(ppo: PPOConfig, sft: SFTConfig, models: ModelsConfig, sft_model: str, reference: Any,

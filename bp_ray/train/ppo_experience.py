@@ -79,6 +79,15 @@ class Experience:
     policy_step: int
     """How many updates the weights that sampled this rollout had (the iteration's own step when on-policy)."""
 
+    def to(self, device: Any) -> Experience:
+        """The same experience with its tensors on `device` (a rollout actor's travels through the object store on
+        the CPU)."""
+        from dataclasses import replace
+
+        return replace(self, rollout=self.rollout.to(device), old_logprobs=self.old_logprobs.to(device),
+                       old_values=None if self.old_values is None else self.old_values.to(device),
+                       ref_logprobs=self.ref_logprobs.to(device))
+
 
 def guards_for(ppo: PPOConfig) -> Guards:
     return Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef, ppo.repetition_coef, ppo.intent_hinge_coef,

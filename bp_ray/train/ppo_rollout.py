@@ -38,6 +38,10 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.query_len:]
 
+    def to(self, device: str | torch.device) -> Rollout:
+        return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.query_len,
+                       self.mask.to(device), self.texts)
+
     def select(self, rows: torch.Tensor | np.ndarray) -> Rollout:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.query_len, self.mask[rows],

@@ -49,3 +49,17 @@ def test_a_trimmed_minibatch_has_fewer_columns_and_the_same_logprobs(policy_and_
     with torch.no_grad():
         got = response_logprobs(model, trimmed)
     assert torch.allclose(got * trimmed.mask, full_logprobs(model, short)[:, :n] * trimmed.mask, atol=1e-5)
+
+
+def test_an_experience_moves_its_tensors_and_keeps_the_rest():
+    from bp_ray.train.ppo_experience import Experience
+    from bp_ray.train.ppo_rollout import Rollout
+
+    rollout = Rollout(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), 3, torch.ones(2, 2),
+                      ["a", "b"])
+    exp = Experience(rollout, torch.zeros(2, 2), None, torch.ones(2, 2), {}, None, {}, {}, {}, 0.1, 0.2, 7)
+    moved = exp.to("meta")  # a device with no data: every tensor must have been moved to it
+    assert moved.rollout.input_ids.device.type == moved.old_logprobs.device.type == "meta"
+    assert moved.ref_logprobs.device.type == moved.rollout.mask.device.type == "meta"
+    assert moved.old_values is None and moved.rollout.texts == ["a", "b"] and moved.policy_step == 7
+    assert exp.old_logprobs.device.type == "cpu"  # the original is left as it was
