@@ -21,7 +21,7 @@ from typing import Any
 
 from bp_ray.config import PipelineConfig
 from bp_ray.layout import MANIFEST, RunLayout
-from bp_ray.stages import STAGE_NAMES, STAGES, run_stage
+from bp_ray.stages import STAGE_NAMES, STAGES, check_stage, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ def run_pipeline(cfg: PipelineConfig, runners: dict[str, Callable[[bool], dict[s
     prints = fingerprints(cfg)
     actions = plan(layout, prints)
     logger.info("pipeline plan: %s", ", ".join(f"{s} {a}" for s, a in actions.items()))
+    for declared in STAGES:  # a config that cannot run a later stage fails now, not hours into the run
+        if actions[declared.name] != "skip":
+            check_stage(declared, cfg)
     done: list[StageRun] = []
     for stage in PIPELINE_STAGES:
         if on_stage:

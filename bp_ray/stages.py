@@ -44,6 +44,9 @@ class Stage:
     Resources and service batching change how fast a stage runs, not what it writes, except for training,
     where the number of workers changes the batches, so the training sections count whole."""
     run: RunFn
+    check: Callable[..., None] | None = None
+    """Raises, before any work, when the config cannot run the stage at all (the data stage without a source);
+    takes the same sections as `run`. `bp-ray pipeline` checks every stage it will run before it runs the first."""
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -51,8 +54,15 @@ class Stage:
         return tuple(dict.fromkeys(self.reads.values()))
 
 
+def check_stage(stage: Stage, cfg: PipelineConfig) -> None:
+    """The stage's own check of `cfg` (see Stage.check), if it has one."""
+    if stage.check is not None:
+        stage.check(**{name: getattr(cfg, name) for name in stage.sections})
+
+
 def run_stage(stage: Stage, cfg: PipelineConfig, inputs: dict[str, Path], out: Path, resume: bool) -> dict[str, Any]:
-    """Run one stage with its declared sections of `cfg`."""
+    """Run one stage with its declared sections of `cfg`, after its check."""
+    check_stage(stage, cfg)
     return stage.run(inputs, out, resume, **{name: getattr(cfg, name) for name in stage.sections})
 
 
@@ -75,6 +85,12 @@ def _data(inputs: dict[str, Path], out: Path, resume: bool, *, data: DataConfig,
     from bp_ray.data.pipeline import run_data_generation
 
     return run_data_generation(data, models, cluster, out, inputs["corpus"], fresh=not resume)
+
+
+def _check_data(*, data: DataConfig, models: ModelsConfig, cluster: ClusterConfig) -> None:
+    from bp_ray.data.pipeline import require_source
+
+    require_source(data)
 
 
 def _rewards(inputs: dict[str, Path], out: Path, resume: bool, *, data: DataConfig, rewards: RewardsConfig,
@@ -125,7 +141,7 @@ STAGES = (
            "data.corpus_image_size"), _corpus),
     Stage("data", {"corpus": "corpus"}, ("data", "models", "cluster"),
           ("data", "-data.render", "-data.num_seeds", "-data.renderer_pool", "-data.scorer_pool",
-           "-data.captioner_pool", "-data.rewriter_pool", "-data.aesthetic_pool", "models"), _data),
+           "-data.captioner_pool", "-data.rewriter_pool", "-data.aesthetic_pool", "models"), _data, _check_data),
     Stage("rewards", {"pairs": "data"}, ("data", "rewards", "models", "cluster"),
           ("data.render", "data.num_seeds", "rewards", "-rewards.service_max_batch", "-rewards.service_batch_wait_s",
            "models"), _rewards),

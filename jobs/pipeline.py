@@ -2,7 +2,7 @@
 evaluation) on one run directory, each stage in its folder under --out.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python jobs/pipeline.py --preset paper --out /mnt/shared/bp-ray/paper
+        python jobs/pipeline.py --preset paper --prompts /mnt/shared/diffusiondb --out /mnt/shared/bp-ray/paper
 """
 
 import sys

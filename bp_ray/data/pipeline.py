@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bp_ray.config import ClusterConfig, DataConfig, ModelsConfig
+from bp_ray.config import ClusterConfig, ConfigError, DataConfig, ModelsConfig
+from bp_ray.config_loader import ENV_VARIABLE
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
 from bp_ray.data.given_pairs import read_given_pairs
@@ -93,8 +94,36 @@ def corpus_spec(data: DataConfig):
                       prompt_source=data.corpus_kind)
 
 
+SOURCE_HINT = ("give it with --prompts /path/to/diffusiondb (bp-ray pipeline, bp-ray data generate, bp-ray check) "
+               "or --set data.source=PATH (any command): a DiffusionDB folder (metadata.parquet + images/part-*.zip) "
+               "or a prompt file; --set data.source=corpus trains on the embedded synthetic corpus instead")
+
+
+def source_problem(data: DataConfig) -> str | None:
+    """Why the configured prompt sources cannot be read, known without touching them: data.source not set (the
+    paper preset has no default, so a real run never falls back to the synthetic corpus unnoticed), or a source
+    naming an environment variable that is not set. None when they are worth opening."""
+    if not data.source.strip():
+        return f"data.source is not set: {SOURCE_HINT}"
+    named = [("data.source", data.source), *((f"data.extra_sources[{i}]", s) for i, s in enumerate(data.extra_sources))]
+    for key, value in named:
+        unset = ENV_VARIABLE.findall(value)
+        if unset:  # config_loader leaves an unset ${NAME} as it is
+            return (f"{key}={value} names the environment variable {unset[0]}, which is not set: export "
+                    f"{unset[0]}=DIR, or {SOURCE_HINT}")
+    return None
+
+
+def require_source(data: DataConfig) -> None:
+    """Raise ConfigError, before any work, when `source_problem` finds one."""
+    problem = source_problem(data)
+    if problem:
+        raise ConfigError(problem)
+
+
 def read_source(data: DataConfig, corpus_dir: Path) -> tuple[pd.DataFrame, ReadReport, str]:
     """The configured prompt source as a prompt table; `corpus` is generated on first use (idempotent)."""
+    require_source(data)
     if data.source == "corpus":
         from bp_ray.data.corpus import write_corpus
 
@@ -191,6 +220,7 @@ def run_data_generation(data: DataConfig, models: ModelsConfig, cluster: Cluster
                         corpus_dir: Path | None = None, fresh: bool = False) -> dict[str, Any]:
     """The whole stage (the captioner, rewriter and aesthetic roles of `models`); returns the manifest it writes to
     out_dir/manifest.json."""
+    require_source(data)  # before touching out_dir: a run without a source must leave an earlier one as it was
     start = time.perf_counter()
     out_dir = Path(out_dir)
     work_dir = out_dir / WORK_DIR
