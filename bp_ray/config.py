@@ -254,6 +254,8 @@ class RewardsConfig:
     image_format: str = opt("webp", choices=("webp", "png"))
     cache_path: str = ""
     """SQLite reward cache; empty means <rewards stage dir>/cache.sqlite."""
+    max_prompts: int = opt(0, ge=0)
+    """Label only the first this many distinct prompts of the pairs (a quick look, `--dry-run`); 0 labels all."""
     service_max_batch: int = opt(16, ge=1)
     """Reward actor: most prompts rendered in one batch, gathered from concurrent callers."""
     service_batch_wait_s: float = opt(0.02, ge=0)
@@ -407,9 +409,13 @@ class PPOConfig:
     OpenRLHF's async training and verl's one-step-off-policy; hides generation and reward behind the update. The
     first iteration of a run (and of a resumed one) is sampled on-policy."""
     actor_cpus: float = opt(1.0, ge=0)
-    """CPUs of the reference actor and of the reward actor each (learned or online), and of each worker's rollout
-    actor (async_rollout)."""
+    """CPUs of each reference actor and each reward actor (learned or online; see workers_per_actor), and of each
+    worker's rollout actor (async_rollout)."""
     actor_gpus: float = opt(0.0, ge=0)
+    workers_per_actor: int = opt(0, ge=0)
+    """Train workers per reference and per reward actor: each group of this many workers (by rank) gets its own
+    reference and reward actor, ceil(num_workers / workers_per_actor) of each, so the workers do not queue behind
+    one actor; 0: one reference and one reward actor for all the workers."""
     seed: int = 42
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     resources: TrainResources = field(default_factory=TrainResources)

@@ -2,8 +2,8 @@
 to the frozen SFT reference whose coefficient follows Ziegler et al.'s adaptive controller.
 
 One iteration on every Ray Train worker: sample `rollout_batch_size / workers` responses to low prompts of the
-training pairs, read their log-probs and values, ask the reference actor for its log-probs and the reward actor
-for the scores, shape the scores with the guards and the baseline, turn them into per-token rewards (KL penalty
+training pairs, read their log-probs and values, ask its group's reference actor for its log-probs and reward
+actor for the scores, shape the scores with the guards and the baseline, turn them into per-token rewards (KL penalty
 on every token, score on the last), GAE advantages and returns, then `ppo_epochs` passes of minibatch updates
 on one total loss (clipped surrogate, optional entropy bonus, clipped value loss) of the policy and the critic,
 one module in one DeepSpeed engine. Every `checkpoint_every` iterations: greedy decoding of held-out low prompts
@@ -50,14 +50,13 @@ from bp_ray.train.loop import (
     save_checkpoint,
     worker_device,
 )
+from bp_ray.train.ppo_actors import actor_group, actor_groups
 from bp_ray.train.ppo_experience import Experience, Scorer, guards_for, rollout
 from bp_ray.train.ppo_math import (
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_controller,
     kl_per_token,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
     policy_loss,
@@ -107,19 +106,20 @@ class _ActorCritic:
     def policy(self) -> Any:
         return self.engine.module.policy
 
-    def logits_and_values(self, rollout: Any) -> tuple[Any, Any]:
-        """(B, R, vocab) logits and (B, R) values of the response tokens, with grad."""
-        keep = rollout.response_ids.shape[1] + 1
-        logits, values = self.engine(rollout.input_ids, rollout.attention_mask, keep)
-        return logits[:, -keep:-1].float(), None if values is None else values[:, -keep:-1].float()
+    def response_outputs(self, rollout: Any, with_entropy: bool = False) -> tuple[Any, Any, Any]:
+        """(B, R) log-probs of the response tokens, their entropies (None unless with_entropy) and values (None
+        without a critic), with grad; the LM head runs in chunks (token_logprobs), never on all R columns at once."""
+        logprobs, entropy, values = self.engine(rollout.input_ids, rollout.attention_mask, rollout.response_ids,
+                                                with_entropy)
+        return logprobs, entropy, None if values is None else values.float()
 
     def logprobs_and_values(self, rollout: Any) -> tuple[Any, Any]:
         """(B, R) log-probs and values of the sampled response tokens, without grad (the "old" ones of PPO)."""
         import torch
 
         with torch.no_grad():
-            logits, values = self.logits_and_values(rollout)
-            return logprobs_from_logits(logits, rollout.response_ids), values
+            logprobs, _, values = self.response_outputs(rollout)
+            return logprobs, values
 
     def step(self, loss: Any) -> None:
         """One optimizer step on the total loss, policy and critic together."""
@@ -198,14 +198,13 @@ def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: An
             part = exp.rollout.select(rows).trimmed()
             n = part.mask.shape[1]  # the response columns these rows use
             m = mask[rows, :n]
-            logits, values = model.logits_and_values(part)
-            logprobs = logprobs_from_logits(logits, part.response_ids)
+            logprobs, token_entropy, values = model.response_outputs(part, with_entropy=True)
             pg, pg_stats = policy_loss(logprobs, exp.old_logprobs[rows, :n], adv[rows, :n], m, ppo.clip_range)
             vf, vf_stats = (value_loss(values, exp.old_values[rows, :n], returns[rows, :n], m, ppo.clip_range_value)
                             if values is not None else (zero, {}))
             kl = kl_loss(logprobs, exp.ref_logprobs[rows, :n], m) if kl_in_loss(ppo) else zero
-            # Without a bonus the entropy is only logged: no graph to build or walk back through.
-            entropy = masked_mean(entropy_from_logits(logits if ppo.entropy_coef else logits.detach()), m)
+            # Without a bonus the entropy is only logged: no gradient to walk back through.
+            entropy = masked_mean(token_entropy if ppo.entropy_coef else token_entropy.detach(), m)
             loss = pg - ppo.entropy_coef * entropy + ppo.vf_coef * vf + kl_coef * kl
             model.step(loss)
             losses = {"loss/policy": pg, "entropy": entropy, **pg_stats,
@@ -236,14 +235,15 @@ class _Rollouts:
     ppo.async_rollout a rollout actor that samples iteration i+1 with the weights of before update i while the
     worker runs that update."""
 
-    def __init__(self, model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, scorer: Scorer, config: dict,
-                 batch_rows: Any, rank: int, end_step: int):
+    def __init__(self, model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, scorer: Scorer, reference: Any,
+                 config: dict, batch_rows: Any, rank: int, end_step: int):
         from bp_ray.train.ppo_actors import start_rollout_actor
 
-        self.model, self.ppo, self.sft, self.scorer, self.reference = model, ppo, sft, scorer, config["reference"]
+        # The reference and reward actors of this worker's group; its rollout actor asks the same ones.
+        self.model, self.ppo, self.sft, self.scorer, self.reference = model, ppo, sft, scorer, reference
         self.batch_rows, self.rank, self.end_step = batch_rows, rank, end_step
         self.actor = (start_rollout_actor(ppo, sft, config["models"], config["sft_model"], self.reference,
-                                          config["reward"]) if ppo.async_rollout else None)
+                                          scorer.actor) if ppo.async_rollout else None)
         self.pending: tuple[int, Any] | None = None
 
     def seed(self, step: int) -> int:
@@ -296,7 +296,8 @@ def ppo_worker_loop(config: dict) -> None:
     prompts = ppo.rollout_batch_size // group  # per iteration, over all workers; each sampled `group` times
     if len(train) < prompts:
         raise ValueError(f"{len(train)} training pairs are fewer than the {prompts} prompts of an iteration")
-    scorer = Scorer(config["reward"], ppo, guards_for(ppo))
+    actors = actor_group(rank, ppo.workers_per_actor)  # this worker's reference and reward actors
+    reference, scorer = config["reference"][actors], Scorer(config["reward"][actors], ppo, guards_for(ppo))
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
     held_out_lows = evaluation[C.LOW].tolist()[rank::world]
 
@@ -320,7 +321,7 @@ def ppo_worker_loop(config: dict) -> None:
         rows = train.iloc[batches_for_rank(epoch_order(len(train), epoch, ppo.seed), prompts, rank, world)[index]]
         return rows.iloc[np.repeat(np.arange(len(rows)), group)]  # a group's responses side by side
 
-    rollouts = _Rollouts(model, ppo, sft, scorer, config, batch_rows, rank, end_step)
+    rollouts = _Rollouts(model, ppo, sft, scorer, reference, config, batch_rows, rank, end_step)
     for step in range(start_step, end_step):
         began = time.perf_counter()
         exp = rollouts.get(step)
@@ -357,7 +358,8 @@ def ppo_worker_loop(config: dict) -> None:
 def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: RewardSetup, reward_pool: ActorPoolConfig,
             pairs_dir: Path, sft_dir: Path, rm_dir: Path | None, out_dir: Path, resume: bool = False,
             cache_path: Path | None = None) -> dict[str, Any]:
-    """PPO on Ray Train with the reference and reward actors; exports the policy to out_dir/model.
+    """PPO on Ray Train with the reference and reward actors (a pair per ppo.workers_per_actor workers); exports
+    the policy to out_dir/model.
 
     `sft` gives the instruction template and the held-out split, `reward` the models and what the online reward
     renders and scores (or, for ppo.reward_source=rm, alpha), `reward_pool` the custom resources of the online
@@ -386,18 +388,25 @@ def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: Rewa
         shutil.rmtree(out_dir / "metrics", ignore_errors=True)
     init_ray(cluster)
     workers = ppo.resources
-    actors = 2 + (workers.num_workers if ppo.async_rollout else 0)  # reference, reward (and rollout actors)
+    groups = actor_groups(workers.num_workers, ppo.workers_per_actor)
+    actors = 2 * groups + (workers.num_workers if ppo.async_rollout else 0)  # reference, reward (and rollout actors)
     require_resources(cluster, workers.num_workers * workers.cpus_per_worker + actors * ppo.actor_cpus,
                       (workers.num_workers if workers.use_gpu else 0) + actors * ppo.actor_gpus,
                       "ppo (train workers + reference, reward and rollout actors)")
-    reference = start_reference_actor(ppo, reward.models, sft_model)
-    reward_actor = start_reward_actor(ppo, reward, reward_pool, Path(rm_dir).resolve() if rm_dir else None,
-                                      cache_path)
+    # One reference and one reward actor per group of ppo.workers_per_actor workers; worker r uses group
+    # actor_group(r, ...). Started in the try so that the finally kills those that started when a later one fails.
+    references: list[Any] = []
+    rewards: list[Any] = []
     try:
+        for _ in range(groups):
+            references.append(start_reference_actor(ppo, reward.models, sft_model))
+            rewards.append(start_reward_actor(ppo, reward, reward_pool, Path(rm_dir).resolve() if rm_dir else None,
+                                              cache_path))
         loop_config = {"ppo": ppo, "sft": sft, "models": reward.models, "pairs_dir": str(Path(pairs_dir).resolve()),
-                       "sft_model": str(sft_model), "metrics_dir": str(out_dir / "metrics"), "reference": reference,
-                       "reward": reward_actor}
+                       "sft_model": str(sft_model), "metrics_dir": str(out_dir / "metrics"), "reference": references,
+                       "reward": rewards}
         checkpoint, state, storage = fit(cluster, "ppo", ppo_worker_loop, loop_config, ppo.resources, out_dir, resume)
+        reference_calls = ray.get([actor.calls.remote() for actor in references])
         critic = checkpoint / CRITIC_DIR
         if critic.exists():
             shutil.rmtree(out_dir / CRITIC_DIR, ignore_errors=True)
@@ -406,7 +415,7 @@ def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: Rewa
             "initial_eval": state.get("initial_eval", {}), "sft_model": str(sft_model),
             "reward_source": ppo.reward_source, "rm": str(rm_dir) if rm_dir else None,
             "workers": ppo.resources.num_workers, "kl_coef": state["kl_controller"]["value"],
-            "checkpoints": storage}, started)
+            "actor_groups": groups, "reference_calls": reference_calls, "checkpoints": storage}, started)
     finally:
-        for actor in (reference, reward_actor):
+        for actor in (*references, *rewards):
             ray.kill(actor)

@@ -1,8 +1,10 @@
 """The models PPO consults but does not train, as Ray actors with their own resources (on a cluster they sit on
 other GPUs than the policy): the frozen reference policy and the reward.
 
-With ppo.async_rollout each worker also has a rollout actor: a copy of its policy, one update behind, that samples
-and scores the next iteration while the worker updates on this one.
+A reference and a reward actor serve each group of `ppo.workers_per_actor` train workers (0: one of each serves
+all of them), so eight GPU workers do not queue behind one actor. With ppo.async_rollout each worker also has a
+rollout actor: a copy of its policy, one update behind, that samples and scores the next iteration while the
+worker updates on this one.
 
 The reward is either the trained reward models (`ppo.reward_source=rm`, with CLIP text relevance between the
 low prompt and the generated one) or online rendering and scoring by the reward service of `bp-ray rewards`
@@ -11,6 +13,7 @@ low prompt and the generated one) or online rendering and scoring by the reward 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +37,19 @@ class ReferencePolicy:
         self.model, _ = load_causal_lm(model_dir, models_cfg, device=device)
         self.model.requires_grad_(False)
         self.device = device
+        self.served = 0
 
     @torch.no_grad()
     def logprobs(self, input_ids: np.ndarray, attention_mask: np.ndarray, query_len: int) -> np.ndarray:
+        self.served += 1
         rollout = Rollout(torch.as_tensor(input_ids, device=self.device),
                           torch.as_tensor(attention_mask, device=self.device), query_len,
                           torch.ones(0), [])
         return response_logprobs(self.model, rollout).cpu().numpy()
+
+    def calls(self) -> int:
+        """How many rollouts this actor has answered (the manifest's per-group load)."""
+        return self.served
 
 
 class LearnedRewardScorer:
@@ -64,6 +73,17 @@ class LearnedRewardScorer:
             relevance = (self.clip.embed_texts(lows) * self.clip.embed_texts(highs)).sum(-1).float().cpu().numpy()
         return {"pickscore": scores["pickscore"], "aesthetic": scores["aesthetic"], "relevance": relevance,
                 "reward": combined_reward(scores["pickscore"], scores["aesthetic"], self.alpha)}
+
+
+def actor_groups(num_workers: int, workers_per_actor: int) -> int:
+    """How many reference (and reward) actors serve `num_workers` train workers: one per `workers_per_actor` of
+    them, the last group possibly smaller; workers_per_actor=0 means one for all."""
+    return math.ceil(num_workers / workers_per_actor) if workers_per_actor else 1
+
+
+def actor_group(rank: int, workers_per_actor: int) -> int:
+    """The group (index into the lists of reference and reward actors) whose actors serve train worker `rank`."""
+    return rank // workers_per_actor if workers_per_actor else 0
 
 
 def start_reward_actor(ppo: PPOConfig, reward: RewardSetup, pool: ActorPoolConfig, rm_dir: Path | None,
@@ -92,7 +112,7 @@ def start_reference_actor(ppo: PPOConfig, models: ModelsConfig, sft_model: Path)
 
 class RolloutSampler:
     """Ray actor (ppo.async_rollout): samples and scores a worker's next iteration with the weights the worker sends,
-    while the worker updates on the current one; the reference and reward actors are the workers' own."""
+    while the worker updates on the current one; the reference and reward actors are its worker's group's."""
 
     def __init__(self, model_dir: str, models_cfg: ModelsConfig, ppo: PPOConfig, sft: SFTConfig, reference: Any,
                  reward: Any, device: str = "cpu", threads: int = 1):

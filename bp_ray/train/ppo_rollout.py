@@ -10,7 +10,6 @@ column query_len + t - 1, and its value is the critic's output at that same colu
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,8 @@ import numpy as np
 import torch
 
 from bp_ray.data.prompt_rules import repetition_share
-from bp_ray.train.ppo_math import logprobs_from_logits, response_mask
+from bp_ray.train.ppo_math import response_mask
+from bp_ray.train.token_logprobs import final_hidden_states, lm_inputs, token_logprobs
 
 
 @dataclass
@@ -103,76 +103,71 @@ def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, 
                    query_len, mask.float(), texts)
 
 
-def lm_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              logits_to_keep: int = 0) -> dict[str, Any]:
-    """Keyword arguments of a causal LM's forward; logits_to_keep > 0 asks for the last positions' logits only (where
-    the model supports it: callers slice from the end, so a model that returns them all gives the same result)."""
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    parameters = inspect.signature(model.forward).parameters
-    # Left padding: models with learned or rotary positions need explicit ids; BLOOM's ALiBi reads the mask.
-    if "position_ids" in parameters:
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    # The LM head over the query's positions is most of a small model's update and of no use to RL.
-    if logits_to_keep and "logits_to_keep" in parameters:
-        kwargs["logits_to_keep"] = logits_to_keep
-    return kwargs
-
-
-def response_logits(model: Any, rollout: Rollout) -> torch.Tensor:
-    """(B, response_len, vocab) logits that predict each response token."""
-    keep = rollout.response_ids.shape[1] + 1
-    logits = model(**lm_inputs(model, rollout.input_ids, rollout.attention_mask, keep)).logits
-    return logits[:, -keep:-1].float()
+def response_columns(hidden: torch.Tensor, response_len: int) -> torch.Tensor:
+    """(B, L, ...) per-column outputs -> (B, response_len, ...) of the columns that predict the response tokens (the
+    LM head and the critic never see the query's other columns)."""
+    return hidden[:, -response_len - 1:-1]
 
 
 def response_logprobs(model: Any, rollout: Rollout) -> torch.Tensor:
-    """(B, response_len) log-prob of each response token under `model` (grad flows if enabled)."""
-    return logprobs_from_logits(response_logits(model, rollout), rollout.response_ids)
+    """(B, response_len) log-prob of each response token under the causal LM `model` (grad flows if enabled)."""
+    hidden = response_columns(final_hidden_states(model, rollout.input_ids, rollout.attention_mask),
+                              rollout.response_ids.shape[1])
+    return token_logprobs(hidden, model.get_output_embeddings(), rollout.response_ids)[0]
 
 
-class SharedValueModel(torch.nn.Module):
-    """Policy and critic on one backbone: the causal LM plus a scalar head on its last hidden state."""
+class PolicyModel(torch.nn.Module):
+    """The policy alone, for the critic-free methods. Every model here answers forward(input_ids, attention_mask,
+    targets, with_entropy) with the (B, R) log-probs of `targets` (the last R columns of input_ids), their (B, R)
+    entropies (None unless with_entropy) and (B, R) values (None without a critic): the LM head runs in chunks
+    inside this forward (token_logprobs), so DeepSpeed's engine sees all of it and no (B, R, vocab) tensor is made."""
 
     def __init__(self, policy: Any):
         super().__init__()
         self.policy = policy
+
+    def policy_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                       with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(B, R) log-probs, (B, R) entropies or None, and the (B, R, hidden) states they came from."""
+        hidden = response_columns(final_hidden_states(self.policy, input_ids, attention_mask), targets.shape[1])
+        logprobs, entropy = token_logprobs(hidden, self.policy.get_output_embeddings(), targets,
+                                           with_entropy=with_entropy)
+        return logprobs, entropy, hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        logprobs, entropy, _ = self.policy_outputs(input_ids, attention_mask, targets, with_entropy)
+        return logprobs, entropy, None
+
+
+class SharedValueModel(PolicyModel):
+    """Policy and critic on one backbone: the causal LM plus a scalar head on its last hidden state."""
+
+    def __init__(self, policy: Any):
+        super().__init__(policy)
         self.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, logits_to_keep or L, vocab) logits and (B, L) values."""
-        out = self.policy(**lm_inputs(self.policy, input_ids, attention_mask, logits_to_keep),
-                          output_hidden_states=True)
-        return out.logits, self.value_head(out.hidden_states[-1].float())[..., 0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        logprobs, entropy, hidden = self.policy_outputs(input_ids, attention_mask, targets, with_entropy)
+        return logprobs, entropy, self.value_head(hidden.float())[..., 0]
 
 
-class PolicyModel(torch.nn.Module):
-    """The policy alone, for the critic-free methods: (logits, None)."""
-
-    def __init__(self, policy: Any):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                logits_to_keep: int = 0) -> tuple[torch.Tensor, None]:
-        return self.policy(**lm_inputs(self.policy, input_ids, attention_mask, logits_to_keep)).logits, None
-
-
-class SeparateValueModel(torch.nn.Module):
+class SeparateValueModel(PolicyModel):
     """Policy and critic as two networks (the critic a token-regression copy of the SFT model) in one module, so
     one optimizer steps both on one total loss."""
 
     def __init__(self, policy: Any, critic: Any):
-        super().__init__()
-        self.policy, self.critic = policy, critic
+        super().__init__(policy)
+        self.critic = critic
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, logits_to_keep or L, vocab) logits and (B, L) values."""
-        logits = self.policy(**lm_inputs(self.policy, input_ids, attention_mask, logits_to_keep)).logits
-        return logits, self.critic(**lm_inputs(self.critic, input_ids, attention_mask)).logits[..., 0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        logprobs, entropy, _ = self.policy_outputs(input_ids, attention_mask, targets, with_entropy)
+        values = self.critic(**lm_inputs(self.critic, input_ids, attention_mask)).logits[..., 0]
+        return logprobs, entropy, response_columns(values, targets.shape[1])
 
 
 # --- reward-hacking guards --------------------------------------------------------------------------------------

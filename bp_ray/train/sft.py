@@ -28,11 +28,12 @@ def read_pairs_frame(pairs_dir: Path) -> pd.DataFrame:
 
 
 def lm_loss(engine: Any, examples: list, pad_id: int) -> tuple[Any, int]:
-    """Mean cross-entropy over the target tokens of a batch (prompt tokens carry IGNORE_INDEX labels)."""
+    """Mean cross-entropy over the target tokens of a batch (prompt tokens carry IGNORE_INDEX labels); the engine
+    wraps a TargetTokenLoss, whose forward is that loss."""
     from bp_ray.train.sft_data import collate
 
     batch = {k: v.to(engine.device) for k, v in collate(examples, pad_id).items()}
-    return engine(**batch).loss, int(batch["attention_mask"].sum())
+    return engine(**batch), int(batch["attention_mask"].sum())
 
 
 def eval_lm_loss(engine: Any, examples: list, batch_size: int, pad_id: int) -> float:
@@ -48,9 +49,9 @@ def eval_lm_loss(engine: Any, examples: list, batch_size: int, pad_id: int) -> f
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(engine.device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-            # HF shifts labels by one inside the model: the first label never counts.
+            # Labels are shifted by one inside the loss: the first label never counts.
             tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(engine(**batch).loss) * tokens
+            total += float(engine(**batch)) * tokens
             count += tokens
     engine.train()
     return total / max(count, 1)
@@ -66,6 +67,7 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
 
     from bp_ray.models.loading import load_causal_lm
     from bp_ray.train.sft_data import build_examples, pack_examples, split_held_out
+    from bp_ray.train.token_logprobs import TargetTokenLoss
 
     torch.manual_seed(sft.seed)
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
@@ -78,11 +80,15 @@ def sft_worker_loop(config: dict[str, Any]) -> None:
     pad = tokenizer.pad_token_id
 
     def save_model(folder: Path, state_dict: dict | None) -> None:
+        if state_dict is not None:  # ZeRO-3 gathers the weights of the engine's module: TargetTokenLoss's `model.`
+            state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     model.train()
-    task = TrainTask(model=model, examples=train,
+    # The engine's forward is the loss itself: the LM head runs over the target positions in chunks, never the
+    # (B, L, vocab) float32 logits that the model's own `.loss` makes.
+    task = TrainTask(model=TargetTokenLoss(model), examples=train,
                      loss=lambda engine, batch: lm_loss(engine, batch, pad),
                      evaluate=lambda engine: {"loss/eval": eval_lm_loss(engine, evaluation, sft.batch_size, pad)},
                      save_model=save_model)

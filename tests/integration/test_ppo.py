@@ -155,6 +155,7 @@ def test_rloo_with_the_kl_in_the_loss_and_per_term_normalisation_runs(trained, t
                   "ppo.eval_prompts=4")
     manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "rloo")
     assert manifest["complete"]
+    assert manifest["actor_groups"] == 1 and manifest["reference_calls"] == [2]  # one reference, once an iteration
     metrics = pd.read_csv(tmp_path / "rloo" / "metrics" / "metrics.csv")
     assert "loss/kl" in metrics.columns and metrics["reward/combined"].notna().all()
 
@@ -174,11 +175,16 @@ def test_shared_value_head_and_online_rewards_run(trained, tiny_models_cfg, tmp_
         ppo_run(ppo_cfg(tiny_models_cfg.zoo_dir), trained["pairs"], trained["sft"], None, tmp_path / "no-rm")
 
 
-def test_two_workers_train_and_the_kl_coefficient_follows_the_controller(trained, tiny_models_cfg, tmp_path):
+def test_two_workers_with_their_own_actors_train_and_the_kl_coefficient_follows_the_controller(trained,
+                                                                                           tiny_models_cfg, tmp_path):
+    # workers_per_actor=1: each worker has its own reference and reward actor (2 x 0.5 + 4 x 0.25 CPUs fill the 2).
     cfg = ppo_cfg(tiny_models_cfg.zoo_dir, "ppo.total_steps=3", "ppo.checkpoint_every=3", "ppo.ppo_epochs=1",
-                  "ppo.eval_prompts=4", "ppo.resources.num_workers=2", "ppo.resources.cpus_per_worker=0.75")
+                  "ppo.eval_prompts=4", "ppo.resources.num_workers=2", "ppo.resources.cpus_per_worker=0.5",
+                  "ppo.workers_per_actor=1")
     manifest = ppo_run(cfg, trained["pairs"], trained["sft"], trained["rm"], tmp_path / "ppo")
     assert manifest["complete"] and manifest["workers"] == 2
+    # Two reference actors, each asked once per iteration by its own worker only.
+    assert manifest["actor_groups"] == 2 and manifest["reference_calls"] == [3, 3]
     metrics = pd.read_csv(tmp_path / "ppo" / "metrics" / "metrics.csv")
     # Ziegler et al.: beta <- beta * (1 + clip(KL / target - 1, +-0.2) * n / horizon), KL averaged over both ranks.
     coef = cfg.ppo.init_kl_coef
