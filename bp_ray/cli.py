@@ -121,6 +121,24 @@ def cmd_models_build_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_build_shapes(args: argparse.Namespace) -> int:
+    from bp_ray.embedded.shapes_zoo import SHAPES_ROLES, build_shapes_role, shapes_dir
+
+    cfg = config_from_args(args)
+    root = Path(args.out) if args.out else shapes_dir(cfg.models)
+    roles = tuple(args.roles.split(",")) if args.roles else SHAPES_ROLES
+    unknown = sorted(set(roles) - set(SHAPES_ROLES))
+    if unknown:
+        raise ValueError(f"unknown shapes role(s) {', '.join(unknown)}; roles: {', '.join(SHAPES_ROLES)}")
+    for role in roles:
+        summary = build_shapes_role(root / role, role, cfg.models.zoo["shapes"], force=args.force)
+        verb = f"built in {summary.seconds:.1f} s" if summary.built else "up to date (cached)"
+        print(f"  {role:<10} {summary.parameters[role]:>13,} parameters  {summary.bytes / 1e9:5.2f} GB  {verb}",
+              flush=True)
+    print(f"shapes zoo: {root}")
+    return 0
+
+
 def cmd_models_import_gguf(args: argparse.Namespace) -> int:
     from bp_ray.models.gguf_import import gguf_dir, import_gguf, packaged_gguf
 
@@ -283,6 +301,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.out:
         cfg.output_dir = args.out
     layout = RunLayout(Path(cfg.output_dir))
+    if args.dry_run:
+        return _dry_run(cfg, RunLayout(layout.root / "dry-run"), args.verbose)
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(cfg.to_yaml())
     start = time.perf_counter()
@@ -318,6 +338,36 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(cfg: PipelineConfig, layout: RunLayout, verbose: bool) -> int:
+    """`pipeline --dry-run`: every stage once at the smallest counts, one Serve request, and the table."""
+    from bp_ray.console import LOGS_DIR, pipeline_console
+    from bp_ray.dry_run import cluster_gpus, format_table, run_dry_run
+
+    start = time.perf_counter()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with pipeline_console(layout.root, verbose) as (console, _):
+        gpus = cluster_gpus(cfg)
+        console.print(f"bp-ray pipeline --dry-run ({cfg.preset}, {gpus} GPUs) -> {layout.root}   library logs: "
+                      f"{layout.root / LOGS_DIR}")
+        try:
+            console.start("models")
+            started = time.perf_counter()
+            _ensure_zoo(cfg)
+            console.finish("models", f"ready in {time.perf_counter() - started:.1f} s")
+            measures = run_dry_run(cfg, layout, gpus, on_stage=console.start,
+                                   on_done=lambda run: console.finish(run.stage, f"{run.seconds:.1f} s"))
+        except BaseException as error:
+            console.fail(error)
+            raise
+        console.print()
+        console.print(format_table(measures))
+        console.print(f"peak RSS: the driver and every Ray process under it, summed (largest: one process); "
+                      f"GPU est.: per GPU at the {cfg.preset} preset's batch sizes and precision "
+                      f"(bp_ray/memory_estimate.py)")
+        console.print(f"dry run done in {time.perf_counter() - start:.1f} s; table in {layout.root / 'dry_run.json'}")
+    return 0
+
+
 def _ensure_zoo(cfg: PipelineConfig) -> Path | None:
     """Build the zoos the config names before Ray starts, so actors never race to build them."""
     from bp_ray.models.loading import registered_prefix, resolve_model
@@ -336,6 +386,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         size = f"{info['bytes'] / 1e6:8.1f} MB" if "bytes" in info else ""
         print(f"{stage:<8} {info['state']:<8} {size}")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Preflight: models, prompt data, cluster resources and shared storage, in seconds; 1 when anything is missing."""
+    from bp_ray.preflight import MISSING, format_checks, run_checks
+
+    cfg = config_from_args(args)
+    if args.out:
+        cfg.output_dir = args.out
+    start = time.perf_counter()
+    checks = run_checks(cfg)
+    print(format_checks(checks, f"bp-ray check ({cfg.preset}), {time.perf_counter() - start:.1f} s"))
+    return 1 if any(check.status == MISSING for check in checks) else 0
 
 
 # --- parser ---------------------------------------------------------------------------------------------------
@@ -416,11 +479,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", parents=[_stage_options(None)], help="the main job: every stage in order "
                        "on one run directory (--out)")
     _source_prompts_option(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="every stage once at the smallest counts (one step each, one 8-seed render, one Serve "
+                        "request) at the config's real model sizes; prints peak memory, times and per-GPU estimates")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("status", help="summarise a run directory")
     p.add_argument("run_dir", metavar="DIR")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check", parents=[_stage_options(None)], help="before a long job, in seconds: every model "
+                       "resolves, the prompt data is there, the cluster fits the largest stage and every node shares "
+                       "the run directory (--out) and checkpoint storage; exit 1 when anything is missing")
+    _source_prompts_option(p)
+    p.set_defaults(func=cmd_check)
 
     models = sub.add_parser("models", help="the model zoo")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -437,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain only these roles (bloom, blip, pickscore, sd, aesthetic) in the zoo at --out and keep "
                         "the others: after changing only these roles' trainers or settings")
     p.set_defaults(func=cmd_models_build_world)
+    p = models_sub.add_parser("build-shapes", parents=[_config_options()],
+                              help="build the paper's models at their real sizes with random weights (cached per role; "
+                                   "`shapes:<role>`, the paper-shapes preset)")
+    p.add_argument("--out", default=None, metavar="DIR", help="zoo folder (default: the cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date role exists")
+    p.add_argument("--roles", default=None, metavar="ROLE,...",
+                   help="build only these roles (bloom, blip, sd, pickscore, clip, aesthetic)")
+    p.set_defaults(func=cmd_models_build_shapes)
     p = models_sub.add_parser("import-gguf", parents=[_config_options()],
                               help="convert a GGUF checkpoint once into a Hugging Face safetensors folder (cached)")
     p.add_argument("--name", default="smollm2", help="the packaged model to import (gguf:<name>; default smollm2)")

@@ -2,9 +2,10 @@
 world (those models trained on procedural scenes whose true quality is computed from pixels).
 
 The product core never imports this package. It registers itself through the extension points of
-`bp_ray.extensions` (the entry point in pyproject.toml): model resolvers for `tiny:<role>` and `world:<role>`, the
-`world` prompt source, the `world_truth` evaluation metric, and the `models.zoo.tiny` / `models.zoo.world` config
-sections. Registration imports nothing heavy; each piece loads its code on first use.
+`bp_ray.extensions` (the entry point in pyproject.toml): model resolvers for `tiny:<role>`, `world:<role>` and
+`shapes:<role>` (the paper's architectures at real size, random weights), the `world` prompt source, the
+`world_truth` evaluation metric, and the `models.zoo.tiny` / `.world` / `.shapes` config sections. Registration
+imports nothing heavy; each piece loads its code on first use.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bp_ray.embedded.config import TinyZooConfig, WorldConfig
+from bp_ray.embedded.config import ShapesConfig, TinyZooConfig, WorldConfig
 from bp_ray.extensions import EvalMetric, ModelResolver, Registry
 
 ZOO_ROLES = ("bloom", "blip", "sd", "pickscore", "clip", "aesthetic")
@@ -31,6 +32,12 @@ def _world_model(role: str, models_cfg: Any) -> Path:
     return ensure_world_zoo(models_cfg) / role
 
 
+def _shapes_model(role: str, models_cfg: Any) -> Path:
+    from bp_ray.embedded.shapes_zoo import ensure_shapes_role
+
+    return ensure_shapes_role(role, models_cfg)
+
+
 def _world_truth(pixels: Any, requests: list[str]) -> Any:
     from bp_ray.embedded.world.truth import world_truth_scores
 
@@ -43,8 +50,10 @@ def register(registry: Registry) -> None:
 
     registry.add_config_section("tiny", TinyZooConfig)
     registry.add_config_section("world", WorldConfig)
+    registry.add_config_section("shapes", ShapesConfig)
     registry.add_model_resolver(ModelResolver("tiny", ZOO_ROLES, _tiny_model))
     registry.add_model_resolver(ModelResolver("world", ZOO_ROLES, _world_model))
+    registry.add_model_resolver(ModelResolver("shapes", ZOO_ROLES, _shapes_model))
     registry.add_prompt_source("world", WorldPrompts())
     registry.add_eval_metric(EvalMetric(
         "world_truth", WORLD_TRUTH_COLUMNS, _world_truth,

@@ -1,5 +1,5 @@
-"""Settings of the embedded backend, kept under `models.zoo.tiny` and `models.zoo.world` of every config (the
-embedded backend registers both sections; `bp-ray config explain models.zoo.world` shows them)."""
+"""Settings of the embedded backend, kept under `models.zoo.tiny`, `models.zoo.world` and `models.zoo.shapes` of
+every config (the embedded backend registers these sections; `bp-ray config explain models.zoo.world` shows them)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,23 @@ class WorldConfig:
     unet_lr: float = opt(1.0e-3, gt=0)
     caption_dropout: float = opt(0.1, ge=0, le=1)
     """Share of SD training captions replaced by the empty prompt, so classifier-free guidance works."""
+
+
+@dataclass
+class ShapesConfig:
+    """The shapes zoo (`shapes:<role>`, `bp-ray models build-shapes`): the paper preset's architectures at their real
+    dimensions, random weights, tokenizers at the real vocabulary sizes."""
+
+    lm_layers: int = opt(0, ge=0)
+    """Layers of the BLOOM-1b1 stand-in; 0 builds all 24. Fewer keep the real width (1536), heads (16) and
+    vocabulary (250,880): what a 24 GiB CPU machine can train (Adam states of the full model alone are 17 GB)."""
+    seed: int = 0
+    """Seed of the weights and of the corpus the tokenizers are trained on."""
+    tokenizer_corpus_rows: int = opt(3000, ge=100)
+    """Prompts of the embedded corpus the tokenizers learn their merges from (the rest of each vocabulary is filler
+    words, so that every id a model can sample decodes to text)."""
+    trained_tokens: int = opt(8000, ge=300)
+    """Tokens each tokenizer learns from that corpus before it is filled up to its real size."""
 
 
 attach_field_help(__name__)

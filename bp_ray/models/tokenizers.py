@@ -6,7 +6,10 @@ byte-level BPE for BLOOM, CLIP's BPE with `</w>` word ends, and BERT WordPiece f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import json
+import string
+from collections.abc import Iterator, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import BertTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
@@ -25,22 +28,48 @@ _CONTINUES = "##"
 _CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def train_bloom_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int = 2048
-                          ) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with BLOOM's special tokens (<unk>=0, <s>=1, </s>=2, <pad>=3), left padding."""
+def filler_words(taken: set[str], spell: str = "{}") -> Iterator[str]:
+    """Pseudo-words `aa`, `ab`, ... `zz`, `aaa`, ... spelt by `spell`, skipping those in `taken`.
+
+    Prompt text holds a few thousand merges, the real vocabularies tens or hundreds of thousands of tokens: the
+    rest are filled with these so that every id a real-size model can sample decodes to some text."""
+    for length in itertools.count(2):
+        for letters in itertools.product(string.ascii_lowercase, repeat=length):
+            word = spell.format("".join(letters))
+            if word not in taken:
+                yield word
+
+
+def pad_vocab(vocab: dict[str, int], size: int, spell: str = "{}") -> dict[str, int]:
+    """`vocab` extended with filler words (ids after its own) to `size` tokens."""
+    padded = dict(vocab)
+    for word in itertools.islice(filler_words(set(vocab), spell), max(size - len(vocab), 0)):
+        padded[word] = len(padded)
+    return padded
+
+
+def train_bloom_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int = 2048,
+                          pad_to: int = 0) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with BLOOM's special tokens (<unk>=0, <s>=1, </s>=2, <pad>=3), left padding; `pad_to`
+    fills the vocabulary with filler words up to that many tokens."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BLOOM_SPECIALS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    if pad_to:
+        state = json.loads(tok.to_str())
+        state["model"]["vocab"] = pad_vocab(state["model"]["vocab"], pad_to, "\u0120{}")  # Ġ: a leading space
+        tok = Tokenizer.from_str(json.dumps(state))
     # Left padding: batched generation appends new tokens on the right of every row.
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", padding_side="left", model_max_length=model_max_length)
 
 
-def train_clip_tokenizer(texts: Sequence[str], vocab_size: int) -> CLIPTokenizer:
-    """CLIP-style BPE (lower-cased, byte-level alphabet, `</w>` word ends), 77-token window, same for same texts."""
+def train_clip_tokenizer(texts: Sequence[str], vocab_size: int, pad_to: int = 0) -> CLIPTokenizer:
+    """CLIP-style BPE (lower-cased, byte-level alphabet, `</w>` word ends), 77-token window, same for same texts;
+    `pad_to` fills the vocabulary with filler words up to that many tokens."""
     normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(pattern=Regex(_CLIP_PATTERN), behavior="removed", invert=True),
@@ -55,12 +84,14 @@ def train_clip_tokenizer(texts: Sequence[str], vocab_size: int) -> CLIPTokenizer
     base = len(CLIP_SPECIALS) + len(pre_tokenizers.ByteLevel.alphabet()) + len(ends)
     merges = learn_merges(words, max(vocab_size - base, 0))
     vocab, merges = build_vocab(CLIP_SPECIALS, [*pre_tokenizers.ByteLevel.alphabet(), *ends], merges, vocab_size)
+    vocab = pad_vocab(vocab, pad_to, "{}" + _WORD_END)
     # Passing vocab/merges directly: CLIPTokenizer(vocab_file=...) can silently build a 2-token vocab.
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", model_max_length=CLIP_MAX_LENGTH)
 
 
-def train_bert_tokenizer(texts: Sequence[str], vocab_size: int) -> BertTokenizer:
-    """Lower-cased WordPiece with BLIP's decoder start token [DEC], same for same texts."""
+def train_bert_tokenizer(texts: Sequence[str], vocab_size: int, pad_to: int = 0) -> BertTokenizer:
+    """Lower-cased WordPiece with BLIP's decoder start token [DEC], same for same texts; `pad_to` fills the
+    vocabulary with filler words up to that many tokens."""
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
 
@@ -74,4 +105,5 @@ def train_bert_tokenizer(texts: Sequence[str], vocab_size: int) -> BertTokenizer
     alphabet = {symbol for word in words for symbol in word}
     merges = learn_merges(words, max(vocab_size - len(BERT_SPECIALS) - len(alphabet), 0), join)
     vocab, _ = build_vocab(BERT_SPECIALS, alphabet, merges, vocab_size, join)
+    vocab = pad_vocab(vocab, pad_to)
     return BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=512)

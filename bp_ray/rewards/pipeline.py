@@ -208,6 +208,9 @@ def run_reward_labels(data: DataConfig, rewards: RewardsConfig, models: ModelsCo
     (out_dir / SUCCESS).unlink(missing_ok=True)
     rows = label_rows(read_pairs(pairs_dir))
     unique = rows.drop_duplicates(PROMPT_ID).loc[:, [PROMPT_ID, C.PROMPT, INTENT]].reset_index(drop=True)
+    if rewards.max_prompts:
+        unique = unique.head(rewards.max_prompts)
+        rows = rows[rows[PROMPT_ID].isin(unique[PROMPT_ID])]
     setup = RewardSetup.for_labels(data, rewards, models)
     cache_path = reward_cache_path(rewards, out_dir)
     prepare_models(models, ("diffusion", "pickscore", "aesthetic", "clip_relevance"))
@@ -238,7 +241,7 @@ def run_reward_labels(data: DataConfig, rewards: RewardsConfig, models: ModelsCo
     rendered = scored["rendered"].astype(bool)  # Ray Data may hand the flag back as an integer column
     manifest = {
         "stage": "rewards", "pairs": int(labels[C.PAIR_ID].nunique()), "rows": len(labels),
-        "unique_prompts": len(unique), "prompts_rendered": int(rendered.sum()),
+        "unique_prompts": len(unique), "max_prompts": rewards.max_prompts, "prompts_rendered": int(rendered.sum()),
         "prompts_from_cache": int((~rendered).sum()), "num_seeds": len(seeds), "seeds": seeds,
         "render": asdict(render),
         "alpha": rewards.alpha, "pickscore_text": rewards.pickscore_text, "fused": rewards.fused,

@@ -10,6 +10,9 @@ import torch
 from bp_ray.config import RenderConfig
 from bp_ray.rewards.long_prompts import chunked_prompt_embeds, window_count
 
+VAE_BATCH_PIXELS = 4 * 512 * 512
+"""Above this many pixels in one call (four 512 px images) the VAE decodes image by image."""
+
 
 def seeds_for(num_seeds: int, seed_base: int) -> list[int]:
     return list(range(seed_base, seed_base + num_seeds))
@@ -44,6 +47,13 @@ def render_seeds(pipe, prompts: Sequence[str], seeds: Sequence[int], render: Ren
 def _render(pipe, num_prompts: int, seeds: Sequence[int], render: RenderConfig, **text) -> np.ndarray:
     """(P, S, H, W, 3) uint8 from one pipeline call; text is prompt=[...] or prompt_embeds=/negative_prompt_embeds=."""
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in range(num_prompts) for seed in seeds]
+    # The VAE decodes a whole batch at once, and its activations grow with it: a paper renderer batch is 8 prompts
+    # x 8 seeds at 512 px. Image by image, the decoder's peak is one image's and the images are the same: its
+    # convolutions are already busy at that size.
+    if len(generators) * render.height * render.width > VAE_BATCH_PIXELS:
+        pipe.vae.enable_slicing()
+    else:
+        pipe.vae.disable_slicing()
     images = pipe(**text, num_images_per_prompt=len(seeds), generator=generators, height=render.height,
                   width=render.width, num_inference_steps=render.num_inference_steps,
                   guidance_scale=render.guidance_scale, output_type="np").images

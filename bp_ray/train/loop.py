@@ -138,7 +138,8 @@ def train_on_worker(task: TrainTask, stage: TrainingConfig, metrics_dir: Path, n
             tokens += micro_tokens
         metrics = {"loss/train": float(np.mean(losses)), "lr": lr,
                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "perf/tokens_per_s": tokens * world / (time.perf_counter() - started)}
+                   "perf/tokens_per_s": tokens * world / (time.perf_counter() - started),
+                   "time/step_s": time.perf_counter() - started}
         done = step + 1
         if done % stage.checkpoint_every == 0 or done == end_step:
             # Every rank reports at the same steps: ray.train.report is a collective in Ray Train.

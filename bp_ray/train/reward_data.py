@@ -63,8 +63,9 @@ def build_rm_examples(tokenizer: Any, frame: pd.DataFrame, spec: HeadSpec, max_l
     for mode in dict.fromkeys(spec.inputs):  # each distinct input once, in head order
         columns = [i for i, m in enumerate(spec.inputs) if m == mode]
         texts = [reward_text(mode, low, high) for low, high in zip(frame["intent"], frame[C.PROMPT], strict=True)]
-        # Left truncation would drop the user's prompt; the end of a long prompt matters least.
-        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        # Left truncation would drop the user's prompt; the end of a long prompt matters least. A fast tokenizer
+        # fails on an empty list (no held-out rows, rm.eval_fraction=0).
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
         for row, tokens in enumerate(ids):
             row_targets = [float(targets[row, i]) if i in columns else float("nan") for i in range(len(spec.heads))]
             examples.append(RMExample(list(tokens), row_targets))

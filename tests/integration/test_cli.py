@@ -43,7 +43,7 @@ def test_config_show_applies_overrides(capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["config", "show", "--set", "ppo.kl_targt=6"], "did you mean 'kl_target'?"),
-    (["config", "show", "--preset", "huge"], "available presets: paper, small, tiny, world"),
+    (["config", "show", "--preset", "huge"], "available presets: paper, paper-shapes, small, tiny, world"),
     (["config", "show", "--set", "data.num_seeds=x"], "data.num_seeds expects an integer"),
     (["train", "sft", "--set", "sft.lr=-1"], "sft.lr=-1.0 must be > 0"),
 ])

@@ -100,7 +100,8 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_unknown_preset_lists_available():
-    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; available presets: paper, small, tiny, world$"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown preset 'huge'; available presets: paper, paper-shapes, small, tiny, world$"):
         load_config("huge")
 
 

@@ -113,3 +113,14 @@ def test_correlations_and_mean_baseline():
     report = regression_report("aesthetic", predicted=x, actual=x + 0.1, train_mean=2.5)
     assert report["rm/aesthetic/mse"] == pytest.approx(0.01)
     assert report["rm/aesthetic/mean_baseline_mse"] == pytest.approx(np.mean((2.5 - (x + 0.1)) ** 2))
+
+
+def test_no_held_out_rows_give_no_examples_with_a_fast_tokenizer():
+    # rm.eval_fraction=0 leaves the held-out frame empty; a fast tokenizer raises on an empty list of texts
+    from bp_ray.models.tokenizers import train_bloom_tokenizer
+
+    frame = labels_frame(4)
+    spec = fit_head_spec(frame, ["pickscore", "aesthetic"], ["low+high", "high"])
+    tokenizer = train_bloom_tokenizer(["a cat on a sofa", "a red car at night"] * 10, 300)
+    assert build_rm_examples(tokenizer, frame.iloc[:0], spec, max_length=32) == []
+    assert len(build_rm_examples(tokenizer, frame, spec, max_length=32)) == 8
