@@ -269,6 +269,11 @@ class TrainResources:
     num_workers: int = opt(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = opt(1.0, ge=0)
+    gpus_per_worker: float = opt(1.0, gt=0, le=1)
+    """GPU share of each worker with use_gpu; below 1 lets other actors (PPO's reference and reward) share its GPU,
+    as on a one-GPU machine."""
+    max_failures: int = opt(3, ge=0)
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint) before the stage fails."""
 
 
 @dataclass

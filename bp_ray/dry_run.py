@@ -218,9 +218,10 @@ def measured_runners(runners: dict[str, Callable[[bool], dict[str, Any]]], measu
             measure = StageMeasure(stage, time.perf_counter() - started, memory.peak, memory.largest)
             # A trainer's checkpoint holds its optimizer states: 12 GB for PPO's policy and critic at the real
             # vocabulary. Nothing resumes a dry run, so only its size is kept.
-            checkpoints = layout.stage_dir(stage) / "ray"
-            measure.checkpoint_bytes = folder_bytes(checkpoints)
-            shutil.rmtree(checkpoints, ignore_errors=True)
+            folder = layout.stage_dir(stage)  # Ray Train storage: <stage>/ray, the RMs' <stage>/<model>/ray
+            for checkpoints in [*folder.glob("ray"), *folder.glob("*/ray")]:
+                measure.checkpoint_bytes += folder_bytes(checkpoints)
+                shutil.rmtree(checkpoints, ignore_errors=True)
             measures.append(measure)
             return manifest
         return measured
@@ -250,14 +251,11 @@ def serve_once(cfg: PipelineConfig, model_dir: Path, prompt: str = "a cat on a s
 
 # --- per-GPU memory at the full config -------------------------------------------------------------------------
 
-LOGPROB_CHUNK = 256
-"""Positions per chunk of the LM head's float32 logits (bp_ray/train keeps no more than this many at once)."""
-
-
 def gpu_estimates(cfg: PipelineConfig, folders: dict[str, Path], measures: dict[str, StageMeasure],
                   baseline: int = 0) -> dict[str, tuple[float, str]]:
     """Stage -> (bytes per GPU at `cfg`'s batch sizes and precision, the formula with its numbers)."""
     from bp_ray.models.loading import resolve_model
+    from bp_ray.train.token_logprobs import chunk_positions
 
     def folder(role: str) -> Path:
         return folders.get(role) or Path(resolve_model(getattr(cfg.models, role), cfg.models))
@@ -266,24 +264,27 @@ def gpu_estimates(cfg: PipelineConfig, folders: dict[str, Path], measures: dict[
     rm_lm = lm_shape(folder("rm_backbone"))
     out: dict[str, tuple[float, str]] = {}
 
-    def training(stage: str, shape: M.LMShape, models: int, micro: int, seq: int, chunk: int,
+    def training(stage: str, shape: M.LMShape, models: int, micro: int, seq: int, lm_head: bool,
                  extra: float = 0.0, extra_text: str = "") -> None:
         section = getattr(cfg, stage)
+        chunk = chunk_positions(micro, shape.vocab) if lm_head else 0
         ds, workers = section.deepspeed, section.resources.num_workers
         total = M.training_bytes(shape, models, ds.precision, ds.zero_stage, workers, micro, seq, chunk) + extra
         states = M.model_state_bytes(shape.params, ds.precision, ds.zero_stage, workers)
+        checkpoint = models * M.checkpoint_bytes(shape.params, ds.precision)
         out[stage] = (total, f"{models}×states(Ψ={shape.params / 1e9:.2f}B, {ds.precision}, ZeRO-{ds.zero_stage}, "
                              f"N={workers})={models * states / M.GIB:.1f} GiB + act(b={micro}, s={seq}, "
-                             f"L={shape.layers}) + logits chunk(c={chunk}, V={shape.vocab:,}){extra_text}")
+                             f"L={shape.layers}) + logits chunk(c={chunk}, V={shape.vocab:,}){extra_text}; "
+                             f"a checkpoint {checkpoint / M.GIB:.0f} GiB")
 
     training("sft", lm, 1, max(cfg.sft.batch_size // cfg.sft.resources.num_workers, 1), cfg.sft.max_length,
-             LOGPROB_CHUNK)
-    training("rm", rm_lm, 1, max(cfg.rm.batch_size // cfg.rm.resources.num_workers, 1), cfg.rm.max_length, 0)
+             True)
+    training("rm", rm_lm, 1, max(cfg.rm.batch_size // cfg.rm.resources.num_workers, 1), cfg.rm.max_length, False)
     ppo, workers = cfg.ppo, cfg.ppo.resources.num_workers
     seq = ppo.max_query_tokens + ppo.max_new_tokens
     kv = M.kv_cache_bytes(lm, max(ppo.rollout_batch_size // workers, 1), seq, ppo.deepspeed.precision)
     training("ppo", lm, 2 if ppo.algorithm == "ppo" and ppo.value_model == "separate" else 1,
-             max(ppo.minibatch_size // workers, 1), seq, LOGPROB_CHUNK, kv,
+             max(ppo.minibatch_size // workers, 1), seq, True, kv,
              f" + KV cache(b={ppo.rollout_batch_size // workers}, s={seq})={kv / M.GIB:.1f} GiB; reference actor "
              f"{M.inference_bytes(lm.params, cfg.models.dtype) / M.GIB:.1f} GiB, reward actor "
              f"{2 * M.inference_bytes(rm_lm.params, cfg.models.dtype) / M.GIB:.1f} GiB on their own GPUs")
@@ -300,7 +301,7 @@ def gpu_estimates(cfg: PipelineConfig, folders: dict[str, Path], measures: dict[
     dtype = cfg.models.dtype
     inference("rewards", ("diffusion",), dtype)
     inference("data", ("captioner",), "float32")  # BLIP loads in float32 (see loading.load_captioner)
-    inference("eval", ("diffusion",), dtype)
+    inference("eval", ("diffusion", "pickscore", "aesthetic", "clip_relevance"), dtype)  # one reward service
     serve_kv = M.kv_cache_bytes(lm, cfg.serve.max_batch_size, seq, dtype)
     out[SERVE_STAGE] = (M.inference_bytes(lm.params, dtype) + serve_kv,
                         f"weights {lm.params / 1e9:.2f}B×{M.bytes_per_value(dtype)} B + KV cache(b="

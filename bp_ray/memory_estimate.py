@@ -43,6 +43,12 @@ def model_state_bytes(params: int, precision: str, zero_stage: int, workers: int
                      + optimizer / (n if zero_stage >= 1 else 1))
 
 
+def checkpoint_bytes(params: int, precision: str) -> float:
+    """A training checkpoint: the weights at the training precision and the optimizer's fp32 states (master
+    weights, when 16-bit, and Adam's two moments), gathered over the workers."""
+    return params * (bytes_per_value(precision) + (12 if precision in HALF else 8))
+
+
 def activation_bytes(shape: LMShape, batch: int, seq: int, precision: str) -> float:
     """Saved activations of a forward pass with gradient (Korthikanti et al.: 34·s·b·h per layer at 16-bit)."""
     return 34 * seq * batch * shape.hidden * shape.layers * bytes_per_value(precision) / 2

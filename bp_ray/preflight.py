@@ -454,10 +454,10 @@ def stage_needs(cfg: PipelineConfig) -> list[Need]:
     for name in ("sft", "rm", "ppo"):
         r = getattr(cfg, name).resources
         need = Need(name)
-        need.add("train worker", r.num_workers, r.cpus_per_worker, 1.0 if r.use_gpu else 0.0)
+        need.add("train worker", r.num_workers, r.cpus_per_worker, r.gpus_per_worker if r.use_gpu else 0.0)
         training.append(need)
     # K workers share one reference and one reward actor when ppo.workers_per_actor is K (absent or 0: one of each).
-    per_actor = getattr(ppo, "workers_per_actor", 0) or 0
+    per_actor = ppo.workers_per_actor
     groups = math.ceil(ppo.resources.num_workers / per_actor) if per_actor > 0 else 1
     online = ppo.reward_source == "online"
     training[2].add("reference actor", groups, ppo.actor_cpus, ppo.actor_gpus)

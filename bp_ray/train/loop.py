@@ -254,6 +254,11 @@ def _forget_run(storage: str, name: str) -> None:
         fs.delete_dir(path)
 
 
+def worker_gpus(resources: TrainResources) -> float:
+    """GPUs all of a stage's workers hold together."""
+    return resources.num_workers * resources.gpus_per_worker if resources.use_gpu else 0.0
+
+
 def fit(cluster: ClusterConfig, stage: str, worker_fn: Callable[[dict], None], loop_config: dict[str, Any],
         resources: TrainResources, out_dir: Path, resume: bool) -> tuple[Path, dict[str, Any], str]:
     """Run worker_fn on Ray Train workers; returns (latest checkpoint folder, its trainer state, storage).
@@ -268,15 +273,18 @@ def fit(cluster: ClusterConfig, stage: str, worker_fn: Callable[[dict], None], l
     if not resume:
         _forget_run(storage, name)
     init_ray(cluster)
-    require_resources(cluster, resources.num_workers * resources.cpus_per_worker,
-                      resources.num_workers if resources.use_gpu else 0, f"{stage} ({resources.num_workers} workers)")
+    require_resources(cluster, resources.num_workers * resources.cpus_per_worker, worker_gpus(resources),
+                      f"{stage} ({resources.num_workers} workers)")
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=3),
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker,
+                                  **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()

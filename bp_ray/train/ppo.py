@@ -367,7 +367,7 @@ def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: Rewa
     import ray
 
     from bp_ray.ray_runtime import init_ray, require_resources
-    from bp_ray.train.loop import finish_stage, fit
+    from bp_ray.train.loop import finish_stage, fit, worker_gpus
     from bp_ray.train.ppo_actors import start_reference_actor, start_reward_actor
     from bp_ray.train.sft import read_pairs_frame
 
@@ -391,7 +391,7 @@ def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: Rewa
     groups = actor_groups(workers.num_workers, ppo.workers_per_actor)
     actors = 2 * groups + (workers.num_workers if ppo.async_rollout else 0)  # reference, reward (and rollout actors)
     require_resources(cluster, workers.num_workers * workers.cpus_per_worker + actors * ppo.actor_cpus,
-                      (workers.num_workers if workers.use_gpu else 0) + actors * ppo.actor_gpus,
+                      worker_gpus(workers) + actors * ppo.actor_gpus,
                       "ppo (train workers + reference, reward and rollout actors)")
     # One reference and one reward actor per group of ppo.workers_per_actor workers; worker r uses group
     # actor_group(r, ...). Started in the try so that the finally kills those that started when a later one fails.

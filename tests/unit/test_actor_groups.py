@@ -25,3 +25,13 @@ def test_presets_keep_one_pair_of_actors_except_paper_which_starts_four():
     assert load_config("tiny").ppo.workers_per_actor == 0
     paper = load_config("paper").ppo
     assert actor_groups(paper.resources.num_workers, paper.workers_per_actor) == 4
+
+
+def test_workers_hold_their_gpu_share_so_actors_fit_beside_them():
+    from bp_ray.config import TrainResources
+    from bp_ray.train.loop import worker_gpus
+
+    assert worker_gpus(TrainResources(num_workers=8, use_gpu=True)) == 8
+    # one GPU: the worker holds 0.6, the reference and reward actors 0.2 each
+    assert worker_gpus(TrainResources(num_workers=1, use_gpu=True, gpus_per_worker=0.6)) == 0.6
+    assert worker_gpus(TrainResources(num_workers=4, use_gpu=False, gpus_per_worker=0.6)) == 0

@@ -37,3 +37,9 @@ def test_kv_cache_and_scaled_activations():
     assert M.kv_cache_bytes(BLOOM_1B1, 16, 512, "bf16") == 2 * 24 * 16 * 512 * 1536 * 2
     # 3 GB measured, 1 GB of it weights: 2 GB of float32 activations -> 1 GB at fp16, x2 for twice the batch
     assert M.scaled_activations(3e9, 1e9, 4, 8, "float32", "float16") == pytest.approx(2e9)
+
+
+def test_checkpoint_holds_weights_and_optimizer_states():
+    # PPO's policy and critic at the paper preset: 2 × 1.07 B × (2 + 12) bytes = 27.8 GiB per checkpoint
+    assert 2 * M.checkpoint_bytes(BLOOM_1B1.params, "bf16") == pytest.approx(2 * BLOOM_1B1.params * 14)
+    assert M.checkpoint_bytes(1000, "fp32") == 12_000
