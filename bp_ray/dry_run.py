@@ -45,21 +45,25 @@ def dry_run_overrides(cfg: PipelineConfig, gpus: int, shared_critic: bool = Fals
     """`key=value` settings that shrink every count of `cfg` to one step of each stage; with no GPU, CPU
     placement and one worker per stage; `shared_critic` puts PPO's critic on the policy (where a separate one
     does not fit in this machine's memory)."""
+    # On a cluster every trainer keeps its workers, so each batch holds one example per worker.
+    workers = max(cfg.sft.resources.num_workers, cfg.rm.resources.num_workers, cfg.ppo.resources.num_workers) \
+        if gpus else 1
+    group = cfg.ppo.group_size if cfg.ppo.algorithm != "ppo" else 1
     sets = {
-        "data.corpus_rows": 16, "data.limit": 16, "data.max_new_tokens": 16, "data.caption_max_new_tokens": 12,
+        "data.corpus_rows": 16 * workers, "data.limit": 16 * workers, "data.max_new_tokens": 16,
+        "data.caption_max_new_tokens": 12,
         "data.aesthetic_threshold": "null",  # random or untrained scorers would drop every pair
         "data.llm_fraction": 0.25,
-        "sft.epochs": 1, "sft.stop_after_step": 1, "sft.batch_size": 1, "sft.eval_fraction": 0.5,
-        "rm.epochs": 1, "rm.stop_after_step": 1, "rm.batch_size": 1, "rm.eval_fraction": 0,
-        "rewards.max_prompts": 1,  # one prompt's num_seeds renders: the labelling step at full size
-        "ppo.total_steps": 1, "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 8, "ppo.eval_prompts": 1,
+        "sft.epochs": 1, "sft.stop_after_step": 1, "sft.batch_size": workers, "sft.eval_fraction": 0.5,
+        "rm.epochs": 1, "rm.stop_after_step": 1, "rm.batch_size": workers, "rm.eval_fraction": 0,
+        "rewards.max_prompts": workers,  # one prompt's num_seeds renders (per worker): labelling at full size
+        "ppo.total_steps": 1, "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 8, "ppo.eval_prompts": workers,
+        "ppo.rollout_batch_size": group * workers, "ppo.minibatch_size": group * workers,
         "data.render.num_inference_steps": 1, "eval.render.num_inference_steps": 1,
         "eval.num_prompts": 1, "eval.num_seeds": 1, "eval.max_new_tokens": 8, "eval.systems": '["original","ppo"]',
         "eval.grid_prompts": 1, "serve.min_replicas": 1, "serve.max_replicas": 1, "serve.ingress_replicas": 1,
         "serve.enable_render": "false", "serve.port": _free_port(),
     }
-    group = cfg.ppo.group_size if cfg.ppo.algorithm != "ppo" else 1
-    sets.update({"ppo.rollout_batch_size": group, "ppo.minibatch_size": group})
     if shared_critic:
         sets["ppo.value_model"] = "shared"
     if gpus == 0:
