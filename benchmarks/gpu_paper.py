@@ -80,6 +80,7 @@ import pandas as pd
 from bp_ray.config import PipelineConfig
 from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
+from bp_ray.dry_run import count_parameters
 
 SECTIONS = ("sd", "score", "sft", "ppo")
 EXPECTED_S = {"build": 60, "sd": 40, "score": 20, "sft": 150, "ppo": 240}
@@ -328,17 +329,6 @@ def untrained_reward_models(cfg: PipelineConfig, folder: Path) -> Path:
                 "note": "benchmarks/gpu_paper.py: untrained heads on the backbone (throughput only)"}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
-
-
-def count_parameters(folder: Path) -> int:
-    """Parameters in a model folder's safetensors files, read from their headers (nothing loaded)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in list(handle.keys()))
-    return total
 
 
 def checkpoint_room(trained_params: int, work: Path) -> tuple[str | None, str]:

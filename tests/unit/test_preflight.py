@@ -42,7 +42,7 @@ def test_paper_stages_need_what_their_sections_ask_for():
         "rewards": (4, 2),   # renderer + scorer pools, 1 x (2 CPUs, 1 GPU) each
         "sft": (8, 8),       # 8 workers x (1 CPU, 1 GPU)
         "rm": (8, 8),
-        "ppo": (16, 8),      # 8 workers; workers_per_actor 2 -> 4 reference + 4 reward actors x 1 CPU, 0 GPUs
+        "ppo": (16, 8),      # 8 workers x 0.75 GPU; workers_per_actor 2 -> 4 reference + 4 reward actors x 0.25 GPU
         "eval": (4, 2),      # the reward service (scorer pool) + one rewrite task (rewriter pool)
         "serve": (12, 2),    # 1 generator (4 CPUs, 1 GPU) + 2 ingress x 2 CPUs + renderer (4 CPUs, 1 GPU)
     }
@@ -56,11 +56,11 @@ def test_serve_need_is_what_bp_ray_serve_asks_ray_for():
         assert needs_by_stage(cfg)["serve"][0] == pytest.approx(required_cpus(cfg))
 
 
-@pytest.mark.parametrize(("per_actor", "cpus"), [(0, 10), (1, 24), (3, 14), (8, 10)])
-def test_ppo_counts_one_reference_and_one_reward_actor_per_group_of_workers(per_actor, cpus):
-    # 8 workers x 1 CPU + 2 x ceil(8 / per_actor) actors x 1 CPU (0: one of each): 10, 8 + 16, 8 + 6, 8 + 2
+@pytest.mark.parametrize(("per_actor", "cpus", "gpus"), [(0, 10, 6.5), (1, 24, 10), (3, 14, 7.5), (8, 10, 6.5)])
+def test_ppo_counts_one_reference_and_one_reward_actor_per_group_of_workers(per_actor, cpus, gpus):
+    # 8 workers x (1 CPU, 0.75 GPU) + 2 x ceil(8 / per_actor) actors x (1 CPU, 0.25 GPU) (0: one of each)
     cfg = load_config("paper", [f"ppo.workers_per_actor={per_actor}"])
-    assert needs_by_stage(cfg)["ppo"] == (cpus, 8)
+    assert needs_by_stage(cfg)["ppo"] == (cpus, gpus)
 
 
 def test_a_local_ray_too_small_for_a_stage_is_missing_a_cluster_only_warned():
@@ -98,7 +98,7 @@ def test_model_specs_resolve_as_the_loaders_read_them(tmp_path):
 
 def test_the_gguf_prefix_is_the_loaders():
     from bp_ray.models.loading import GGUF_PREFIX
-    from bp_ray.preflight import GGUF_PREFIX as CHECKED
+    from bp_ray.preflight.models import GGUF_PREFIX as CHECKED
 
     assert CHECKED == GGUF_PREFIX  # kept apart only so that the check need not import torch
 
