@@ -48,7 +48,7 @@ def _measure(variant: str, batch: int, response: int, layers: int, query: int, o
         logprobs, entropy = token_logprobs(hidden, model.get_output_embeddings(), targets, with_entropy=True)
     (logprobs.sum() + entropy.sum()).backward()
     out.put({"variant": variant, "peak_above_model_bytes": _peak_rss() - before,
-             "seconds": time.perf_counter() - started, "logprob_sum": float(logprobs.sum())})
+             "seconds": time.perf_counter() - started, "logprob_sum": float(logprobs.detach().sum())})
 
 
 def run(variant: str, batch: int, response: int, layers: int, query: int) -> dict[str, Any]:

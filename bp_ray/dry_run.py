@@ -247,7 +247,8 @@ def serve_once(cfg: PipelineConfig, model_dir: Path, prompt: str = "a cat on a s
         finally:
             stop_serve()
     measure = StageMeasure(SERVE_STAGE, time.perf_counter() - started, memory.peak, memory.largest, step)
-    return measure, str(answer.get("beautified") or answer)
+    outputs = answer.get("outputs") or [{}]
+    return measure, str(outputs[0].get("text", answer))
 
 
 # --- per-GPU memory at the full config -------------------------------------------------------------------------

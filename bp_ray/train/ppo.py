@@ -211,7 +211,7 @@ def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: An
                       **({"loss/value": vf, **vf_stats} if values is not None else {}),
                       **({"loss/kl": kl} if kl_in_loss(ppo) else {})}
             for key, value in losses.items():
-                stats[key].append(float(value))
+                stats[key].append(float(value.detach() if isinstance(value, torch.Tensor) else value))
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
