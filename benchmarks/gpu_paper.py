@@ -43,10 +43,11 @@ sft and ppo sections need it sent in parts over two calls; `--sections sd,score`
 The zoo and every output go under --work-dir (/tmp/bp-ray-gpu-paper) with BP_RAY_CACHE=<work-dir>/cache, so
 nothing depends on a cache from before; checkpoints are deleted after each section.
 
-What differs from a cluster run, for one GPU: the paper preset gives each Ray Train worker a whole GPU and the
-reference and reward actors their own; here the worker gets what the actors leave (1 - 2 x 0.2 of the GPU, Ray's
-fractional GPUs). Ray Train does not retry a failed worker (a benchmark reports the failure rather than repeat it).
-PPO's SFT policy is the zoo's BLOOM itself and its reward models untrained heads on it (no SFT or RM run first).
+What differs from a cluster run, for one GPU: the paper preset gives each Ray Train worker 0.75 of a GPU and one
+reference or reward actor the rest (ppo.resources.gpus_per_worker, ppo.actor_gpus); here one worker holds what two
+actors at 0.2 leave (gpus_per_worker = 0.6). Ray Train does not retry a failed worker (resources.max_failures=0:
+a benchmark reports the failure rather than repeat it). PPO's SFT policy is the zoo's BLOOM itself and its reward
+models untrained heads on it (no SFT or RM run first).
 When the disk cannot hold a checkpoint twice, Ray Train's storage moves to /dev/shm; when neither holds PPO's, it
 runs with value_model=shared, and the summary says so.
 """
