@@ -5,6 +5,7 @@ message), validation errors become one readable sentence naming the field, and t
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,8 +89,12 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(Exception)
     async def _crash(_: Request, error: Exception) -> JSONResponse:
-        logger.exception("request failed")
-        return _error(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
+        # The error's text can hold a traceback, actor ids, pids and paths: those go to the log under an id the
+        # client gets instead.
+        request_id = uuid.uuid4().hex[:16]
+        logger.exception("request %s failed", request_id)
+        return _error(500, f"internal error (request id {request_id}: the server's log has the details)",
+                      kind="server_error")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

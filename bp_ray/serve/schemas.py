@@ -8,6 +8,7 @@ are checked by the app, which answers 400 with the same error body.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,7 +27,24 @@ NOT_BLANK = {"pattern": r"\S"}
 """Documents the blank-prompt rule in the spec; the validator below gives the error message."""
 
 
+_NOT_TEXT = re.compile(r"[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Lone surrogates (valid JSON escapes, not Unicode: a tokenizer cannot encode them) and control characters other
+than tab and line breaks."""
+
+
+def _plain_text(text: str) -> str:
+    """`text` if every character is text a tokenizer takes; the first one that is not, named, otherwise."""
+    bad = _NOT_TEXT.search(text)
+    if bad:
+        code = ord(bad.group())
+        kind = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "the control character"
+        raise ValueError(f"has {kind} U+{code:04X} at character {bad.start()}: send text as valid Unicode, "
+                         f"without control characters other than tab and line breaks")
+    return text
+
+
 def _not_blank(text: str) -> str:
+    _plain_text(text)
     if not text.strip():
         raise ValueError("must not be empty or whitespace only")
     return text
@@ -106,15 +124,32 @@ class CompletionRequest(_Request):
             _not_blank(text)
         return prompt
 
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for text in [stop] if isinstance(stop, str) else stop or []:
+            _plain_text(text)
+        return stop
+
 
 class TextPart(_Request):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _text(cls, text: str) -> str:
+        return _plain_text(text)
+
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+        return _plain_text(content) if isinstance(content, str) else content
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)

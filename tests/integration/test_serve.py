@@ -203,6 +203,10 @@ BAD_REQUESTS = [
      "messages[0].role: Input should be"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}],
                               "max_completion_tokens": 100}, 400, "max_completion_tokens=100 exceeds the limit"),
+    ("/v1/beautify", {"prompt": "a \u0007 cat"}, 400, "prompt: has the control character U+0007 at character 2"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a cat"}, {"type": "text", "text": "\x00"}]}]}, 400,
+     "messages[0].content[1].text: has the control character U+0000"),
 ]
 
 
@@ -222,6 +226,14 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(server, path, body, status,
     ("GET", "/v1/beautify", None, 405, "GET is not allowed on /v1/beautify"),
     ("GET", "/v1/nothing-here", None, 404, "no such path: /v1/nothing-here"),
     ("GET", "/v1/models/dall-e", None, 404, "model 'dall-e' does not exist"),
+    # a lone surrogate is a valid JSON escape but not Unicode: the tokenizer cannot take it (was a 500)
+    ("POST", "/v1/beautify", b'{"prompt": "a \\ud800 cat"}', 400, "prompt: has a lone surrogate U+D800 at character 2"),
+    ("POST", "/v1/completions", b'{"model": "%s", "prompt": "a \\udc00"}' % MODEL.encode(), 400,
+     "prompt: has a lone surrogate U+DC00"),
+    ("POST", "/v1/chat/completions",
+     b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d"}]}' % MODEL.encode(), 400,
+     "messages[0].content: has a lone surrogate U+D83D"),
+    ("POST", "/v1/render", b'{"prompt": "a \\ud800 cat"}', 400, "prompt: has a lone surrogate U+D800"),
 ])
 def test_malformed_http_gets_a_4xx_with_a_clear_message(server, method, path, content, status, message):
     response = httpx.request(method, server.url + path, content=content, timeout=30,
