@@ -12,18 +12,13 @@ loading the model and building the batch, and the time of forward + backward.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
 import time
 from typing import Any
 
 import torch
+from fresh_process import in_fresh_process, peak_rss
 
 GIB = 1024 ** 3
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _measure(variant: str, batch: int, response: int, layers: int, query: int, out: Any) -> None:
@@ -38,7 +33,7 @@ def _measure(variant: str, batch: int, response: int, layers: int, query: int, o
     ids = torch.randint(0, 250_880, (batch, query + response))
     mask = torch.ones_like(ids)
     targets = ids[:, query:]
-    before = _peak_rss()  # ru_maxrss only grows: what the model and batch took so far
+    before = peak_rss()  # ru_maxrss only grows: what the model and batch took so far
     started = time.perf_counter()
     if variant == "full":
         logits = model(input_ids=ids, attention_mask=mask).logits[:, query - 1:-1].float()
@@ -47,18 +42,8 @@ def _measure(variant: str, batch: int, response: int, layers: int, query: int, o
         hidden = final_hidden_states(model, ids, mask)[:, query - 1:-1]
         logprobs, entropy = token_logprobs(hidden, model.get_output_embeddings(), targets, with_entropy=True)
     (logprobs.sum() + entropy.sum()).backward()
-    out.put({"variant": variant, "peak_above_model_bytes": _peak_rss() - before,
+    out.put({"variant": variant, "peak_above_model_bytes": peak_rss() - before,
              "seconds": time.perf_counter() - started, "logprob_sum": float(logprobs.detach().sum())})
-
-
-def run(variant: str, batch: int, response: int, layers: int, query: int) -> dict[str, Any]:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_measure, args=(variant, batch, response, layers, query, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
 
 
 def main() -> None:
@@ -71,7 +56,8 @@ def main() -> None:
     full_logits = args.batch * args.response * 250_880 * 4
     print(f"BLOOM width 1536, vocabulary 250,880, {args.layers} layers; {args.batch} responses of {args.response} "
           f"tokens after {args.query} query tokens (their float32 logits alone: {full_logits / GIB:.2f} GiB)")
-    results = [run(v, args.batch, args.response, args.layers, args.query) for v in ("full", "chunked")]
+    results = [in_fresh_process(_measure, v, args.batch, args.response, args.layers, args.query)
+               for v in ("full", "chunked")]
     for r in results:
         print(f"  {r['variant']:<8} peak above the model {r['peak_above_model_bytes'] / GIB:6.2f} GiB   "
               f"forward + backward {r['seconds']:6.2f} s   sum of log-probs {r['logprob_sum']:.3f}")

@@ -12,19 +12,14 @@ and whether the images are the same.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from fresh_process import in_fresh_process, peak_rss
 
 GIB = 1024 ** 3
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _measure(sliced: bool, images: int, out: Any) -> None:
@@ -39,22 +34,12 @@ def _measure(sliced: bool, images: int, out: Any) -> None:
     latents = torch.randn(images, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     if sliced:
         vae.enable_slicing()
-    before = _peak_rss()
+    before = peak_rss()
     started = time.perf_counter()
     with torch.no_grad():
         pixels = vae.decode(latents / vae.config.scaling_factor).sample
-    out.put({"sliced": sliced, "peak_above_model_bytes": _peak_rss() - before,
+    out.put({"sliced": sliced, "peak_above_model_bytes": peak_rss() - before,
              "seconds": time.perf_counter() - started, "pixels": pixels[:, :, ::64, ::64].numpy()})
-
-
-def run(sliced: bool, images: int) -> dict[str, Any]:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_measure, args=(sliced, images, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
 
 
 def main() -> None:
@@ -62,7 +47,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     args = parser.parse_args()
     print(f"SD 1.5 VAE (83,653,863 parameters, float32, CPU): decoding {args.images} latents of 64×64 to 512×512")
-    whole, sliced = run(False, args.images), run(True, args.images)
+    whole, sliced = in_fresh_process(_measure, False, args.images), in_fresh_process(_measure, True, args.images)
     for name, r in (("one batch", whole), ("per image", sliced)):
         print(f"  {name:<10} peak above the model {r['peak_above_model_bytes'] / GIB:6.2f} GiB   "
               f"{r['seconds']:6.1f} s")
