@@ -6,19 +6,26 @@
 3. A rerun of the Ray Data stage against the warm cache vs its cold run (the stage consults the cache before
    starting any actor), and the same for the one-process labeler.
 
-    python benchmarks/render_score.py [--prompts 48] [--seeds 8] [--set key=value ...]
+Labelling runs the preset's configuration (tiny: one fused actor that renders and scores on both cores, with
+as many torch threads as this process); `--set rewards.fused=false --set data.renderer_pool.num_cpus=1` measures
+the split pools. Every figure is measured --repeats times (fresh caches each time) and reported as the median
+with its range; the script refuses to compare sides that compute with different thread counts.
+
+    python benchmarks/render_score.py [--prompts 48] [--seeds 8] [--repeats 3] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
+from machine import facts, print_results, refuse_mismatch, summary
 
 from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
@@ -40,49 +47,63 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+def batched_vs_separate(labeler: RewardLabeler, prompts: list[str]) -> tuple[float, float]:
+    """Seconds for all seeds of `prompts` in one call, and in one call per (prompt, seed)."""
+    render_seeds(labeler.pipe, prompts[:1], labeler.seeds[:1], labeler.render_cfg)  # warm-up
+    _, batched_s = timed(lambda: render_seeds(labeler.pipe, prompts, labeler.seeds, labeler.render_cfg))
+    _, separate_s = timed(lambda: [render_seeds(labeler.pipe, [p], [s], labeler.render_cfg)
+                                   for p in prompts for s in labeler.seeds])
+    return batched_s, separate_s
+
+
+def one_process(cfg, cache: Path, prompts: list[str], intents: list[str], cached_only: bool) -> None:
+    """The labelling loop in this process; a rerun only needs the cache: like the stage's driver, it loads no
+    model then."""
+    worker = RewardLabeler(labelling(cfg), str(cache), render=not cached_only, score=not cached_only)
+    size = cfg.data.renderer_pool.batch_size
+    for i in range(0, len(prompts), size):
+        if cached_only:
+            assert worker.cached(prompts[i:i + size], intents[i:i + size])[1].all()
+        else:
+            worker.label(prompts[i:i + size], intents[i:i + size])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=48, help="pairs (each gives a low and a high prompt)")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    cfg = load_config("tiny", [f"data.num_seeds={args.seeds}", "data.renderer_pool.max_actors=2",
-                               "data.renderer_pool.num_cpus=0.5", "data.scorer_pool.num_cpus=0.5",
-                               *args.overrides])
+    cfg = load_config("tiny", [f"data.num_seeds={args.seeds}", *args.overrides])
+    import torch
+
+    stage_pool = cfg.data.renderer_pool
+    threads = {"one_process": torch.get_num_threads(), "ray_stage": max(1, math.ceil(stage_pool.num_cpus))}
+    refuse_mismatch(**threads)
     ensure_tiny_zoo(cfg.models)
     texts = [t for t in generate_prompts(args.prompts * 6, seed=7) if t.strip() and len(t) < 300]
     lows, highs = texts[:args.prompts], texts[args.prompts:2 * args.prompts]
+    all_prompts, intents = [*lows, *highs], [*lows, *lows]
     work = Path(tempfile.mkdtemp(prefix="bp-ray-render-bench-"))
-    results: dict[str, float | int] = {"pairs": args.prompts, "seeds": args.seeds,
-                                       "image_size": cfg.data.render.height,
-                                       "steps": cfg.data.render.num_inference_steps}
+    results: dict = {"machine": facts(**threads), "pairs": args.prompts, "seeds": args.seeds,
+                     "image_size": cfg.data.render.height, "steps": cfg.data.render.num_inference_steps,
+                     "fused": cfg.rewards.fused, "repeats": args.repeats}
+    runs: dict[str, list[float]] = {name: [] for name in (
+        "batched_images_per_s", "separate_images_per_s", "batched_speedup", "one_process_cold_s",
+        "ray_data_cold_s", "ray_data_vs_one_process", "ray_data_cached_rerun_s", "one_process_cached_rerun_s")}
     try:
         # 1. batched vs separate calls
-        labeler = RewardLabeler(labelling(cfg), cache_path=None)
-        prompts = highs[:4]
-        render_seeds(labeler.pipe, prompts[:1], labeler.seeds[:1], labeler.render_cfg)  # warm-up
-        _, batched_s = timed(lambda: render_seeds(labeler.pipe, prompts, labeler.seeds, labeler.render_cfg))
-        _, separate_s = timed(lambda: [render_seeds(labeler.pipe, [p], [s], labeler.render_cfg)
-                                       for p in prompts for s in labeler.seeds])
-        images = len(prompts) * len(labeler.seeds)
-        results |= {"batched_images_per_s": round(images / batched_s, 1),
-                    "separate_images_per_s": round(images / separate_s, 1),
-                    "batched_speedup": round(separate_s / batched_s, 2)}
+        labeler = RewardLabeler(labelling(cfg), cache_path=None, score=False)
+        images = 4 * len(labeler.seeds)
+        for _ in range(args.repeats):
+            batched_s, separate_s = batched_vs_separate(labeler, highs[:4])
+            runs["batched_images_per_s"].append(images / batched_s)
+            runs["separate_images_per_s"].append(images / separate_s)
+            runs["batched_speedup"].append(separate_s / batched_s)
+        del labeler
 
-        # 2. one process vs the Ray Data stage, cold caches
-        all_prompts, intents = [*lows, *highs], [*lows, *lows]
-        def one_process(cache: Path, cached_only: bool) -> None:
-            # A rerun only needs the cache: like the stage's driver, it loads no model then.
-            worker = RewardLabeler(labelling(cfg), str(cache), render=not cached_only, score=not cached_only)
-            size = cfg.data.renderer_pool.batch_size
-            for i in range(0, len(all_prompts), size):
-                if cached_only:
-                    assert worker.cached(all_prompts[i:i + size], intents[i:i + size])[1].all()
-                else:
-                    worker.label(all_prompts[i:i + size], intents[i:i + size])
-
-        _, one_cold_s = timed(lambda: one_process(work / "one.sqlite", cached_only=False))
-        _, one_warm_s = timed(lambda: one_process(work / "one.sqlite", cached_only=True))
+        # 2. one process vs the Ray Data stage, cold caches, alternating
         pairs_dir = work / "data"
         pairs_dir.mkdir()
         pd.DataFrame({C.PAIR_ID: [f"p{i}" for i in range(len(lows))], C.LOW: lows, C.HIGH: highs}).to_parquet(
@@ -92,27 +113,32 @@ def main() -> None:
         from bp_ray.ray_runtime import init_ray
 
         init_ray(cfg.cluster)
-        def label() -> dict:
-            return run_reward_labels(cfg.data, cfg.rewards, cfg.models, cfg.cluster, pairs_dir, work / "rewards")
+        for repeat in range(args.repeats):
+            cache = work / f"one-{repeat}.sqlite"
+            _, one_cold_s = timed(partial(one_process, cfg, cache, all_prompts, intents, cached_only=False))
+            _, one_warm_s = timed(partial(one_process, cfg, cache, all_prompts, intents, cached_only=True))
+            out = work / f"rewards-{repeat}"
 
-        cold, ray_cold_s = timed(label)
-        warm, ray_warm_s = timed(label)
+            def label(out: Path = out) -> dict:
+                return run_reward_labels(cfg.data, cfg.rewards, cfg.models, cfg.cluster, pairs_dir, out)
+
+            cold, ray_cold_s = timed(label)
+            warm, ray_warm_s = timed(label)
+            assert warm["prompts_rendered"] == 0, warm
+            runs["one_process_cold_s"].append(one_cold_s)
+            runs["one_process_cached_rerun_s"].append(one_warm_s)
+            runs["ray_data_cold_s"].append(ray_cold_s)
+            runs["ray_data_cached_rerun_s"].append(ray_warm_s)
+            runs["ray_data_vs_one_process"].append(one_cold_s / ray_cold_s)
+            print(f"repeat {repeat + 1}: one process {one_cold_s:.1f} s, Ray Data stage {ray_cold_s:.1f} s "
+                  f"({one_cold_s / ray_cold_s:.2f}x); batched render {runs['batched_speedup'][repeat]:.2f}x",
+                  flush=True)
         ray.shutdown()
-        prompts_n = cold["unique_prompts"]
-        results |= {
-            "unique_prompts": prompts_n,
-            "one_process_cold_s": round(one_cold_s, 1), "one_process_prompts_per_s": round(prompts_n / one_cold_s, 2),
-            "ray_data_cold_s": round(ray_cold_s, 1), "ray_data_prompts_per_s": round(prompts_n / ray_cold_s, 2),
-            "ray_data_vs_one_process": round(one_cold_s / ray_cold_s, 2),
-            "ray_data_cached_rerun_s": round(ray_warm_s, 2),
-            "ray_data_cached_speedup": round(ray_cold_s / ray_warm_s, 1),
-            "one_process_cached_rerun_s": round(one_warm_s, 2),
-            "one_process_cached_speedup": round(one_cold_s / one_warm_s, 1),
-            "rerun_rendered": warm["prompts_rendered"],
-        }
+        results["unique_prompts"] = cold["unique_prompts"]
+        results |= {name: summary(values) for name, values in runs.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results, indent=2))
+    print_results(results)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,18 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSF
               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def use_held_cpus(num_cpus: float) -> int:
+    """Torch threads for a worker that holds `num_cpus` CPUs (at least 1): workers start with OMP_NUM_THREADS=1
+    (WORKER_ENV), so an actor given 2 CPUs would otherwise compute on one of them. Returns the thread count."""
+    import math
+
+    import torch
+
+    threads = max(1, math.ceil(num_cpus - 1e-9))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def init_ray(cluster: ClusterConfig, metrics_export_port: int = 0) -> None:
     """Join cluster.address (or RAY_ADDRESS, set by `ray job submit`), else start a local Ray on loopback, with its
     Prometheus metrics on `metrics_export_port` when that is not 0."""

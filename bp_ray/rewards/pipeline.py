@@ -25,7 +25,7 @@ from bp_ray.config import ActorPoolConfig, ClusterConfig, DataConfig, ModelsConf
 from bp_ray.console import report_progress
 from bp_ray.data import columns as C
 from bp_ray.layout import SUCCESS, write_manifest
-from bp_ray.ray_runtime import actor_pool_args
+from bp_ray.ray_runtime import actor_pool_args, use_held_cpus
 from bp_ray.rewards.labeler import RewardSetup
 from bp_ray.rewards.scoring import SCORE_NAMES, combined_reward, seed_stats
 
@@ -71,9 +71,10 @@ def _save_images(pixels: np.ndarray, ids: np.ndarray, seeds: list[int], image_di
 class Renderer:
     """Renders the rows not fully in the cache; passes the others through with blank pixels."""
 
-    def __init__(self, setup: RewardSetup, cache_path: str, image_dir: str | None):
+    def __init__(self, setup: RewardSetup, cache_path: str, image_dir: str | None, num_cpus: float = 1):
         from bp_ray.rewards.labeler import RewardLabeler
 
+        use_held_cpus(num_cpus)
         self.labeler = RewardLabeler(setup, cache_path, render=True, score=False)
         self.image_dir, self.image_format = image_dir, setup.rewards.image_format
 
@@ -96,9 +97,10 @@ class Renderer:
 class Scorer:
     """Scores rendered rows (and caches them); reads the others from the cache."""
 
-    def __init__(self, setup: RewardSetup, cache_path: str):
+    def __init__(self, setup: RewardSetup, cache_path: str, num_cpus: float = 1):
         from bp_ray.rewards.labeler import RewardLabeler
 
+        use_held_cpus(num_cpus)
         self.labeler = RewardLabeler(setup, cache_path, render=False, score=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,9 +116,10 @@ class Scorer:
 class FusedLabeler:
     """Render and score in one actor (one GPU holds SD and the scorers)."""
 
-    def __init__(self, setup: RewardSetup, cache_path: str, image_dir: str | None):
+    def __init__(self, setup: RewardSetup, cache_path: str, image_dir: str | None, num_cpus: float = 1):
         from bp_ray.rewards.labeler import RewardLabeler
 
+        use_held_cpus(num_cpus)
         self.labeler = RewardLabeler(setup, cache_path)
         self.image_dir, self.image_format = image_dir, setup.rewards.image_format
 
@@ -150,12 +153,14 @@ def score_unique_prompts(unique: pd.DataFrame, setup: RewardSetup, renderer_pool
     block = max(1, renderer_pool.batch_size)
     ds = ray.data.from_pandas([unique.iloc[i:i + block] for i in range(0, len(unique), block)])
     images = str(image_dir) if image_dir else None
-    renderer_kwargs = {"setup": setup, "cache_path": str(cache_path), "image_dir": images}
+    renderer_kwargs = {"setup": setup, "cache_path": str(cache_path), "image_dir": images,
+                       "num_cpus": renderer_pool.num_cpus}
     if setup.rewards.fused:
         ds = ds.map_batches(FusedLabeler, fn_constructor_kwargs=renderer_kwargs, **actor_pool_args(renderer_pool))
     else:
         ds = ds.map_batches(Renderer, fn_constructor_kwargs=renderer_kwargs, **actor_pool_args(renderer_pool))
-        ds = ds.map_batches(Scorer, fn_constructor_kwargs={"setup": setup, "cache_path": str(cache_path)},
+        ds = ds.map_batches(Scorer, fn_constructor_kwargs={"setup": setup, "cache_path": str(cache_path),
+                                                           "num_cpus": scorer_pool.num_cpus},
                             **actor_pool_args(scorer_pool))
     parts = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

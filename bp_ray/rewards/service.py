@@ -87,9 +87,11 @@ class BatchingScorer:
 class RewardService:
     """Ray actor (create with `reward_service(setup, pool, cache_path)`): one labeler, batched across callers."""
 
-    def __init__(self, setup: RewardSetup, cache_path: str | None):
+    def __init__(self, setup: RewardSetup, cache_path: str | None, num_cpus: float = 1):
+        from bp_ray.ray_runtime import use_held_cpus
         from bp_ray.rewards.labeler import RewardLabeler
 
+        use_held_cpus(num_cpus)
         self.labeler = RewardLabeler(setup, cache_path)
         self.core = BatchingScorer(self._label, setup.rewards.alpha, setup.rewards.service_max_batch,
                                    setup.rewards.service_batch_wait_s)
@@ -127,7 +129,7 @@ def reward_service(setup: RewardSetup, pool: ActorPoolConfig, cache_path: str | 
     """Start the reward actor (by default with the pool's resources: the scorer pool's); returns its handle."""
     import ray
 
-    actor = ray.remote(RewardService).options(num_cpus=pool.num_cpus if num_cpus is None else num_cpus,
-                                              num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
+    cpus = pool.num_cpus if num_cpus is None else num_cpus
+    actor = ray.remote(RewardService).options(num_cpus=cpus, num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
                                               resources=dict(pool.resources) or None, max_concurrency=64)
-    return actor.remote(setup, cache_path)
+    return actor.remote(setup, cache_path, cpus)
