@@ -1,32 +1,40 @@
-"""Pair generation throughput: the Ray Data pipeline vs the same stage functions called in one process.
+"""Pair generation throughput: the Ray Data pipeline vs the same stage functions called in one process, and how
+the stage grows with its input.
 
-    python benchmarks/data_throughput.py [--rows 600] [--set key=value ...]
+    python benchmarks/data_throughput.py [--rows 1200] [--repeats 3] [--growth 10] [--set key=value ...]
 
 Both sides process the same prepared rows of the embedded corpus with the tiny zoo through the same UDFs and
-writer. Two figures per side: end to end (loading models included; the Ray side excludes `ray.init`, a cluster
-is already up in real use, but includes its actors importing torch), and steady state: rows committed after the
-first batch commit divided by the time to the last commit, which is what a long data-generation job sees.
-The Ray side runs 1 captioner and 2 rewriter actors (the rewriter is the bottleneck). Prints the ratios.
+writer, one side after the other, --repeats times. Two figures per side: end to end (loading models included; the
+Ray side excludes `ray.init`, a cluster is already up in real use, but includes its actors importing torch), and
+steady state: rows committed after the first batch commit divided by the time to the last commit, which is what
+a long data-generation job sees. The Ray side runs the preset's pools on a local Ray of `cluster.num_cpus` CPUs
+(tiny: 2, this machine's cores); the sequential side computes with as many torch threads. Each figure is the
+median of the repeats with its range.
+
+--growth F then runs the whole stage (`run_data_generation`: read, filter, model stages, consolidation) on
+--rows and on F x --rows corpus rows, and prints the wall-time ratio and the peak resident memory of the driver
+and of every Ray actor kind (sampled every 0.2 s) at both sizes: a streaming stage keeps them flat.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pyarrow.parquet as pq
+from machine import facts, print_results, refuse_mismatch, summary
 
 from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
 from bp_ray.data.captions import Captioner
-from bp_ray.data.pipeline import prepare_rows, read_source, run_model_stages, write_batch
+from bp_ray.data.pipeline import prepare_rows, read_source, run_data_generation, run_model_stages, write_batch
 from bp_ray.data.rewrite import PromptRewriter
 from bp_ray.embedded.tiny_zoo import ensure_tiny_zoo
 
@@ -51,50 +59,128 @@ def steady_state_rows_per_s(work_dir: Path) -> float:
     return sum(rows for _, rows in commits[1:]) / span if span > 0 else float("nan")
 
 
+class PeakMemory:
+    """Samples the resident memory of this process and of every Ray worker below it; keeps each one's peak, by
+    kind (the driver, or the actor class a worker's title names)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        found = [("driver", me)]
+        for child in me.children(recursive=True):
+            try:
+                title = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            for kind in ("Captioner", "PromptRewriter", "ImageAesthetic", "write_batch"):
+                if kind in title:
+                    found.append((kind, child))
+        for kind, process in found:
+            try:
+                rss = process.memory_info().rss / 2**20
+            except psutil.Error:
+                continue
+            self.peaks[kind] = max(self.peaks.get(kind, 0.0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def throughput(cfg, rows: pd.DataFrame, workdir: Path, repeats: int) -> dict:
+    runs: dict[str, list[float]] = {name: [] for name in (
+        "sequential_s", "ray_data_s", "speedup_end_to_end", "sequential_steady_rows_per_s",
+        "ray_data_steady_rows_per_s", "speedup_steady_state")}
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        run_sequential(rows, cfg, workdir / f"sequential-{repeat}")
+        sequential_s = time.perf_counter() - start
+        sequential_steady = steady_state_rows_per_s(workdir / f"sequential-{repeat}")
+        start = time.perf_counter()
+        run_model_stages(rows, cfg.data, cfg.models, workdir / f"ray-{repeat}")
+        ray_s = time.perf_counter() - start
+        ray_steady = steady_state_rows_per_s(workdir / f"ray-{repeat}")
+        for name, value in (("sequential_s", sequential_s), ("ray_data_s", ray_s),
+                            ("speedup_end_to_end", sequential_s / ray_s),
+                            ("sequential_steady_rows_per_s", sequential_steady),
+                            ("ray_data_steady_rows_per_s", ray_steady),
+                            ("speedup_steady_state", ray_steady / sequential_steady)):
+            runs[name].append(value)
+        print(f"repeat {repeat + 1}: end to end {sequential_s:.1f} s sequential, {ray_s:.1f} s Ray Data "
+              f"({sequential_s / ray_s:.2f}x); steady {sequential_steady:.1f} vs {ray_steady:.1f} rows/s "
+              f"({ray_steady / sequential_steady:.2f}x)", flush=True)
+    return {name: summary(values) for name, values in runs.items()}
+
+
+def growth(base_overrides: list[str], rows: int, factor: int, workdir: Path) -> dict:
+    """The whole stage at `rows` and `factor` x `rows` corpus rows: wall time and peak memory by process kind."""
+    sizes = {}
+    for n in (rows, rows * factor):
+        cfg = load_config("tiny", [*base_overrides, f"data.corpus_rows={n}"])
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            manifest = run_data_generation(cfg.data, cfg.models, cfg.cluster, workdir / f"stage-{n}",
+                                           corpus_dir=workdir / f"corpus-{n}")
+            wall = time.perf_counter() - start
+        sizes[n] = {"wall_s": round(wall, 1), "rows_through_models": manifest["rows_to_process"],
+                    "pairs_out": manifest["pairs_out"],
+                    "peak_rss_mib": {kind: round(peak) for kind, peak in sorted(memory.peaks.items())}}
+        print(f"growth: {n} corpus rows in {wall:.1f} s, peak RSS MiB {sizes[n]['peak_rss_mib']}", flush=True)
+    small, large = sizes[rows], sizes[rows * factor]
+    return {"sizes": sizes, "wall_ratio": round(large["wall_s"] / small["wall_s"], 2),
+            "peak_rss_ratio": {kind: round(large["peak_rss_mib"][kind] / small["peak_rss_mib"][kind], 2)
+                               for kind in small["peak_rss_mib"] if kind in large["peak_rss_mib"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=600, help="corpus rows (about half reach the model stages)")
+    parser.add_argument("--rows", type=int, default=1200, help="corpus rows (about 3/4 reach the model stages)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--growth", type=int, default=0, metavar="F",
+                        help="also run the whole stage on F x --rows corpus rows (0: skip)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    cfg = load_config("tiny", [f"data.corpus_rows={args.rows}", "data.rewriter_pool.min_actors=2",
-                               "data.rewriter_pool.max_actors=2", "data.captioner_pool.max_actors=1",
-                               *args.overrides])
+    cfg = load_config("tiny", [f"data.corpus_rows={args.rows}", *args.overrides])
+    import torch
+
+    threads = {"sequential": torch.get_num_threads(), "ray_cluster_cpus": int(cfg.cluster.num_cpus or 0)}
+    refuse_mismatch(**threads)
     ensure_tiny_zoo(cfg.models)
     workdir = Path(tempfile.mkdtemp(prefix="bp-ray-data-bench-"))
+    results: dict = {"machine": facts(**threads)}
     try:
         table, _, _ = read_source(cfg.data, workdir / "corpus")
         rows, _ = prepare_rows(table, cfg.data)
-
-        start = time.perf_counter()
-        run_sequential(rows, cfg, workdir / "sequential")
-        sequential_s = time.perf_counter() - start
-        sequential_steady = steady_state_rows_per_s(workdir / "sequential")
-
+        results["rows_through_models"] = len(rows)
+        results["high_rows_with_image"] = int(((rows[C.QUALITY] == "high") & (rows[C.IMAGE_REF] != "")).sum())
         import ray
 
         from bp_ray.ray_runtime import init_ray
 
         start = time.perf_counter()
         init_ray(cfg.cluster)
-        init_s = time.perf_counter() - start
-        start = time.perf_counter()
-        run_model_stages(rows, cfg, workdir / "ray")
-        ray_s = time.perf_counter() - start
-        ray_steady = steady_state_rows_per_s(workdir / "ray")
+        results["ray_init_s_excluded"] = round(time.perf_counter() - start, 1)
+        if args.repeats:
+            results |= throughput(cfg, rows, workdir, args.repeats)
+        if args.growth:
+            results["growth"] = growth(args.overrides, args.rows, args.growth, workdir)
         ray.shutdown()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    n = len(rows)
-    print(json.dumps({
-        "rows_through_models": n, "high_rows_with_image": int(((rows[C.QUALITY] == "high")
-                                                               & (rows[C.IMAGE_REF] != "")).sum()),
-        "sequential_s": round(sequential_s, 1), "sequential_rows_per_s": round(n / sequential_s, 1),
-        "ray_data_s": round(ray_s, 1), "ray_data_rows_per_s": round(n / ray_s, 1),
-        "ray_init_s_excluded": round(init_s, 1), "speedup_end_to_end": round(sequential_s / ray_s, 2),
-        "sequential_steady_rows_per_s": round(sequential_steady, 1), "ray_data_steady_rows_per_s": round(ray_steady, 1),
-        "speedup_steady_state": round(ray_steady / sequential_steady, 2),
-        "cpus": os.cpu_count(),
-    }, indent=2))
+    print_results(results)
 
 
 if __name__ == "__main__":
