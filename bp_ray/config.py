@@ -467,7 +467,16 @@ class ServeConfig:
     -1: no limit."""
     request_timeout_s: float = opt(30.0, gt=0)
     """A request not answered within this time gets HTTP 504."""
+    health_timeout_s: float = opt(10.0, gt=0)
+    """How long GET /healthz waits for a generator replica (503 past it). Its own bound, not request_timeout_s:
+    a liveness probe must not fail because generation is given a short time."""
     max_prompt_chars: int = opt(1000, ge=1)
+    """Longest prompt (also: each stop string) in characters."""
+    max_messages: int = opt(64, ge=1)
+    """Most messages one chat request may carry. Only the last user message is beautified, but every message is
+    parsed and checked, so an unbounded history would be unbounded work for the ingress."""
+    max_chat_chars: int = opt(32768, ge=1)
+    """Most characters of all of one chat request's messages together (system prompts and history included)."""
     max_new_tokens: int = opt(256, ge=1)
     """Upper limit a request may ask for."""
     default_max_new_tokens: int = opt(64, ge=1)

@@ -8,6 +8,7 @@ the entry point of the Serve config files in cluster/ (`serve run cluster/serve.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -174,16 +175,22 @@ class Beautifier:
         await self._slot_free.wait()
         return await self._generate_batch(row)
 
-    async def _generate(self, request: GenerationRequest) -> GenerationResult:
-        rows = [GenerationRequest(request.text, 1, request.max_new_tokens, request.temperature, request.top_p,
-                                  request.seed + i, request.stop) for i in range(request.n)]
+    async def _generate(self, request: GenerationRequest, param: str) -> GenerationResult:
+        """All n outputs of `request`; `param` is the field that holds its prompt (named if the model refuses it)."""
+        rows = [dataclasses.replace(request, n=1, seed=request.seed + i) for i in range(request.n)]
         try:
             parts = await asyncio.wait_for(asyncio.gather(*(self._generate_row(row) for row in rows)),
                                            timeout=self.cfg.serve.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"generation did not finish within {self.cfg.serve.request_timeout_s:g} s; "
-                                "retry later or ask for fewer tokens", kind="timeout_error") from None
+            raise self._timeout("generation") from None
+        if parts[0].refused:
+            raise ApiError(400, f"{param}: {parts[0].refused}", param=param)
         return GenerationResult(parts[0].prompt_tokens, [c for part in parts for c in part.completions])
+
+    def _timeout(self, what: str, hint: str = "retry later or ask for fewer tokens") -> ApiError:
+        return ApiError(504, f"{what} did not finish within the request timeout of "
+                             f"{self.cfg.serve.request_timeout_s:g} s; {hint}",
+                        code="request_timeout", kind="timeout_error")
 
     def _request(self, text: str, n: int, max_new_tokens: int, temperature: float | None, top_p: float | None,
                  seed: int, stop: tuple[str, ...]) -> GenerationRequest:
@@ -194,19 +201,41 @@ class Beautifier:
 
     def _beautify_request(self, prompt: str, n: int, max_new_tokens: int, temperature: float | None,
                           top_p: float | None, seed: int) -> GenerationRequest:
-        return self._request(beautify_input(self.cfg.sft.instruction, prompt, self.cfg.sft.keep_prompt), n,
-                             max_new_tokens, temperature, top_p, seed, BEAUTIFY_STOP)
+        request = self._request(beautify_input(self.cfg.sft.instruction, prompt, self.cfg.sft.keep_prompt), n,
+                                max_new_tokens, temperature, top_p, seed, BEAUTIFY_STOP)
+        # The template always has tokens: the generator checks the user's own words.
+        return dataclasses.replace(request, prompt=prompt)
 
     def _shown(self, completion: str, prompt: str) -> str:
         """The rewrite a user sees for one beautify completion (with keep_prompt: the prompt, then the additions)."""
         return beautified_text(completion, prompt, self.cfg.sft.keep_prompt)
 
-    async def _stream_deltas(self, request: GenerationRequest) -> AsyncIterator[Any]:
+    async def _stream_deltas(self, request: GenerationRequest, param: str) -> AsyncIterator[Any]:
+        """The generator's deltas, the first one awaited before this returns: a refused prompt (400) or a timeout
+        before the first token (504) is still answered with its status, not inside a 200 stream."""
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
-        async for delta in self.generator.options(stream=True).stream.remote(request):
-            yield delta
-            if time.monotonic() > deadline:
+        deltas = self.generator.options(stream=True).stream.remote(request)
+        try:
+            first = await asyncio.wait_for(deltas.__anext__(), timeout=self.cfg.serve.request_timeout_s)
+        except asyncio.TimeoutError:
+            deltas.cancel()
+            raise self._timeout("generation") from None
+        except StopAsyncIteration:
+            first = None
+        if first is not None and first.refused:
+            raise ApiError(400, f"{param}: {first.refused}", param=param)
+
+        async def rest() -> AsyncIterator[Any]:
+            if first is None:
                 return
+            yield first
+            async for delta in deltas:
+                if time.monotonic() > deadline:
+                    deltas.cancel()
+                    return
+                yield delta
+
+        return rest()
 
     # 2. routes
     @api.post("/v1/beautify", response_model=S.BeautifyResponse, responses=ERRORS)
@@ -219,7 +248,7 @@ class Beautifier:
         max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
         seed = _new_seed() if body.seed is None else body.seed
         result = await self._generate(self._beautify_request(body.prompt, body.n, max_new_tokens, body.temperature,
-                                                             body.top_p, seed))
+                                                             body.top_p, seed), "prompt")
         outputs = [S.BeautifyOutput(index=i, text=self._shown(c.text, body.prompt), finish_reason=c.finish_reason,
                                     tokens=c.completion_tokens) for i, c in enumerate(result.completions)]
         return S.BeautifyResponse(model=self.cfg.serve.model_name, prompt=body.prompt, seed=seed, outputs=outputs,
@@ -238,15 +267,17 @@ class Beautifier:
         self.limits.n(body.n, len(prompts))
         max_new_tokens = self.limits.max_new_tokens(body.max_tokens, "max_tokens")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        self.limits.stop(body.stop)
         seed = _new_seed() if body.seed is None else body.seed
         requests = [self._request(p, body.n, max_new_tokens, body.temperature, body.top_p, seed, stop)
                     for p in prompts]
+        params = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             if len(requests) > 1:
                 raise ApiError(400, "stream=true takes a single prompt", param="prompt")
-            return self._event_stream(requests[0], completion_id, created, chat=False)
-        results = await asyncio.gather(*(self._generate(r) for r in requests))
+            return await self._event_stream(requests[0], params[0], completion_id, created, chat=False)
+        results = await asyncio.gather(*(self._generate(r, p) for r, p in zip(requests, params, strict=True)))
         choices = [S.CompletionChoice(index=p * body.n + i, text=c.text, finish_reason=c.finish_reason)
                    for p, result in enumerate(results) for i, c in enumerate(result.completions)]
         return S.CompletionResponse(id=completion_id, created=created, model=self.cfg.serve.model_name,
@@ -259,7 +290,9 @@ class Beautifier:
     async def chat_completions(self, body: S.ChatCompletionRequest) -> Any:
         """OpenAI chat completions: the last user message is the prompt to beautify; the answer is its rewrite."""
         self.limits.model(body.model)
-        prompt = [m for m in body.messages if m.role == "user"][-1].text()
+        self.limits.chat(body.messages)
+        last = max(i for i, m in enumerate(body.messages) if m.role == "user")
+        prompt, param = body.messages[last].text(), f"messages[{last}].content"
         self.limits.prompt(prompt, "messages")
         self.limits.n(body.n)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -270,22 +303,23 @@ class Beautifier:
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             prefix = kept_prefix(prompt) if self.cfg.sft.keep_prompt else ""
-            return self._event_stream(request, completion_id, created, chat=True, prefix=prefix)
-        result = await self._generate(request)
+            return await self._event_stream(request, param, completion_id, created, chat=True, prefix=prefix)
+        result = await self._generate(request, param)
         choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=self._shown(c.text, prompt)),
                                 finish_reason=c.finish_reason) for i, c in enumerate(result.completions)]
         return S.ChatCompletionResponse(id=completion_id, created=created, model=self.cfg.serve.model_name,
                                         choices=choices, usage=_usage(result.prompt_tokens, sum(
                                             c.completion_tokens for c in result.completions)))
 
-    def _event_stream(self, request: GenerationRequest, completion_id: str, created: int,
-                      chat: bool, prefix: str = "") -> StreamingResponse:
+    async def _event_stream(self, request: GenerationRequest, param: str, completion_id: str, created: int,
+                            chat: bool, prefix: str = "") -> StreamingResponse:
         """SSE chunks of the generation; `prefix` (keep_prompt: the user prompt) opens each choice's answer."""
         model = self.cfg.serve.model_name
+        deltas = await self._stream_deltas(request, param)
 
         async def events() -> AsyncIterator[str]:
             started = [False] * request.n
-            async for delta in self._stream_deltas(request):
+            async for delta in deltas:
                 text = delta.text
                 if chat and not started[delta.index]:
                     text = text.lstrip()  # as beautified_text trims the whole answer
@@ -331,14 +365,13 @@ class Beautifier:
         if body.beautify:
             max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
             result = await self._generate(self._beautify_request(prompt, 1, max_new_tokens, body.temperature,
-                                                                 None, seed))
+                                                                 None, seed), "prompt")
             prompt = self._shown(result.completions[0].text, prompt) or prompt
         try:
             png = await asyncio.wait_for(self.renderer.render.remote(prompt, seed),
                                          timeout=self.cfg.serve.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"rendering did not finish within {self.cfg.serve.request_timeout_s:g} s",
-                           kind="timeout_error") from None
+            raise self._timeout("rendering", "retry later") from None
         return Response(content=png, media_type="image/png",
                         headers={"X-Beautified-Prompt": quote(prompt), "X-Seed": str(seed)})
 
@@ -346,9 +379,10 @@ class Beautifier:
     async def healthz(self) -> S.Health:
         """This ingress replica and one generator replica (the one the call reached), with its batching figures."""
         try:
-            generator = await asyncio.wait_for(self.generator.info.remote(), timeout=self.cfg.serve.request_timeout_s)
+            generator = await asyncio.wait_for(self.generator.info.remote(), timeout=self.cfg.serve.health_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(503, "no generator replica answered", kind="server_error") from None
+            raise ApiError(503, f"no generator replica answered within {self.cfg.serve.health_timeout_s:g} s",
+                           kind="server_error") from None
         return S.Health(status="ok", model=self.cfg.serve.model_name, pid=os.getpid(),
                         render=self.renderer is not None, generator=generator)
 

@@ -106,7 +106,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class Limits:
-    """The config-dependent checks of a request; each failure is an ApiError(400/404) naming the field."""
+    """The config-dependent checks of a request; each failure is an ApiError(400/404) naming the field and, for a
+    limit, its value."""
 
     def __init__(self, cfg: PipelineConfig):
         self.serve = cfg.serve
@@ -120,6 +121,20 @@ class Limits:
         if len(text) > self.serve.max_prompt_chars:
             raise ApiError(400, f"{param} is {len(text)} characters long; the limit is "
                                 f"{self.serve.max_prompt_chars}", param=param)
+
+    def stop(self, stop: str | list[str] | None) -> None:
+        for i, text in enumerate([stop] if isinstance(stop, str) else stop or []):
+            self.prompt(text, "stop" if isinstance(stop, str) else f"stop[{i}]")
+
+    def chat(self, messages: Sequence[S.ChatMessage]) -> None:
+        """The whole conversation: every message is parsed and checked, though only the last user one is used."""
+        if len(messages) > self.serve.max_messages:
+            raise ApiError(400, f"messages has {len(messages)} messages; the limit is {self.serve.max_messages}",
+                           param="messages")
+        chars = sum(len(message.text()) for message in messages)
+        if chars > self.serve.max_chat_chars:
+            raise ApiError(400, f"messages hold {chars} characters in all; the limit is "
+                                f"{self.serve.max_chat_chars}", param="messages")
 
     def n(self, n: int, prompts: int = 1) -> None:
         if n * prompts > self.serve.max_n:

@@ -33,6 +33,9 @@ class GenerationRequest:
     seed: int = 0
     """Output i samples with seed + i."""
     stop: tuple[str, ...] = ()
+    prompt: str | None = None
+    """The user's own text inside `text` where a template wraps it (beautify); None: `text` is all the user's.
+    It must hold text tokens of its own, else the request is refused (see `refusals`)."""
 
 
 @dataclass
@@ -47,6 +50,8 @@ class Completion:
 class GenerationResult:
     prompt_tokens: int
     completions: list[Completion] = field(default_factory=list)
+    refused: str | None = None
+    """Why the request was not generated (no completions then); the caller names the field."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,33 @@ def beautified_text(completion: str, prompt: str = "", keep_prompt: bool = False
     return policy_text(prompt, first_line(completion).strip(), keep_prompt)
 
 
-def _expand(requests: Sequence[GenerationRequest]) -> list[_Row]:
-    return [_Row(index, request.seed + i, request.temperature, request.top_p, request.max_new_tokens)
-            for index, request in enumerate(requests) for i in range(request.n)]
+def _expand(requests: Sequence[GenerationRequest], indices: Sequence[int] | None = None) -> list[_Row]:
+    """One row per output of the requests at `indices` (all by default); `_Row.request` indexes `requests`."""
+    chosen = range(len(requests)) if indices is None else indices
+    return [_Row(index, requests[index].seed + i, requests[index].temperature, requests[index].top_p,
+                 requests[index].max_new_tokens) for index in chosen for i in range(requests[index].n)]
+
+
+def refusals(tokenizer: Any, requests: Sequence[GenerationRequest]) -> list[str | None]:
+    """Why each request cannot be generated, or None: its user text must give the model some visible text.
+
+    Text can tokenize to nothing (a normalising tokenizer drops invisible characters), and the strings of special
+    tokens (`</s>`, `<pad>`) tokenize to those control tokens, not to text: a prompt of nothing else (whitespace
+    aside) would be generated from padding or an end-of-text mark, or be an empty row (no attention at all)."""
+    texts = [request.text if request.prompt is None else request.prompt for request in requests]
+    special = set(tokenizer.all_special_ids)
+    reasons: list[str | None] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        plain = [token for token in ids if token not in special]
+        if plain and tokenizer.decode(plain).strip():
+            reasons.append(None)
+        elif len(plain) == len(ids):
+            reasons.append("tokenizes to no text tokens for this model: send the prompt's text")
+        else:
+            names = ", ".join(dict.fromkeys(tokenizer.convert_ids_to_tokens([t for t in ids if t in special])))
+            reasons.append(f"tokenizes only to the special tokens {names}, which the model reads as control "
+                           "marks, not text: send the prompt's text")
+    return reasons
 
 
 class RowSampler:
@@ -154,9 +183,12 @@ def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) 
     """All requests' outputs (n each) from one batched `generate` call, in request order."""
     if not requests:
         return []
-    rows = _expand(requests)
+    refused = refusals(tokenizer, requests)
+    results = [GenerationResult(prompt_tokens=0, refused=reason) for reason in refused]
+    rows = _expand(requests, [i for i, reason in enumerate(refused) if reason is None])
+    if not rows:
+        return results
     responses, prompt_tokens = _run_generate(model, tokenizer, rows, [requests[r.request].text for r in rows])
-    results = [GenerationResult(prompt_tokens=0) for _ in requests]
     for row, response, used in zip(rows, responses.tolist(), prompt_tokens, strict=True):
         request = requests[row.request]
         ids, finish = _response_tokens(response, tokenizer.eos_token_id, row.max_new_tokens)
@@ -190,13 +222,20 @@ class StreamDelta:
     index: int
     text: str
     finish_reason: str | None = None
+    refused: str | None = None
+    """Set on the only delta of a request that is not generated (see `refusals`)."""
 
 
 def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[StreamDelta]:
     """One request's n outputs token by token, as text deltas; the same tokens `generate` returns for it.
 
-    Generation runs on a background thread; this generator decodes as tokens arrive.
+    Generation runs on a background thread; this generator decodes as tokens arrive. A refused request yields one
+    delta that says why, before anything is generated.
     """
+    reason = refusals(tokenizer, [request])[0]
+    if reason is not None:
+        yield StreamDelta(0, "", refused=reason)
+        return
     rows = _expand([request])
     steps = _StepQueue()
     errors: list[BaseException] = []

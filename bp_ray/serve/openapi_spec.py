@@ -1,5 +1,6 @@
-"""The OpenAPI spec the endpoint serves: FastAPI's, plus the replica's configured limits (prompt length, n, max
-tokens) and the schemas of the streamed events, so that clients and fuzzers see exactly what it accepts."""
+"""The OpenAPI spec the endpoint serves: FastAPI's, plus the replica's configured limits (prompt and stop-string
+length, messages, n, max tokens) and the schemas of the streamed events, so that clients and fuzzers see exactly
+what it accepts."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def with_limits(spec: dict[str, Any], serve_cfg: Any) -> dict[str, Any]:
             (alt["items"] if alt["type"] == "array" else alt)["maxLength"] = serve_cfg.max_prompt_chars
             if alt["type"] == "array":
                 alt.update(minItems=1, maxItems=serve_cfg.max_n)
+    for alt in _field(schemas, "CompletionRequest", "stop"):
+        (alt["items"] if alt["type"] == "array" else alt)["maxLength"] = serve_cfg.max_prompt_chars
+    _field(schemas, "ChatCompletionRequest", "messages")[0]["maxItems"] = serve_cfg.max_messages
     for model in ("BeautifyRequest", "CompletionRequest", "ChatCompletionRequest"):
         _field(schemas, model, "n")[0]["maximum"] = serve_cfg.max_n
     for model, name in (("BeautifyRequest", "max_new_tokens"), ("RenderRequest", "max_new_tokens"),

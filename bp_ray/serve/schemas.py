@@ -9,6 +9,7 @@ are checked by the app, which answers 400 with the same error body.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -47,6 +48,13 @@ def _not_blank(text: str) -> str:
     _plain_text(text)
     if not text.strip():
         raise ValueError("must not be empty or whitespace only")
+    # Zero-width spaces, joiners, soft hyphens and byte-order marks (Unicode's format characters) show nothing
+    # either, and tokenizers that normalise text drop them: such a prompt gives the model nothing to rewrite.
+    shown = [i for i, char in enumerate(text) if not char.isspace() and unicodedata.category(char) != "Cf"]
+    if not shown:
+        first = next(i for i, char in enumerate(text) if not char.isspace())
+        raise ValueError(f"must not be empty or whitespace only (U+{ord(text[first]):04X} at character {first} "
+                         "is an invisible format character)")
     return text
 
 

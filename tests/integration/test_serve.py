@@ -1,13 +1,15 @@
 """The beautifier endpoint over real HTTP: `bp-ray serve` in its own process (its own local Ray and Serve), called
 with httpx, the official `openai` client, the data stage's OpenAI rewriter, `bp-ray client` and schemathesis.
 
-Tests run in file order against one server: the overload, replica-kill and SIGTERM tests come last.
+Tests run in file order against one server: the overload, replica-kill and SIGTERM tests come last. Then a second
+server, whose generation time limit is short, answers 504.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import subprocess
@@ -29,20 +31,27 @@ pytestmark = pytest.mark.integration
 MODEL = "bp-ray-beautifier"
 # Small limits so that overload is reachable with a few dozen requests; one batch holds 4 rows.
 LIMITS = {"max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 4, "max_n": 4,
-          "max_new_tokens": 64, "max_prompt_chars": 200, "request_timeout_s": 30}
+          "max_new_tokens": 64, "max_prompt_chars": 200, "request_timeout_s": 30, "max_messages": 32,
+          "max_chat_chars": 4000}
+MAX_SEED = 2**53 - 1
+
+
+def start_server(tmp_path_factory, tiny_models_cfg, serve: dict, *overrides: str) -> ServeProcess:
+    """`bp-ray serve --preset tiny` with these serve.* settings, in its own process; returns once it answers."""
+    run_dir = tmp_path_factory.mktemp("serve-run")  # no trained model there: it serves models.policy
+    port = free_port()
+    argv = [sys.executable, "-m", "bp_ray.cli", "serve", "--preset", "tiny", "--port", str(port)]
+    for item in [*(f"serve.{key}={value}" for key, value in serve.items()),
+                 f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"output_dir={run_dir}", *overrides]:
+        argv += ["--set", item]
+    return start(argv, run_dir / "serve.log", f"http://127.0.0.1:{port}", ready_line="bp-ray serve: ready")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models_cfg) -> ServeProcess:
-    run_dir = tmp_path_factory.mktemp("serve-run")  # no trained model there: it serves models.policy
-    port = free_port()
-    overrides = [f"serve.{key}={value}" for key, value in {**LIMITS, "metrics_port": free_port()}.items()]
     # keep_prompt: every beautify route must open its answer with the user's prompt (the main job's setting)
-    overrides += [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"output_dir={run_dir}", "sft.keep_prompt=true"]
-    argv = [sys.executable, "-m", "bp_ray.cli", "serve", "--preset", "tiny", "--port", str(port)]
-    for item in overrides:
-        argv += ["--set", item]
-    process = start(argv, run_dir / "serve.log", f"http://127.0.0.1:{port}", ready_line="bp-ray serve: ready")
+    process = start_server(tmp_path_factory, tiny_models_cfg, {**LIMITS, "metrics_port": free_port()},
+                           "sft.keep_prompt=true")
     yield process
     process.stop()
 
@@ -71,6 +80,10 @@ def test_health_models_and_spec_state_what_is_served(server):
     beautify = spec["components"]["schemas"]["BeautifyRequest"]["properties"]
     assert beautify["n"]["maximum"] == LIMITS["max_n"]
     assert beautify["prompt"]["maxLength"] == LIMITS["max_prompt_chars"]
+    chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert chat["messages"]["maxItems"] == LIMITS["max_messages"]
+    stop = spec["components"]["schemas"]["CompletionRequest"]["properties"]["stop"]["anyOf"]
+    assert [alt.get("maxLength", alt.get("items", {}).get("maxLength")) for alt in stop[:2]] == [200, 200]
 
 
 def test_beautify_applies_the_template_and_returns_n_seeded_outputs(server):
@@ -170,6 +183,69 @@ def test_client_command_prints_the_rewrites(server, capsys):
     assert out == beautified(server, n=2, seed=7)
 
 
+# --- the largest request allowed: every limit at its maximum at once --------------------------------------------
+
+# 200 characters (max_prompt_chars) of text that is many tokens per character: emoji and CJK are 3-4 bytes each.
+LONGEST = ("a cat 🐈🐈🐈 猫猫 on a sofa 🛋🎨🎨 " * 10)[:200]
+MOST = {"n": LIMITS["max_n"], "temperature": 2.0, "top_p": 1.0, "seed": MAX_SEED}
+
+
+def sse_events(response: httpx.Response) -> list[dict]:
+    """The JSON events of a server-sent-event answer, which must end with [DONE]."""
+    data = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert data[-1] == "[DONE]", response.text[-500:]
+    return [json.loads(item) for item in data[:-1]]
+
+
+def assert_finished_once(events: list[dict], outputs: int) -> None:
+    finished = [c["index"] for e in events for c in e["choices"] if c["finish_reason"] is not None]
+    assert sorted(finished) == list(range(outputs)), finished
+    assert all(c["finish_reason"] in ("stop", "length") for e in events for c in e["choices"] if c["finish_reason"])
+
+
+def test_every_limit_at_its_maximum_at_once_is_answered(server):
+    tokens = LIMITS["max_new_tokens"]
+    beautify = post(server, "/v1/beautify", {"prompt": LONGEST, "max_new_tokens": tokens, "model": MODEL, **MOST})
+    assert beautify.status_code == 200, beautify.text
+    body = beautify.json()
+    assert body["seed"] == MAX_SEED and body["prompt"] == LONGEST
+    assert [o["index"] for o in body["outputs"]] == list(range(LIMITS["max_n"]))
+    assert all(1 <= o["tokens"] <= tokens and o["finish_reason"] in ("stop", "length") and "\n" not in o["text"]
+               for o in body["outputs"])
+    assert body["usage"]["completion_tokens"] == sum(o["tokens"] for o in body["outputs"])
+
+    # Completions: max_n prompts of max_prompt_chars, and four stop strings of max_prompt_chars each.
+    stops = [("x" * 199 + str(i)) for i in range(4)]
+    completions = post(server, "/v1/completions", {
+        "model": MODEL, "prompt": [LONGEST] * LIMITS["max_n"], "max_tokens": tokens, "stop": stops, **MOST, "n": 1})
+    assert completions.status_code == 200, completions.text
+    body = completions.json()
+    assert sorted(c["index"] for c in body["choices"]) == list(range(LIMITS["max_n"]))
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    assert 0 < body["usage"]["completion_tokens"] <= LIMITS["max_n"] * tokens
+    assert body["usage"]["prompt_tokens"] > LIMITS["max_n"] * len(LONGEST)  # more tokens than characters
+    streamed = post(server, "/v1/completions", {"model": MODEL, "prompt": LONGEST, "max_tokens": tokens,
+                                                "stop": stops, "stream": True, **MOST})
+    assert streamed.status_code == 200, streamed.text
+    assert_finished_once(sse_events(streamed), LIMITS["max_n"])
+
+    # Chat: max_messages messages of max_chat_chars in all, the last user message max_prompt_chars long.
+    history = [{"role": "system" if i == 0 else ("user", "assistant")[(i - 1) % 2], "content": f"{i:03d} " + "y" * 100}
+               for i in range(LIMITS["max_messages"] - 1)]
+    history[0]["content"] += "z" * (LIMITS["max_chat_chars"] - len(LONGEST) - sum(len(m["content"]) for m in history))
+    messages = [*history, {"role": "user", "content": LONGEST}]
+    assert sum(len(m["content"]) for m in messages) == LIMITS["max_chat_chars"]
+    chat = {"model": MODEL, "messages": messages, "max_tokens": tokens, "max_completion_tokens": tokens, **MOST}
+    answer = post(server, "/v1/chat/completions", chat)
+    assert answer.status_code == 200, answer.text
+    choices = answer.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(LIMITS["max_n"]))
+    assert all(c["message"]["role"] == "assistant" and "\n" not in c["message"]["content"] for c in choices)
+    streamed = post(server, "/v1/chat/completions", {**chat, "stream": True})
+    assert streamed.status_code == 200, streamed.text
+    assert_finished_once(sse_events(streamed), LIMITS["max_n"])
+
+
 # --- bad input: 4xx with a clear message, the replica keeps serving ----------------------------------------------
 
 BAD_REQUESTS = [
@@ -207,6 +283,38 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "a cat"}, {"type": "text", "text": "\x00"}]}]}, 400,
      "messages[0].content[1].text: has the control character U+0000"),
+    # Prompts that give the model no text, on every route: blank or invisible (checked as the request is read),
+    # or only the strings of special tokens, which the tokenizer turns into control tokens (checked by the
+    # generator, which holds the tokenizer; the tiny one maps no other non-empty text to zero tokens).
+    ("/v1/completions", {"model": MODEL, "prompt": " \n\t"}, 400, "prompt: must not be empty or whitespace only"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "\u3000"}]}, 400,
+     "messages: must not be empty or whitespace only"),
+    ("/v1/beautify", {"prompt": "\u200b"}, 400,
+     "prompt: must not be empty or whitespace only (U+200B at character 0 is an invisible format character)"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a cat", "\ufeff\u200d"]}, 400,
+     "prompt: must not be empty or whitespace only (U+FEFF at character 0"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": " \u00ad"}]}, 400,
+     "messages: must not be empty or whitespace only (U+00AD at character 1"),
+    ("/v1/beautify", {"prompt": "<pad>"}, 400, "prompt: tokenizes only to the special tokens <pad>, which the model"),
+    ("/v1/completions", {"model": MODEL, "prompt": "</s>"}, 400, "prompt: tokenizes only to the special tokens </s>"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a cat", "<pad> <s>"], "n": 2}, 400,
+     "prompt[1]: tokenizes only to the special tokens <pad>, <s>"),
+    ("/v1/completions", {"model": MODEL, "prompt": "<s>", "stream": True}, 400,
+     "prompt: tokenizes only to the special tokens <s>"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [
+        {"role": "user", "content": "a cat"}, {"role": "assistant", "content": "a cat, oil painting"},
+        {"role": "user", "content": "</s>"}]}, 400, "messages[2].content: tokenizes only to the special tokens </s>"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "<unk>"}], "stream": True},
+     400, "messages[0].content: tokenizes only to the special tokens <unk>"),
+    # Limits of a whole request: a long chat history, and stop strings
+    ("/v1/chat/completions", {"model": MODEL, "messages": [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"a cat number {i}"} for i in range(1000)]},
+     400, "messages has 1000 messages; the limit is 32"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [
+        {"role": "system", "content": "x" * 3999}, {"role": "user", "content": "a cat"}]}, 400,
+     "messages hold 4004 characters in all; the limit is 4000"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a cat", "stop": ["x", "y" * 201]}, 400,
+     "stop[1] is 201 characters long; the limit is 200"),
 ]
 
 
@@ -340,3 +448,58 @@ def test_sigterm_shuts_serve_down_cleanly(server):
     assert "bp-ray serve: shutting down" in server.log.read_text(errors="replace")
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/healthz", timeout=5)
+
+
+# --- the request timeout (504), on a second server ----------------------------------------------------------------
+
+# Rows wait up to 8 s for a full batch of 4 and a request gets 3 s: a lone request of one output times out by
+# construction (nothing else fills its batch), however slow the machine, while a request of 4 outputs fills a batch
+# and is sent at once. The health check has its own bound (serve.health_timeout_s), so this server is healthy
+# whatever request_timeout_s is (it used to wait on a generator replica for request_timeout_s).
+SLOW_BATCHES = {"request_timeout_s": 3, "batch_wait_timeout_s": 8, "max_batch_size": 4, "max_concurrent_batches": 1,
+                "max_n": 4, "min_replicas": 1, "max_replicas": 1, "enable_render": "false"}
+
+
+@pytest.fixture(scope="module")
+def timeout_server(tmp_path_factory, tiny_models_cfg) -> ServeProcess:
+    process = start_server(tmp_path_factory, tiny_models_cfg, SLOW_BATCHES)
+    yield process
+    process.stop()
+
+
+def test_a_request_past_the_timeout_gets_504_and_the_server_keeps_serving(timeout_server):
+    url = timeout_server.url
+    before = httpx.get(url + "/healthz", timeout=30).json()["generator"]
+
+    async def lone_requests() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(
+                client.post("/v1/beautify", json={"prompt": "a cat", "max_new_tokens": 8}),
+                client.post("/v1/completions", json={"model": MODEL, "prompt": "a cat", "max_tokens": 8}),
+                client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 8,
+                                                          "messages": [{"role": "user", "content": "a cat"}]}))
+
+    start_s = time.monotonic()
+    responses = asyncio.run(lone_requests())
+    answered_s = time.monotonic()
+    for response in responses:
+        assert response.status_code == 504, response.text
+        assert response.json() == {"error": {
+            "message": "generation did not finish within the request timeout of 3 s; retry later or ask for fewer "
+                       "tokens", "type": "timeout_error", "param": None, "code": "request_timeout"}}
+        for internal in ("Traceback", "actor", "pid", "/", "ray::", "Error"):
+            assert internal not in response.text
+    assert answered_s - start_s < SLOW_BATCHES["batch_wait_timeout_s"]  # at the timeout, not when the batch left
+
+    # The three rows' batch opened at the latest when they timed out; once its 8 s are over it is dropped (every
+    # row in it was cancelled), and a request of 4 outputs makes a full batch of its own.
+    time.sleep(max(0.0, answered_s + SLOW_BATCHES["batch_wait_timeout_s"] + 0.5 - time.monotonic()))
+    response = post(timeout_server, "/v1/beautify", {"prompt": "a cat on a sofa", "n": 4, "max_new_tokens": 8,
+                                                     "seed": 5})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["outputs"]) == 4
+    after = httpx.get(url + "/healthz", timeout=30).json()["generator"]
+    assert after["pid"] == before["pid"]  # the same replica: nothing crashed
+    # The timed-out rows never reached the model: the one batch it ran since is the 4-output request.
+    assert (after["batching"]["batches"], after["batching"]["rows"]) == (
+        before["batching"]["batches"] + 1, before["batching"]["rows"] + 4)

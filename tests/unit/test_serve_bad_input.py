@@ -1,0 +1,119 @@
+"""The endpoint's bad-input rules that need no server: prompts with no text for the model (blank, invisible, or
+tokenizing to nothing but special tokens), and the limits on chats and stop strings.
+
+Generation runs on a random two-layer BLOOM built here in milliseconds, with a byte-level BPE trained on a few
+words (no zoo, no Ray)."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import torch
+from tokenizers import normalizers
+from transformers import BloomConfig, BloomForCausalLM
+
+from bp_ray.config import PipelineConfig
+from bp_ray.models.tokenizers import train_bloom_tokenizer
+from bp_ray.serve.errors import ApiError, Limits
+from bp_ray.serve.generation import GenerationRequest, generate, refusals, stream
+from bp_ray.serve.schemas import BeautifyRequest, ChatCompletionRequest, ChatMessage, CompletionRequest
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    tokenizer = train_bloom_tokenizer(["a cat on a sofa", "a red car by the sea", "a house at night"] * 4, 300)
+    model = BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=16, n_layer=2, n_head=2,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id)).eval()
+    return model, tokenizer
+
+
+# --- the request schema: nothing visible is a blank prompt -------------------------------------------------------
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ("", "must not be empty or whitespace only"),
+    (" \t\n\u3000", "must not be empty or whitespace only"),  # U+3000: the ideographic space
+    ("\u200b", "(U+200B at character 0 is an invisible format character)"),  # zero-width space
+    (" \ufeff\u200d", "(U+FEFF at character 1 is an invisible format character)"),  # BOM, zero-width joiner
+    ("\u00ad", "U+00AD at character 0"),  # soft hyphen
+])
+def test_a_prompt_with_nothing_visible_is_blank(prompt, message):
+    for model, body in ((BeautifyRequest, {"prompt": prompt}),
+                        (CompletionRequest, {"model": "m", "prompt": prompt}),
+                        (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": prompt}]})):
+        with pytest.raises(pydantic.ValidationError, match="must not be empty or whitespace only") as caught:
+            model.model_validate(body)
+        assert message in caught.value.errors()[0]["msg"]
+
+
+def test_invisible_characters_inside_real_text_are_kept():
+    for prompt in ("a\u200bcat", "a family 👩\u200d👩\u200d👧 at the beach", "\ufeffa cat"):
+        assert BeautifyRequest.model_validate({"prompt": prompt}).prompt == prompt
+
+
+# --- the generator: a prompt must give the model text tokens ------------------------------------------------------
+
+def test_special_token_strings_are_no_text_and_are_refused_without_disturbing_the_batch(lm):
+    model, tokenizer = lm
+    good = GenerationRequest("a cat on a sofa", n=2, max_new_tokens=6, temperature=1.0, seed=3)
+    alone = generate(model, tokenizer, [good])[0]
+    bad = GenerationRequest("<pad> </s>", n=2, max_new_tokens=6, seed=1)  # the space is a token, not text
+    # The beautify routes wrap the prompt in a template: the user's own words are what must have tokens.
+    templated = GenerationRequest("Rewrite: </s>\nAnswer:", max_new_tokens=6, prompt="</s>")
+    results = generate(model, tokenizer, [bad, good, templated])
+    assert results[0].refused == ("tokenizes only to the special tokens <pad>, </s>, which the model reads as "
+                                  "control marks, not text: send the prompt's text")
+    assert results[0].completions == [] and results[2].completions == []
+    assert "special tokens </s>" in results[2].refused
+    assert results[1].refused is None
+    assert [c.text for c in results[1].completions] == [c.text for c in alone.completions]
+    assert generate(model, tokenizer, [bad]) == [results[0]]  # a batch of refusals generates nothing
+
+
+def test_text_that_tokenizes_to_nothing_is_refused(lm):
+    model, tokenizer = lm
+    # A normalising tokenizer (as SentencePiece ones do with some characters) drops "~" here entirely.
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("~", "")
+    try:
+        assert tokenizer("~~", add_special_tokens=False)["input_ids"] == []
+        assert refusals(tokenizer, [GenerationRequest("~~"), GenerationRequest("a ~ cat")]) == [
+            "tokenizes to no text tokens for this model: send the prompt's text", None]
+        deltas = list(stream(model, tokenizer, GenerationRequest("~~", n=2)))
+    finally:
+        tokenizer.backend_tokenizer.normalizer = None
+    assert len(deltas) == 1 and deltas[0].refused and deltas[0].text == "" and deltas[0].finish_reason is None
+
+
+# --- limits of a whole request ------------------------------------------------------------------------------------
+
+def _limits(**serve) -> Limits:
+    cfg = PipelineConfig()
+    for key, value in serve.items():
+        setattr(cfg.serve, key, value)
+    return Limits(cfg)
+
+
+def test_a_chat_is_bounded_in_messages_and_in_characters():
+    limits = _limits(max_messages=64, max_chat_chars=1000)
+    history = [ChatMessage(role="user" if i % 2 == 0 else "assistant", content="a cat") for i in range(1000)]
+    with pytest.raises(ApiError) as caught:
+        limits.chat(history)
+    assert (caught.value.status, caught.value.param) == (400, "messages")
+    assert caught.value.message == "messages has 1000 messages; the limit is 64"
+    limits.chat(history[:64])  # 64 x 5 = 320 characters: within both limits
+    long = [ChatMessage(role="system", content="x" * 999), ChatMessage(role="user", content=[
+        {"type": "text", "text": "a "}, {"type": "text", "text": "cat"}])]
+    with pytest.raises(ApiError, match="messages hold 1004 characters in all; the limit is 1000"):
+        limits.chat(long)
+
+
+def test_each_stop_string_is_bounded_like_a_prompt():
+    limits = _limits(max_prompt_chars=10)
+    limits.stop(["x" * 10] * 4)
+    limits.stop(None)
+    with pytest.raises(ApiError, match=r"^stop\[2\] is 11 characters long; the limit is 10$") as caught:
+        limits.stop(["a", "b", "x" * 11])
+    assert caught.value.param == "stop[2]"
+    with pytest.raises(ApiError, match=r"^stop is 11 characters long"):
+        limits.stop("x" * 11)
