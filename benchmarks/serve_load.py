@@ -9,7 +9,14 @@ weights, so every output runs to the token limit, the worst case); one replica w
 (1 torch thread), the same thread count as the in-process limit. Backpressure is off here (no 503s): this
 measures throughput, not admission.
 
-    python benchmarks/serve_load.py [--requests-per-client 6] [--max-new-tokens 32]
+Then streaming: 32 closed-loop clients on `/v1/chat/completions` with `stream: true` (reading every event to
+`[DONE]`) against the same requests without streaming, on the batched deployment.
+
+Everything is measured --repeats times (one deployment per repeat and mode; batching off once, as the reference)
+and the figures are reported as the median of the repeats with their range: batched / limit at 32 clients, p99 at
+64 clients / p99 at 8, streamed / plain at 32.
+
+    python benchmarks/serve_load.py [--requests-per-client 6] [--max-new-tokens 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Sequence
 import httpx
 import numpy as np
 import torch
+from machine import facts, print_results, refuse_mismatch, summary
 
 from bp_ray.config import PipelineConfig
 from bp_ray.config_loader import load_config
@@ -48,7 +56,8 @@ def percentiles(latencies: Sequence[float]) -> tuple[float, float]:
     return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
 
 
-async def closed_loop(url: str, clients: int, per_client: int, max_new_tokens: int) -> dict[str, float]:
+async def closed_loop(url: str, clients: int, per_client: int, max_new_tokens: int,
+                      route: str = "beautify") -> dict[str, float]:
     """`clients` concurrent loops of `per_client` requests each; requests/s over the whole level.
 
     aiohttp (installed with Ray), not httpx: at 64 concurrent requests httpx's async client was measured here to
@@ -61,12 +70,21 @@ async def closed_loop(url: str, clients: int, per_client: int, max_new_tokens: i
         async def loop(client: int) -> None:
             for i in range(per_client):
                 seed = client * 1000 + i
-                body = {"prompt": PROMPTS[seed % len(PROMPTS)], "seed": seed, "max_new_tokens": max_new_tokens,
-                        "temperature": 0.7}
+                prompt = PROMPTS[seed % len(PROMPTS)]
+                if route == "beautify":
+                    path = "/v1/beautify"
+                    body = {"prompt": prompt, "seed": seed, "max_new_tokens": max_new_tokens, "temperature": 0.7}
+                else:  # chat, streamed or not
+                    path = "/v1/chat/completions"
+                    body = {"model": "bp-ray-beautifier", "messages": [{"role": "user", "content": prompt}],
+                            "seed": seed, "max_tokens": max_new_tokens, "temperature": 0.7,
+                            "stream": route == "chat-stream"}
                 start = time.perf_counter()
-                async with http.post("/v1/beautify", json=body) as response:
+                async with http.post(path, json=body) as response:
                     response.raise_for_status()
-                    await response.read()
+                    payload = await response.read()
+                if route == "chat-stream" and not payload.rstrip().endswith(b"data: [DONE]"):
+                    raise RuntimeError(f"a stream ended without [DONE]: {payload[-200:]!r}")
                 latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()
@@ -77,7 +95,7 @@ async def closed_loop(url: str, clients: int, per_client: int, max_new_tokens: i
 
 
 def measure_endpoint(cfg: PipelineConfig, name: str, per_client: dict[int, int],
-                            max_new_tokens: int) -> dict[int, dict]:
+                     max_new_tokens: int, streaming_at: int = 0) -> dict:
     from ray import serve
 
     from bp_ray.serve.app import build_app
@@ -96,6 +114,12 @@ def measure_endpoint(cfg: PipelineConfig, name: str, per_client: dict[int, int],
         print(f"  {name:10s} {clients:3d} clients: {row['rps']:7.1f} req/s, p50 {row['p50_ms']:.0f} ms "
               f"({row['requests']} requests, {row['mean_batch_rows']:.1f} rows per batch, generate busy "
               f"{row['generate_share']:.0%} of the time)", flush=True)
+    if streaming_at:
+        for route in ("chat", "chat-stream"):
+            row = asyncio.run(closed_loop(url, streaming_at, per_client[streaming_at], max_new_tokens, route))
+            results[route] = row
+            print(f"  {name:10s} {streaming_at:3d} clients, {route}: {row['rps']:7.1f} req/s, "
+                  f"p50 {row['p50_ms']:.0f} ms", flush=True)
     serve.delete(name)
     return results
 
@@ -127,7 +151,8 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=6)
     parser.add_argument("--min-requests", type=int, default=48, help="at least this many requests per level")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write every measurement as JSON")
     args = parser.parse_args()
 
     import ray
@@ -136,31 +161,49 @@ def main() -> None:
     from bp_ray.ray_runtime import init_ray
 
     batched_cfg = serve_config(True, max(CONCURRENCY))
+    threads = {"generator_replica": max(1, int(batched_cfg.serve.num_cpus_per_replica)),
+               "in_process_limit": max(1, int(batched_cfg.serve.num_cpus_per_replica))}
+    refuse_mismatch(**threads)
+    machine = facts(**threads)
     init_ray(batched_cfg.cluster)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    table: dict[str, dict[int, dict]] = {}
+    per_client = {c: max(args.requests_per_client, -(-args.min_requests // c)) for c in CONCURRENCY}
+    repeats: list[dict] = []
     try:
-        per_client = {c: max(args.requests_per_client, -(-args.min_requests // c)) for c in CONCURRENCY}
-        for name, cfg in (("batched", batched_cfg), ("unbatched", serve_config(False, 1))):
-            table[name] = measure_endpoint(cfg, name, per_client, args.max_new_tokens)
-        table["limit"] = measure_limit(batched_cfg, args.max_new_tokens)
+        unbatched = measure_endpoint(serve_config(False, 1), "unbatched", per_client, args.max_new_tokens)
+        for repeat in range(args.repeats):
+            print(f"repeat {repeat + 1} of {args.repeats}", flush=True)
+            batched = measure_endpoint(batched_cfg, "batched", per_client, args.max_new_tokens, streaming_at=32)
+            repeats.append({"batched": batched, "limit": measure_limit(batched_cfg, args.max_new_tokens)})
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\nbeautify, {args.max_new_tokens} new tokens, 1 replica, 2 cores (requests/s; p50 / p99 latency in ms)")
+    def median(name: str, c: int, key: str) -> float:
+        return statistics.median(r[name][c][key] for r in repeats)
+
+    print(f"\nbeautify, {args.max_new_tokens} new tokens, 1 replica, {machine['cores']} cores; medians of "
+          f"{len(repeats)} repeats (requests/s; p50 / p99 latency in ms); batching off measured once")
     print("| clients | batched req/s | p50 / p99 | unbatched req/s | p50 / p99 | in-process limit req/s "
           "| batched / unbatched | batched / limit |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in CONCURRENCY:
-        b, u, limit = table["batched"][c], table["unbatched"][c], table["limit"][c]
-        print(f"| {c} | {b['rps']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | {u['rps']:.1f} | "
-              f"{u['p50_ms']:.0f} / {u['p99_ms']:.0f} | {limit['rps']:.1f} | {b['rps'] / u['rps']:.2f}x | "
-              f"{b['rps'] / limit['rps']:.2f}x |")
+        u = unbatched[c]
+        b_rps, limit_rps = median("batched", c, "rps"), median("limit", c, "rps")
+        print(f"| {c} | {b_rps:.1f} | {median('batched', c, 'p50_ms'):.0f} / {median('batched', c, 'p99_ms'):.0f} | "
+              f"{u['rps']:.1f} | {u['p50_ms']:.0f} / {u['p99_ms']:.0f} | {limit_rps:.1f} | {b_rps / u['rps']:.2f}x | "
+              f"{b_rps / limit_rps:.2f}x |")
+    figures = {
+        "machine": machine,
+        "batched_over_limit_at_32": summary([r["batched"][32]["rps"] / r["limit"][32]["rps"] for r in repeats]),
+        "p99_64_over_p99_8": summary([r["batched"][64]["p99_ms"] / r["batched"][8]["p99_ms"] for r in repeats]),
+        "streamed_over_plain_chat_at_32": summary([r["batched"]["chat-stream"]["rps"] / r["batched"]["chat"]["rps"]
+                                                   for r in repeats]),
+    }
+    print_results(figures)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({name: {str(c): row for c, row in rows.items()} for name, rows in table.items()}, handle,
-                      indent=2)
+            json.dump({"unbatched": unbatched, "repeats": repeats, **figures}, handle, indent=2, default=str)
 
 
 if __name__ == "__main__":

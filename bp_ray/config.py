@@ -454,6 +454,21 @@ class ServeConfig:
     max_replicas: int = opt(2, ge=1)
     target_ongoing_requests: float = opt(1.0, gt=0)
     """Batches in flight per generator replica that autoscaling aims for."""
+    upscale_delay_s: float = opt(30.0, ge=0)
+    """How long the generator must stay above target before Serve adds a replica (Serve's default). A new replica
+    loads the model before it helps, so adding one for a burst shorter than this would only cost CPU or GPU
+    while the burst is already ending."""
+    downscale_delay_s: float = opt(600.0, ge=0)
+    """How long the generator must stay below target before Serve removes a replica (Serve's default). A removed
+    replica has to load the model again when traffic comes back, so lulls shorter than this keep it."""
+    look_back_period_s: float = opt(30.0, gt=0)
+    """Window over which Serve averages the batches in flight before comparing them with the target (Serve's
+    default); keep it above metrics_interval_s. A short window follows load faster but also the gaps between
+    batches."""
+    metrics_interval_s: float = opt(10.0, gt=0)
+    """How often the ingress reports its batches in flight to Serve's controller (Serve's default): scaling
+    reacts no faster than this. Ray 2.60 marks the field deprecated and warns when it is not 10, but still uses
+    it; the environment variables the warning names are not read yet."""
     num_cpus_per_replica: float = opt(1.0, ge=0)
     """Per generator replica; also its torch threads on CPU."""
     num_gpus_per_replica: float = opt(0.0, ge=0)

@@ -38,7 +38,7 @@ from bp_ray.serve.generation import (
     beautified_text,
     beautify_input,
     generate,
-    stream,
+    stream_batch,
 )
 from bp_ray.serve.openapi_spec import BeautifierAPI
 
@@ -66,6 +66,10 @@ def _sse(payload: dict[str, Any] | str) -> str:
 def _usage(prompt_tokens: int, completion_tokens: int) -> S.Usage:
     return S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens)
+
+
+def _rows_in(requests: list[GenerationRequest]) -> int:
+    return sum(request.n for request in requests)
 
 
 def _new_seed() -> int:
@@ -123,8 +127,11 @@ class Generator:
         self.stats.generate_s += time.perf_counter() - start
         return results
 
-    def stream(self, request: GenerationRequest) -> Iterator[Any]:
-        yield from stream(self.model, self.tokenizer, request)
+    def stream_batch(self, requests: list[GenerationRequest]) -> Iterator[Any]:
+        """Per generation step, each request's new deltas (see generation.stream_batch)."""
+        self.stats.stream_batches += 1
+        self.stats.stream_rows += sum(request.n for request in requests)
+        yield from stream_batch(self.model, self.tokenizer, requests)
 
     def info(self) -> S.GeneratorInfo:
         try:
@@ -156,6 +163,12 @@ class Beautifier:
         self._in_flight = 0
         self._slot_free = asyncio.Event()
         self._slot_free.set()
+        # Streamed requests ride batches of their own, whole (n rows each): mixed into the plain batches, every
+        # row's every step would travel through the stream.
+        self._stream_batch = serve.batch(max_batch_size=cfg.serve.max_batch_size,
+                                         batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
+                                         max_concurrent_batches=cfg.serve.max_concurrent_batches,
+                                         batch_size_fn=_rows_in)(self._run_stream_batch)
 
     # 1. generation: one row per item, so a request's n outputs may ride in different batches.
     # serve.batch forms a batch every batch_wait_timeout_s even while max_concurrent_batches are running, so
@@ -170,6 +183,31 @@ class Beautifier:
         finally:
             self._in_flight -= 1
             self._slot_free.set()
+
+    async def _run_stream_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
+        """serve.batch's streaming form: per step one item per request, its list of deltas, then StopIteration
+        once all its outputs have finished."""
+        requests = list(requests)
+        finished = [0] * len(requests)
+        async for step in self.generator.options(stream=True).stream_batch.remote(requests):
+            items: list[Any] = []
+            for i, deltas in enumerate(step):
+                if finished[i] >= requests[i].n:
+                    items.append(StopIteration)
+                    continue
+                items.append(deltas)
+                finished[i] += sum(1 for d in deltas if d.finish_reason is not None or d.refused)
+                if any(d.refused for d in deltas):
+                    finished[i] = requests[i].n
+            yield items
+
+    def _stream_rows(self, request: GenerationRequest) -> AsyncIterator[list[Any]]:
+        if request.n > self.cfg.serve.max_batch_size:  # more rows than any batch holds: a batch of its own
+            async def alone() -> AsyncIterator[list[Any]]:
+                async for step in self.generator.options(stream=True).stream_batch.remote([request]):
+                    yield step[0]
+            return alone()
+        return self._stream_batch(request)
 
     async def _generate_row(self, row: GenerationRequest) -> GenerationResult:
         await self._slot_free.wait()
@@ -214,11 +252,18 @@ class Beautifier:
         """The generator's deltas, the first one awaited before this returns: a refused prompt (400) or a timeout
         before the first token (504) is still answered with its status, not inside a 200 stream."""
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
-        deltas = self.generator.options(stream=True).stream.remote(request)
+        steps = self._stream_rows(request)
+
+        async def deltas() -> AsyncIterator[Any]:
+            async for step in steps:
+                for delta in step:
+                    yield delta
+
+        flat = deltas()
         try:
-            first = await asyncio.wait_for(deltas.__anext__(), timeout=self.cfg.serve.request_timeout_s)
+            first = await asyncio.wait_for(flat.__anext__(), timeout=self.cfg.serve.request_timeout_s)
         except asyncio.TimeoutError:
-            deltas.cancel()
+            await flat.aclose()
             raise self._timeout("generation") from None
         except StopAsyncIteration:
             first = None
@@ -229,9 +274,9 @@ class Beautifier:
             if first is None:
                 return
             yield first
-            async for delta in deltas:
-                if time.monotonic() > deadline:
-                    deltas.cancel()
+            async for delta in flat:
+                if time.monotonic() > deadline:  # the batch goes on for its other requests
+                    await flat.aclose()
                     return
                 yield delta
 
@@ -413,7 +458,11 @@ def deployment_options(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     scaling: dict[str, Any] = {"num_replicas": s.min_replicas} if s.min_replicas == s.max_replicas else {
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                "initial_replicas": max(1, s.min_replicas),
-                               "target_ongoing_requests": s.target_ongoing_requests}}
+                               "target_ongoing_requests": s.target_ongoing_requests,
+                               # How fast it reacts, both ways (ServeConfig says why the defaults are slow).
+                               "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+                               "look_back_period_s": s.look_back_period_s,
+                               "metrics_interval_s": s.metrics_interval_s}}
     return {
         "ingress": {"num_replicas": s.ingress_replicas, "max_ongoing_requests": s.max_ongoing_requests,
                     "max_queued_requests": s.max_queued_requests,

@@ -227,22 +227,33 @@ class StreamDelta:
 
 
 def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[StreamDelta]:
-    """One request's n outputs token by token, as text deltas; the same tokens `generate` returns for it.
+    """One request's n outputs token by token, as text deltas; the same tokens `generate` returns for it. A refused
+    request yields one delta that says why, before anything is generated."""
+    for step in stream_batch(model, tokenizer, [request]):
+        yield from step[0]
 
-    Generation runs on a background thread; this generator decodes as tokens arrive. A refused request yields one
-    delta that says why, before anything is generated.
+
+def stream_batch(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]
+                 ) -> Iterator[list[list[StreamDelta]]]:
+    """Many requests' outputs token by token from one batched `generate` call: per generation step, each request's
+    new deltas (`StreamDelta.index` is the output's index within its request). Refused requests get their one
+    delta in the first step and take no row.
+
+    Generation runs on a background thread; this generator decodes as tokens arrive.
     """
-    reason = refusals(tokenizer, [request])[0]
-    if reason is not None:
-        yield StreamDelta(0, "", refused=reason)
+    refused = refusals(tokenizer, requests)
+    if any(refused):
+        yield [[StreamDelta(0, "", refused=reason)] if reason else [] for reason in refused]
+    rows = _expand(requests, [i for i, reason in enumerate(refused) if reason is None])
+    if not rows:
         return
-    rows = _expand([request])
+    output_index = [row.seed - requests[row.request].seed for row in rows]
     steps = _StepQueue()
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            _run_generate(model, tokenizer, rows, [request.text] * len(rows), streamer=steps)
+            _run_generate(model, tokenizer, rows, [requests[row.request].text for row in rows], streamer=steps)
         except BaseException as error:  # surfaced to the consumer below
             errors.append(error)
             steps.end()
@@ -256,6 +267,7 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[S
         step = steps.items.get()
         if step is None:
             break
+        out: list[list[StreamDelta]] = [[] for _ in requests]
         for i, token in enumerate(step):
             if done[i]:
                 continue
@@ -265,7 +277,7 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[S
             else:
                 tokens[i].append(token)
             text = tokenizer.decode(tokens[i], skip_special_tokens=True)
-            text, stopped = _cut_at_stop(text, request.stop)
+            text, stopped = _cut_at_stop(text, requests[rows[i].request].stop)
             if stopped:
                 finish = "stop"
             # Hold back a trailing partial character until its next byte arrives.
@@ -273,11 +285,15 @@ def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[S
                 continue
             delta, sent[i] = text[len(sent[i]):], text
             if delta or finish:
-                yield StreamDelta(i, delta, finish)
+                out[rows[i].request].append(StreamDelta(output_index[i], delta, finish))
             done[i] = finish is not None
+        yield out
     thread.join()
     if errors:
         raise errors[0]
+    tail: list[list[StreamDelta]] = [[] for _ in requests]
     for i, finished in enumerate(done):
         if not finished:  # generate ended on its own length limit
-            yield StreamDelta(i, "", "length")
+            tail[rows[i].request].append(StreamDelta(output_index[i], "", "length"))
+    if any(tail):
+        yield tail

@@ -253,6 +253,9 @@ class BatchStats(BaseModel):
     batches: int = 0
     rows: int = 0
     generate_s: float = 0.0
+    stream_batches: int = 0
+    """Streamed requests are batched with each other: batches of them, and the output rows they held."""
+    stream_rows: int = 0
 
 
 class GeneratorInfo(BaseModel):

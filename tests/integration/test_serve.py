@@ -150,6 +150,34 @@ def test_openai_client_completions_and_chat_plain_and_streamed(server):
         client.completions.create(model=MODEL, prompt="a cat", n=5)
 
 
+def test_concurrent_streams_share_generate_batches_and_equal_their_plain_answers(server):
+    bodies = [{"model": MODEL, "prompt": f"a house number {i}", "max_tokens": 12, "seed": 40 + i, "n": 1 + i % 2}
+              for i in range(4)]
+    plain = [[c["text"] for c in sorted(post(server, "/v1/completions", b).json()["choices"],
+                                        key=lambda c: c["index"])] for b in bodies]
+
+    async def streamed() -> list[list[str]]:
+        async def one(client: httpx.AsyncClient, body: dict) -> list[str]:
+            texts = [""] * body["n"]
+            async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        for choice in json.loads(line[len("data: "):])["choices"]:
+                            texts[choice["index"]] += choice["text"]
+            return texts
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return list(await asyncio.gather(*(one(client, b) for b in bodies)))
+
+    before = httpx.get(server.url + "/healthz").json()["generator"]["batching"]
+    assert asyncio.run(streamed()) == plain
+    after = httpx.get(server.url + "/healthz").json()["generator"]["batching"]
+    assert after["stream_rows"] - before["stream_rows"] == sum(b["n"] for b in bodies)
+    # 6 rows in batches of at most 4 (LIMITS): two generate calls when they meet, never one per stream
+    assert after["stream_batches"] - before["stream_batches"] < len(bodies)
+
+
 def test_the_data_stage_rewriter_works_against_the_endpoint(server):
     from bp_ray.data.openai_backend import OpenAIRewriter, OpenAISettings
 
