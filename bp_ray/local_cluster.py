@@ -9,6 +9,8 @@ runs one scenario and prints a JSON report; the tests and benchmarks/multinode_d
     one     the same job on one worker node (the throughput baseline)
     churn   two worker nodes; once the pools hold actors on both, one is removed mid-job and another added:
             does every row come out exactly once, and do the pools use the new node
+    grow    one worker node with room for one actor per pool; after the first commit a second node joins: do
+            the pools grow from min_actors onto it (alive actors per pool before and after the join)
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ def scenario_config(out: Path, zoo_dir: str | None, rows: int) -> Any:
 
 def _worker(cluster: Any, gpus: float = 1.0) -> Any:
     return cluster.add_node(num_cpus=WORKER_CPUS, resources={GPU_NODE: gpus})
+
+
+def alive_actors() -> dict[str, int]:
+    """Data-pool actor class -> how many of its actors are alive now."""
+    from ray.util.state import list_actors
+
+    alive: dict[str, int] = defaultdict(int)
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False):
+        name = actor.class_name or ""
+        if name.startswith("MapWorker("):
+            alive[name] += 1
+    return dict(alive)
 
 
 def actor_nodes() -> dict[str, list[str]]:
@@ -91,7 +105,8 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
     prepare_models(cfg.models, ("rewriter", "captioner", "aesthetic"))  # before any actor races to build them
     # shutdown_at_exit=False: shut down once, below; Ray's exit hook would try again on half-removed nodes.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0}, shutdown_at_exit=False)
-    nodes = {"worker-1": _worker(cluster)}
+    # grow: one slot per pool, so each pool starts at min_actors and can only grow onto a node that joins
+    nodes = {"worker-1": _worker(cluster, gpus=2.0 if scenario == "grow" else 1.0)}
     if scenario in ("spread", "churn"):
         nodes["worker-2"] = _worker(cluster)
     names = {node.node_id: name for name, node in nodes.items()}
@@ -110,6 +125,7 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
         return len(work_store.committed_files(data_dir / "work"))
 
     events: list[str] = []
+    pool_sizes: dict[str, dict[str, int]] = defaultdict(lambda: {"before_join": 0, "after_join": 0})
     try:
         started = time.perf_counter()
         # The job runs beside, the cluster changes here: adding a node installs signal handlers (main thread only).
@@ -136,8 +152,22 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
             nodes["worker-3"] = _worker(cluster, gpus=2.0)
             names[nodes["worker-3"].node_id] = "worker-3"
             events.append(f"added worker-3 after {committed()} batches")
+        if scenario == "grow":
+            deadline = time.monotonic() + 120
+            # Join once a batch is committed: by then the bottleneck pool's actor is busy with queued blocks, which
+            # is what makes Ray Data grow a pool (joined before that, the pools were seen to stay at one actor).
+            while worker.is_alive() and time.monotonic() < deadline and committed() < 1:
+                time.sleep(0.5)
+            for cls, count in alive_actors().items():
+                pool_sizes[cls]["before_join"] = count
+            nodes["worker-2"] = _worker(cluster, gpus=2.0)
+            names[nodes["worker-2"].node_id] = "worker-2"
+            events.append(f"added worker-2 after {committed()} batches")
         while worker.is_alive():
             sample()
+            if scenario == "grow":
+                for cls, count in alive_actors().items():
+                    pool_sizes[cls]["after_join"] = max(pool_sizes[cls]["after_join"], count)
             worker.join(timeout=0.5)
         seconds = time.perf_counter() - started
         if "error" in result:
@@ -148,7 +178,8 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
         return {"scenario": scenario, "worker_nodes": sorted(nodes), "events": events, "rows": manifest["rows_in"],
                 "rows_processed": manifest["rows_to_process"], "seconds": round(seconds, 2),
                 "rows_per_s": round(manifest["rows_to_process"] / seconds, 2), "actors_on": placed,
-                "check": exactly_once(cfg, data_dir)}
+                "check": exactly_once(cfg, data_dir),
+                **({"pool_sizes": dict(pool_sizes)} if scenario == "grow" else {})}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -156,7 +187,7 @@ def run(scenario: str, out: Path, zoo_dir: str | None = None, rows: int = 240) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenario", choices=("spread", "one", "churn"))
+    parser.add_argument("scenario", choices=("spread", "one", "churn", "grow"))
     parser.add_argument("out", type=Path)
     parser.add_argument("--zoo-dir", default=None)
     parser.add_argument("--rows", type=int, default=240)
