@@ -112,11 +112,13 @@ def main() -> None:
 
         from bp_ray.ray_runtime import init_ray
 
-        init_ray(cfg.cluster)
         for repeat in range(args.repeats):
+            # The one-process labeler runs with no Ray on the machine (a user without a cluster); Ray is started
+            # afterwards, outside the stage's time, and stopped before the next repeat.
             cache = work / f"one-{repeat}.sqlite"
             _, one_cold_s = timed(partial(one_process, cfg, cache, all_prompts, intents, cached_only=False))
             _, one_warm_s = timed(partial(one_process, cfg, cache, all_prompts, intents, cached_only=True))
+            init_ray(cfg.cluster)
             out = work / f"rewards-{repeat}"
 
             def label(out: Path = out) -> dict:
@@ -130,10 +132,10 @@ def main() -> None:
             runs["ray_data_cold_s"].append(ray_cold_s)
             runs["ray_data_cached_rerun_s"].append(ray_warm_s)
             runs["ray_data_vs_one_process"].append(one_cold_s / ray_cold_s)
+            ray.shutdown()
             print(f"repeat {repeat + 1}: one process {one_cold_s:.1f} s, Ray Data stage {ray_cold_s:.1f} s "
                   f"({one_cold_s / ray_cold_s:.2f}x); batched render {runs['batched_speedup'][repeat]:.2f}x",
                   flush=True)
-        ray.shutdown()
         results["unique_prompts"] = cold["unique_prompts"]
         results |= {name: summary(values) for name, values in runs.items()}
     finally:
