@@ -92,8 +92,10 @@ def _rewrite_all(settings: RewriteSettings, prompts: list[str], systems: list[st
     import ray
 
     pool = settings.data.rewriter_pool
+    # A killed task runs again and gives the same rewrites (every row has its own seed); one retry was not enough
+    # when a fault also hit the retry (benchmarks/chaos.py).
     task = ray.remote(rewrite).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
-                                       resources=dict(pool.resources) or None, max_retries=1)
+                                       resources=dict(pool.resources) or None, max_retries=3)
     refs = {}
     for system in systems:
         if system in (*CHECKPOINT_SYSTEMS, "llm"):

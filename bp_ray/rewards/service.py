@@ -125,11 +125,15 @@ class RewardService:
 
 
 def reward_service(setup: RewardSetup, pool: ActorPoolConfig, cache_path: str | None, num_gpus: float | None = None,
-                   num_cpus: float | None = None):
-    """Start the reward actor (by default with the pool's resources: the scorer pool's); returns its handle."""
+                   num_cpus: float | None = None, max_restarts: int = 3):
+    """Start the reward actor (by default with the pool's resources: the scorer pool's); returns its handle.
+
+    A killed service comes back up to `max_restarts` times and the requests it had not answered are sent again (an
+    answer depends only on the request), so its callers (PPO's workers, the evaluation) wait instead of failing."""
     import ray
 
     cpus = pool.num_cpus if num_cpus is None else num_cpus
     actor = ray.remote(RewardService).options(num_cpus=cpus, num_gpus=pool.num_gpus if num_gpus is None else num_gpus,
-                                              resources=dict(pool.resources) or None, max_concurrency=64)
+                                              resources=dict(pool.resources) or None, max_concurrency=64,
+                                              max_restarts=max_restarts, max_task_retries=max_restarts)
     return actor.remote(setup, cache_path, cpus)

@@ -141,14 +141,19 @@ def train_on_worker(task: TrainTask, stage: TrainingConfig, metrics_dir: Path, n
                    "perf/tokens_per_s": tokens * world / (time.perf_counter() - started),
                    "time/step_s": time.perf_counter() - started}
         done = step + 1
-        if done % stage.checkpoint_every == 0 or done == end_step:
-            # Every rank reports at the same steps: ray.train.report is a collective in Ray Train.
+        checkpoint_now = done % stage.checkpoint_every == 0 or done == end_step
+        if checkpoint_now:
             metrics.update(task.evaluate(engine))
+        # The step's row before its checkpoint: a worker killed after the controller took the checkpoint but before
+        # the row would resume after the step and never log it; killed before the checkpoint, it resumes from the
+        # one before, and the writer drops the rows past that.
+        log_step(writer, progress, done, metrics, f"{name} loss {metrics['loss/train']:.3f}")
+        if checkpoint_now:
+            # Every rank reports at the same steps: ray.train.report is a collective in Ray Train.
             state.update(step=done, metrics=metrics, total_steps=total_steps)
             folder = save_checkpoint(engine, lambda root, weights: task.save_model(root / MODEL_DIR, weights), state,
                                      rank, stage.deepspeed.zero_stage)
             report_checkpoint(folder, metrics, done)
-        log_step(writer, progress, done, metrics, f"{name} loss {metrics['loss/train']:.3f}")
     finish_logs(writer, progress)
 
 

@@ -344,14 +344,17 @@ def ppo_worker_loop(config: dict) -> None:
         controller.update(metrics["kl"], ppo.rollout_batch_size)
         metrics["perf/samples_per_s"] = ppo.rollout_batch_size / (time.perf_counter() - began)
         done = step + 1
-        if done % ppo.checkpoint_every == 0 or done == end_step:
+        checkpoint_now = done % ppo.checkpoint_every == 0 or done == end_step
+        if checkpoint_now:
             metrics.update(evaluate(model, ppo, sft, held_out_lows, scorer, world))
+        # The row before the checkpoint, as in loop.train_on_worker: each step logged once whenever a kill lands.
+        log_step(writer, progress, done, metrics,
+                 f"{ppo.algorithm} reward {metrics['reward/combined']:.3f} kl {metrics['kl']:.2f}")
+        if checkpoint_now:
             state.update(step=done, metrics=metrics, total_steps=ppo.total_steps,
                          kl_controller=controller.state_dict())
             report_checkpoint(save_checkpoint(model.engine, model.save_models, state, rank,
                                               ppo.deepspeed.zero_stage), metrics, done)
-        log_step(writer, progress, done, metrics,
-                 f"{ppo.algorithm} reward {metrics['reward/combined']:.3f} kl {metrics['kl']:.2f}")
     finish_logs(writer, progress)
 
 

@@ -86,6 +86,15 @@ def actor_group(rank: int, workers_per_actor: int) -> int:
     return rank // workers_per_actor if workers_per_actor else 0
 
 
+def restartable(ppo: PPOConfig) -> dict[str, int]:
+    """Ray options that bring a killed actor back (its constructor rerun with the same arguments, the handle kept) and
+    retry the calls it had not answered, as many times as Ray Train restarts a killed worker. Without them the train
+    workers hold a dead handle: every restarted worker group fails on it until ppo.resources.max_failures is spent
+    (seen in benchmarks/chaos.py). Each method's answer depends only on its arguments, so a retried call answers the
+    same; only ReferencePolicy's call count (the manifest's reference_calls) starts again from 0."""
+    return {"max_restarts": ppo.resources.max_failures, "max_task_retries": ppo.resources.max_failures}
+
+
 def start_reward_actor(ppo: PPOConfig, reward: RewardSetup, pool: ActorPoolConfig, rm_dir: Path | None,
                        cache_path: Path | None) -> Any:
     """The reward actor ppo.reward_source asks for, with `ppo.actor_cpus` / `ppo.actor_gpus` (and the pool's custom
@@ -96,9 +105,10 @@ def start_reward_actor(ppo: PPOConfig, reward: RewardSetup, pool: ActorPoolConfi
         from bp_ray.rewards.service import reward_service
 
         return reward_service(reward, pool, str(cache_path) if cache_path else None, num_gpus=ppo.actor_gpus,
-                              num_cpus=ppo.actor_cpus)
+                              num_cpus=ppo.actor_cpus, max_restarts=ppo.resources.max_failures)
     assert rm_dir is not None, "run_ppo checks that the reward models exist"
-    actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
+    actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus,
+                                                    **restartable(ppo))
     return actor.remote(str(rm_dir), reward.rewards.alpha, reward.models,
                         ppo.relevance_coef > 0 or ppo.intent_hinge_coef > 0, "cuda" if ppo.actor_gpus else "cpu")
 
@@ -106,7 +116,7 @@ def start_reward_actor(ppo: PPOConfig, reward: RewardSetup, pool: ActorPoolConfi
 def start_reference_actor(ppo: PPOConfig, models: ModelsConfig, sft_model: Path) -> Any:
     import ray
 
-    actor = ray.remote(ReferencePolicy).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
+    actor = ray.remote(ReferencePolicy).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus, **restartable(ppo))
     return actor.remote(str(sft_model), models, "cuda" if ppo.actor_gpus else "cpu")
 
 
@@ -134,5 +144,5 @@ def start_rollout_actor(ppo: PPOConfig, sft: SFTConfig, models: ModelsConfig, sf
                         reward: Any) -> Any:
     import ray
 
-    actor = ray.remote(RolloutSampler).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus)
+    actor = ray.remote(RolloutSampler).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus, **restartable(ppo))
     return actor.remote(sft_model, models, ppo, sft, reference, reward, "cuda" if ppo.actor_gpus else "cpu")
