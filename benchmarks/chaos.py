@@ -70,6 +70,7 @@ import pandas as pd
 import psutil
 
 from bp_ray.config_loader import load_config
+from bp_ray.local_cluster import head_processes
 from bp_ray.stages import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ BIN = Path(sys.executable).parent
 # Ray titles a worker process "ray::<actor class or task>[.<method>]" while it holds that actor or runs that task.
 VICTIM_KINDS: dict[str, tuple[str, ...]] = {
     "data_actor": ("(Captioner)", "(PromptRewriter)", "(ImageAesthetic)", "(write_batch)"),
-    "renderer": ("(FusedLabeler)", "(Renderer)", "(Scorer)", "ray::RewardService"),
+    "renderer": ("(FusedLabeler)", "ray::FusedLabeler", "(Renderer)", "(Scorer)", "ray::RewardService"),
     "train_worker": ("ray::RayTrainWorker",),
     "ppo_actor": ("ray::ReferencePolicy", "ray::LearnedRewardScorer", "ray::RolloutSampler"),
     "eval_task": ("ray::rewrite",),
@@ -125,18 +126,7 @@ class RayHead:
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this head: those naming its temp dir or GCS port, and all their descendants."""
-        marks = (self.temp_dir, f":{self.port}")
-        roots = []
-        for process in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if any(mark in part for part in process.info["cmdline"] or [] for mark in marks):
-                    roots.append(process)
-        family = {p.pid: p for p in roots}
-        for root in roots:
-            with contextlib.suppress(psutil.Error):
-                family.update({child.pid: child for child in root.children(recursive=True)})
-        family.pop(os.getpid(), None)
-        return list(family.values())
+        return head_processes(self.temp_dir, self.port)
 
     def raylet(self) -> psutil.Process | None:
         for process in self.processes():

@@ -1,15 +1,17 @@
 """Rendering and labelling figures on the tiny zoo (2 CPU cores):
 
 1. N seeds of a prompt in one batched pipeline call vs N separate calls: images/s and the ratio.
-2. Labelling (render N seeds + PickScore + aesthetic + relevance) with the Ray Data stage vs one process with
-   the same RewardLabeler, each from a cold cache; end to end, models loaded on both sides (ray.init excluded).
-3. A rerun of the Ray Data stage against the warm cache vs its cold run (the stage consults the cache before
-   starting any actor), and the same for the one-process labeler.
+2. Labelling (render N seeds + PickScore + aesthetic + relevance) with the stage on Ray (`run_reward_labels`) vs
+   one process with the same RewardLabeler, each from a cold cache; end to end, models loaded on both sides
+   (ray.init excluded).
+3. A rerun of the stage against the warm cache vs its cold run (the stage consults the cache before starting
+   any actor), and the same for the one-process labeler.
 
 Labelling runs the preset's configuration (tiny: one fused actor that renders and scores on both cores, with
-as many torch threads as this process); `--set rewards.fused=false --set data.renderer_pool.num_cpus=1` measures
-the split pools. Every figure is measured --repeats times (fresh caches each time) and reported as the median
-with its range; the script refuses to compare sides that compute with different thread counts.
+as many torch threads as this process, fed block by block; more actors or split pools run on Ray Data);
+`--set rewards.fused=false --set data.renderer_pool.num_cpus=1` measures the split pools. Every figure is
+measured --repeats times (fresh caches each time) and reported as the median with its range; the script refuses
+to compare sides that compute with different thread counts.
 
     python benchmarks/render_score.py [--prompts 48] [--seeds 8] [--repeats 3] [--set key=value ...]
 """
@@ -91,7 +93,7 @@ def main() -> None:
                      "fused": cfg.rewards.fused, "repeats": args.repeats}
     runs: dict[str, list[float]] = {name: [] for name in (
         "batched_images_per_s", "separate_images_per_s", "batched_speedup", "one_process_cold_s",
-        "ray_data_cold_s", "ray_data_vs_one_process", "ray_data_cached_rerun_s", "one_process_cached_rerun_s")}
+        "ray_stage_cold_s", "ray_stage_vs_one_process", "ray_stage_cached_rerun_s", "one_process_cached_rerun_s")}
     try:
         # 1. batched vs separate calls
         labeler = RewardLabeler(labelling(cfg), cache_path=None, score=False)
@@ -129,11 +131,11 @@ def main() -> None:
             assert warm["prompts_rendered"] == 0, warm
             runs["one_process_cold_s"].append(one_cold_s)
             runs["one_process_cached_rerun_s"].append(one_warm_s)
-            runs["ray_data_cold_s"].append(ray_cold_s)
-            runs["ray_data_cached_rerun_s"].append(ray_warm_s)
-            runs["ray_data_vs_one_process"].append(one_cold_s / ray_cold_s)
+            runs["ray_stage_cold_s"].append(ray_cold_s)
+            runs["ray_stage_cached_rerun_s"].append(ray_warm_s)
+            runs["ray_stage_vs_one_process"].append(one_cold_s / ray_cold_s)
             ray.shutdown()
-            print(f"repeat {repeat + 1}: one process {one_cold_s:.1f} s, Ray Data stage {ray_cold_s:.1f} s "
+            print(f"repeat {repeat + 1}: one process {one_cold_s:.1f} s, Ray stage {ray_cold_s:.1f} s "
                   f"({one_cold_s / ray_cold_s:.2f}x); batched render {runs['batched_speedup'][repeat]:.2f}x",
                   flush=True)
         results["unique_prompts"] = cold["unique_prompts"]

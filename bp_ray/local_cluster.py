@@ -32,6 +32,29 @@ POOLS = ("captioner_pool", "rewriter_pool", "aesthetic_pool")
 WORKER_CPUS = 2
 
 
+def head_processes(temp_dir: str, gcs_port: int) -> list[Any]:
+    """Every process of a `ray start --head` we started: those with its private temp dir or its GCS port on their
+    command line (`ray start` leaves its daemons to init), and everything they started (workers, agents); never
+    this process. psutil.Process objects, so the caller can stop exactly these and no other Ray on the machine."""
+    import contextlib
+    import os
+
+    import psutil
+
+    marks = (temp_dir, f":{gcs_port}")
+    roots = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(mark in part for part in process.info["cmdline"] or [] for mark in marks):
+                roots.append(process)
+    family = {p.pid: p for p in roots}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            family.update({child.pid: child for child in root.children(recursive=True)})
+    family.pop(os.getpid(), None)
+    return list(family.values())
+
+
 def scenario_config(out: Path, zoo_dir: str | None, rows: int) -> Any:
     from bp_ray.config_loader import load_config
 

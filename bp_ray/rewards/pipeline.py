@@ -2,7 +2,8 @@
 
     pairs -> (prompt, intent) rows -> Renderer pool -> Scorer pool -> per-seed scores, means, stds -> Parquet
 
-or one fused pool (rewards.fused). The intent of a prompt is its pair's low prompt: CLIP relevance is measured
+or one fused pool (rewards.fused; a pool of one fused actor is that actor fed block by block, without Ray Data's
+executor). The intent of a prompt is its pair's low prompt: CLIP relevance is measured
 against it, and PickScore too when rewards.pickscore_text=intent. Identical (prompt, intent) rows are rendered
 once; the SQLite cache makes a rerun (or PPO and evaluation later) skip every image it has already scored.
 """
@@ -151,10 +152,13 @@ def score_unique_prompts(unique: pd.DataFrame, setup: RewardSetup, renderer_pool
     import ray
 
     block = max(1, renderer_pool.batch_size)
-    ds = ray.data.from_pandas([unique.iloc[i:i + block] for i in range(0, len(unique), block)])
+    blocks = [unique.iloc[i:i + block] for i in range(0, len(unique), block)]
     images = str(image_dir) if image_dir else None
     renderer_kwargs = {"setup": setup, "cache_path": str(cache_path), "image_dir": images,
                        "num_cpus": renderer_pool.num_cpus}
+    if setup.rewards.fused and renderer_pool.max_actors == 1:
+        return _label_on_one_actor(blocks, renderer_pool, renderer_kwargs, len(unique))
+    ds = ray.data.from_pandas(blocks)
     if setup.rewards.fused:
         ds = ds.map_batches(FusedLabeler, fn_constructor_kwargs=renderer_kwargs, **actor_pool_args(renderer_pool))
     else:
@@ -167,6 +171,30 @@ def score_unique_prompts(unique: pd.DataFrame, setup: RewardSetup, renderer_pool
         parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
                                    **{name: list(batch[name]) for name in SCORE_NAMES}}))
         report_progress(sum(map(len, parts)), len(unique), "prompts")
+    return pd.concat(parts, ignore_index=True)
+
+
+def _label_on_one_actor(blocks: list[pd.DataFrame], pool: ActorPoolConfig, kwargs: dict[str, Any],
+                        total: int) -> pd.DataFrame:
+    """The blocks through one fused actor, in order. With a single actor Ray Data has nothing to schedule, and its
+    executor and service actors only add processes on the cores the actor computes on. A killed actor is
+    restarted and its unfinished blocks sent again: a block's scores depend only on the block."""
+    import ray
+
+    actor = ray.remote(FusedLabeler).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+                                             resources=dict(pool.resources) or None, max_restarts=3,
+                                             max_task_retries=3).remote(**kwargs)
+    try:
+        # All blocks queue at the actor at once: it works through them while the driver collects the results.
+        refs = [actor.__call__.remote({name: b[name].to_numpy() for name in b.columns}) for b in blocks]
+        parts = []
+        for ref in refs:
+            batch = ray.get(ref)
+            parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
+                                       **{name: list(batch[name]) for name in SCORE_NAMES}}))
+            report_progress(sum(map(len, parts)), total, "prompts")
+    finally:
+        ray.kill(actor)
     return pd.concat(parts, ignore_index=True)
 
 

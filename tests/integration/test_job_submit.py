@@ -4,7 +4,6 @@ processes are found by its private temp dir and stopped by PID."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from bp_ray.local_cluster import head_processes
 from tests.integration.ray_train_faults import registered_checkpoint_step
 from tests.integration.serve_process import free_port
 
@@ -28,20 +28,6 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _head_processes(temp_dir: str, gcs_port: int) -> list[psutil.Process]:
-    """Every process of the head we started: those with our private temp dir or our GCS port on their command line
-    (`ray start` leaves its daemons to init), and everything they started (workers, agents)."""
-    marks = (temp_dir, f":{gcs_port}")
-    roots = [p for p in psutil.process_iter(["cmdline"])
-             if any(mark in part for part in p.info["cmdline"] or [] for mark in marks)]
-    family = {p.pid: p for p in roots}
-    for root in roots:
-        with contextlib.suppress(psutil.Error):
-            family.update({child.pid: child for child in root.children(recursive=True)})
-    family.pop(os.getpid(), None)
-    return list(family.values())
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ def ray_head():
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
-        processes = _head_processes(temp_dir, gcs_port)
+        processes = head_processes(temp_dir, gcs_port)
         for process in processes:
             process.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(processes, timeout=5)  # Ray's workers often ignore SIGTERM: measured 20 s
