@@ -168,10 +168,15 @@ def score_unique_prompts(unique: pd.DataFrame, setup: RewardSetup, renderer_pool
                             **actor_pool_args(scorer_pool))
     parts = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
-                                   **{name: list(batch[name]) for name in SCORE_NAMES}}))
+        parts.append(_scores_frame(batch))
         report_progress(sum(map(len, parts)), len(unique), "prompts")
     return pd.concat(parts, ignore_index=True)
+
+
+def _scores_frame(batch: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One labelled batch (the UDFs' output columns) as rows: prompt_id, rendered, a (S,) array per score."""
+    return pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
+                         **{name: list(batch[name]) for name in SCORE_NAMES}})
 
 
 def _label_on_one_actor(blocks: list[pd.DataFrame], pool: ActorPoolConfig, kwargs: dict[str, Any],
@@ -189,9 +194,7 @@ def _label_on_one_actor(blocks: list[pd.DataFrame], pool: ActorPoolConfig, kwarg
         refs = [actor.__call__.remote({name: b[name].to_numpy() for name in b.columns}) for b in blocks]
         parts = []
         for ref in refs:
-            batch = ray.get(ref)
-            parts.append(pd.DataFrame({PROMPT_ID: batch[PROMPT_ID], "rendered": batch["rendered"],
-                                       **{name: list(batch[name]) for name in SCORE_NAMES}}))
+            parts.append(_scores_frame(ray.get(ref)))
             report_progress(sum(map(len, parts)), total, "prompts")
     finally:
         ray.kill(actor)

@@ -130,7 +130,7 @@ class Generator:
     def stream_batch(self, requests: list[GenerationRequest]) -> Iterator[Any]:
         """Per generation step, each request's new deltas (see generation.stream_batch)."""
         self.stats.stream_batches += 1
-        self.stats.stream_rows += sum(request.n for request in requests)
+        self.stats.stream_rows += _rows_in(requests)
         yield from stream_batch(self.model, self.tokenizer, requests)
 
     def info(self) -> S.GeneratorInfo:
