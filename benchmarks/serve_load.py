@@ -16,6 +16,10 @@ Everything is measured --repeats times (one deployment per repeat and mode; batc
 and the figures are reported as the median of the repeats with their range: batched / limit at 32 clients, p99 at
 64 clients / p99 at 8, streamed / plain at 32.
 
+Each level also prints where the machine's CPU went, per request answered: the HTTP proxy, the ingress replica,
+the generator replica, Ray's own daemons (raylet, GCS, Serve controller), this process (the clients) and the rest
+of the machine (read from /proc for every process, so it is the whole machine's time, not a sample).
+
     python benchmarks/serve_load.py [--requests-per-client 6] [--max-new-tokens 32] [--repeats 3]
 """
 
@@ -50,6 +54,34 @@ def serve_config(batched: bool, max_batch_size: int) -> PipelineConfig:
         f"serve.max_batch_size={max_batch_size if batched else 1}",
         "serve.max_ongoing_requests=128", "serve.max_queued_requests=-1", "serve.request_timeout_s=300",
         f"serve.port={PORT}", "serve.max_new_tokens=256"])
+
+
+ROLES = (("proxy", "ProxyActor"), ("ingress", ":Beautifier"), ("generator", ":Generator"),
+         ("ray daemons", "raylet"), ("ray daemons", "gcs_server"), ("ray daemons", "ServeController"))
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process on the machine, summed by its role in the endpoint."""
+    import os
+
+    import psutil
+
+    totals = dict.fromkeys([role for role, _ in ROLES] + ["clients", "rest of machine"], 0.0)
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        command = " ".join(proc.info["cmdline"] or [])
+        role = "clients" if proc.pid == os.getpid() else next(
+            (role for role, mark in ROLES if mark in command), "rest of machine")
+        totals[role] += times.user + times.system
+    return totals
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per request answered, by role, between two `cpu_by_role` readings."""
+    return {role: round((after[role] - before.get(role, 0.0)) * 1000 / requests, 2) for role in after}
 
 
 def percentiles(latencies: Sequence[float]) -> tuple[float, float]:
@@ -106,7 +138,9 @@ def measure_endpoint(cfg: PipelineConfig, name: str, per_client: dict[int, int],
     results = {}
     for clients in CONCURRENCY:
         before = httpx.get(url + "/healthz").json()["generator"]["batching"]
+        cpu_before = cpu_by_role()
         results[clients] = row = asyncio.run(closed_loop(url, clients, per_client[clients], max_new_tokens))
+        row["cpu_ms_per_request"] = cpu_per_request(cpu_before, cpu_by_role(), row["requests"])
         after = httpx.get(url + "/healthz").json()["generator"]["batching"]
         batches = after["batches"] - before["batches"]
         row["mean_batch_rows"] = (after["rows"] - before["rows"]) / max(1, batches)
@@ -114,14 +148,24 @@ def measure_endpoint(cfg: PipelineConfig, name: str, per_client: dict[int, int],
         print(f"  {name:10s} {clients:3d} clients: {row['rps']:7.1f} req/s, p50 {row['p50_ms']:.0f} ms "
               f"({row['requests']} requests, {row['mean_batch_rows']:.1f} rows per batch, generate busy "
               f"{row['generate_share']:.0%} of the time)", flush=True)
+        print_cpu(row)
     if streaming_at:
         for route in ("chat", "chat-stream"):
+            cpu_before = cpu_by_role()
             row = asyncio.run(closed_loop(url, streaming_at, per_client[streaming_at], max_new_tokens, route))
+            row["cpu_ms_per_request"] = cpu_per_request(cpu_before, cpu_by_role(), row["requests"])
             results[route] = row
             print(f"  {name:10s} {streaming_at:3d} clients, {route}: {row['rps']:7.1f} req/s, "
                   f"p50 {row['p50_ms']:.0f} ms", flush=True)
+            print_cpu(row)
     serve.delete(name)
     return results
+
+
+def print_cpu(row: dict) -> None:
+    cpu = row["cpu_ms_per_request"]
+    print("             CPU ms per request: " + ", ".join(f"{role} {ms:.2f}" for role, ms in cpu.items())
+          + f"; total {sum(cpu.values()):.2f}", flush=True)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from bp_ray.config_loader import load_config
 from bp_ray.data.policy_format import kept_prefix
 from bp_ray.layout import RunLayout
 from bp_ray.serve import schemas as S
+from bp_ray.serve.batch_gate import BatchGate
 from bp_ray.serve.errors import ERRORS, ApiError, Limits, install_error_handlers
 from bp_ray.serve.generation import (
     GenerationRequest,
@@ -114,6 +115,7 @@ class Generator:
         models = cfg.models
         if models.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(cfg.serve.num_cpus_per_replica)))
+        self.stream_interval_s = cfg.serve.stream_interval_s
         self.checkpoint = checkpoint
         self.model, self.tokenizer = load_causal_lm(checkpoint, models, device=models.device, dtype=models.dtype)
         self.stats = S.BatchStats()
@@ -128,10 +130,10 @@ class Generator:
         return results
 
     def stream_batch(self, requests: list[GenerationRequest]) -> Iterator[Any]:
-        """Per generation step, each request's new deltas (see generation.stream_batch)."""
+        """Each request's new deltas, per stream interval (see generation.stream_batch)."""
         self.stats.stream_batches += 1
         self.stats.stream_rows += _rows_in(requests)
-        yield from stream_batch(self.model, self.tokenizer, requests)
+        yield from stream_batch(self.model, self.tokenizer, requests, self.stream_interval_s)
 
     def info(self) -> S.GeneratorInfo:
         try:
@@ -160,46 +162,38 @@ class Beautifier:
         self._generate_batch = serve.batch(max_batch_size=cfg.serve.max_batch_size,
                                            batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
                                            max_concurrent_batches=cfg.serve.max_concurrent_batches)(self._run_batch)
-        self._in_flight = 0
-        self._slot_free = asyncio.Event()
-        self._slot_free.set()
+        self._gate = BatchGate(cfg.serve.max_concurrent_batches)
         # Streamed requests ride batches of their own, whole (n rows each): mixed into the plain batches, every
         # row's every step would travel through the stream.
         self._stream_batch = serve.batch(max_batch_size=cfg.serve.max_batch_size,
                                          batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
                                          max_concurrent_batches=cfg.serve.max_concurrent_batches,
                                          batch_size_fn=_rows_in)(self._run_stream_batch)
+        self._stream_gate = BatchGate(cfg.serve.max_concurrent_batches)
 
-    # 1. generation: one row per item, so a request's n outputs may ride in different batches.
-    # serve.batch forms a batch every batch_wait_timeout_s even while max_concurrent_batches are running, so
-    # under load it queues many small batches (measured: ~5 rows per batch at 32 clients). Rows therefore wait
-    # at a gate while every slot is busy and enter serve.batch together when one frees: one full batch.
+    # 1. generation: one row per item, so a request's n outputs may ride in different batches. Rows and streams
+    # wait at a gate (see batch_gate) while every batch slot is busy.
     async def _run_batch(self, rows: list[GenerationRequest]) -> list[GenerationResult]:
-        self._in_flight += 1
-        if self._in_flight >= self.cfg.serve.max_concurrent_batches:
-            self._slot_free.clear()
-        try:
+        with self._gate.held():
             return await self.generator.generate.remote(list(rows))
-        finally:
-            self._in_flight -= 1
-            self._slot_free.set()
 
     async def _run_stream_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
         """serve.batch's streaming form: per step one item per request, its list of deltas, then StopIteration
         once all its outputs have finished."""
         requests = list(requests)
         finished = [0] * len(requests)
-        async for step in self.generator.options(stream=True).stream_batch.remote(requests):
-            items: list[Any] = []
-            for i, deltas in enumerate(step):
-                if finished[i] >= requests[i].n:
-                    items.append(StopIteration)
-                    continue
-                items.append(deltas)
-                finished[i] += sum(1 for d in deltas if d.finish_reason is not None or d.refused)
-                if any(d.refused for d in deltas):
-                    finished[i] = requests[i].n
-            yield items
+        with self._stream_gate.held():
+            async for step in self.generator.options(stream=True).stream_batch.remote(requests):
+                items: list[Any] = []
+                for i, deltas in enumerate(step):
+                    if finished[i] >= requests[i].n:
+                        items.append(StopIteration)
+                        continue
+                    items.append(deltas)
+                    finished[i] += sum(1 for d in deltas if d.finish_reason is not None or d.refused)
+                    if any(d.refused for d in deltas):
+                        finished[i] = requests[i].n
+                yield items
 
     def _stream_rows(self, request: GenerationRequest) -> AsyncIterator[list[Any]]:
         if request.n > self.cfg.serve.max_batch_size:  # more rows than any batch holds: a batch of its own
@@ -207,10 +201,15 @@ class Beautifier:
                 async for step in self.generator.options(stream=True).stream_batch.remote([request]):
                     yield step[0]
             return alone()
-        return self._stream_batch(request)
+
+        async def gated() -> AsyncIterator[list[Any]]:
+            await self._stream_gate.wait()
+            async for step in self._stream_batch(request):
+                yield step
+        return gated()
 
     async def _generate_row(self, row: GenerationRequest) -> GenerationResult:
-        await self._slot_free.wait()
+        await self._gate.wait()
         return await self._generate_batch(row)
 
     async def _generate(self, request: GenerationRequest, param: str) -> GenerationResult:

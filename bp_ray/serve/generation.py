@@ -8,8 +8,10 @@ batched kernels, as with any batched inference).
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,18 +228,29 @@ class StreamDelta:
     """Set on the only delta of a request that is not generated (see `refusals`)."""
 
 
-def stream(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[StreamDelta]:
-    """One request's n outputs token by token, as text deltas; the same tokens `generate` returns for it. A refused
-    request yields one delta that says why, before anything is generated."""
-    for step in stream_batch(model, tokenizer, [request]):
+def stream(model: Any, tokenizer: Any, request: GenerationRequest, interval_s: float = 0.0
+           ) -> Iterator[StreamDelta]:
+    """One request's n outputs token by token (or `interval_s` at a time, see `stream_batch`), as text deltas; the
+    same tokens `generate` returns for it. A refused request yields one delta that says why, before anything is
+    generated."""
+    for step in stream_batch(model, tokenizer, [request], interval_s):
         yield from step[0]
 
 
-def stream_batch(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]
+def _merged(pending: list[dict[int, StreamDelta]]) -> list[list[StreamDelta]]:
+    return [list(deltas.values()) for deltas in pending]
+
+
+def stream_batch(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest], interval_s: float = 0.0
                  ) -> Iterator[list[list[StreamDelta]]]:
-    """Many requests' outputs token by token from one batched `generate` call: per generation step, each request's
-    new deltas (`StreamDelta.index` is the output's index within its request). Refused requests get their one
-    delta in the first step and take no row.
+    """Many requests' outputs from one batched `generate` call, as they are generated: per yield, each request's new
+    deltas (`StreamDelta.index` is the output's index within its request, at most one delta per output).
+    Refused requests get their one delta in the first yield and take no row.
+
+    interval_s 0 yields every generation step. Above 0, the first tokens go out at once and later steps are
+    gathered until `interval_s` has passed since the last yield: a served stream then costs the ingress, the
+    proxy and the client one event per interval instead of one per token (measured: streamed chat at 32 clients
+    spent 5x the CPU per request of plain chat with an event per token).
 
     Generation runs on a background thread; this generator decodes as tokens arrive.
     """
@@ -263,11 +276,12 @@ def stream_batch(model: Any, tokenizer: Any, requests: Sequence[GenerationReques
     tokens: list[list[int]] = [[] for _ in rows]
     sent = ["" for _ in rows]
     done = [False for _ in rows]
+    pending: list[dict[int, StreamDelta]] = [{} for _ in requests]
+    last_yield = -math.inf
     while not all(done):
         step = steps.items.get()
         if step is None:
             break
-        out: list[list[StreamDelta]] = [[] for _ in requests]
         for i, token in enumerate(step):
             if done[i]:
                 continue
@@ -285,15 +299,20 @@ def stream_batch(model: Any, tokenizer: Any, requests: Sequence[GenerationReques
                 continue
             delta, sent[i] = text[len(sent[i]):], text
             if delta or finish:
-                out[rows[i].request].append(StreamDelta(output_index[i], delta, finish))
+                held = pending[rows[i].request].get(output_index[i])
+                pending[rows[i].request][output_index[i]] = StreamDelta(
+                    output_index[i], (held.text if held else "") + delta, finish)
             done[i] = finish is not None
-        yield out
+        if any(pending) and time.monotonic() - last_yield >= interval_s:
+            yield _merged(pending)
+            pending, last_yield = [{} for _ in requests], time.monotonic()
     thread.join()
     if errors:
         raise errors[0]
-    tail: list[list[StreamDelta]] = [[] for _ in requests]
     for i, finished in enumerate(done):
         if not finished:  # generate ended on its own length limit
-            tail[rows[i].request].append(StreamDelta(output_index[i], "", "length"))
-    if any(tail):
-        yield tail
+            held = pending[rows[i].request].get(output_index[i])
+            pending[rows[i].request][output_index[i]] = StreamDelta(output_index[i], held.text if held else "",
+                                                                    "length")
+    if any(pending):
+        yield _merged(pending)

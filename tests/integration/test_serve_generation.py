@@ -94,3 +94,16 @@ def test_streaming_yields_the_same_text_as_generate(lm):
         assert "".join(d.text for d in mine) == completion.text
         assert mine[-1].finish_reason == completion.finish_reason
         assert all(d.finish_reason is None for d in mine[:-1])
+
+
+def test_a_stream_interval_gathers_tokens_into_fewer_deltas_with_the_same_text(lm):
+    model, tokenizer = lm
+    request = GenerationRequest("a cat on a sofa", n=2, max_new_tokens=16, temperature=1.0, seed=8)
+    every_token = list(stream(model, tokenizer, request))
+    # An interval longer than the whole generation: the first tokens at once, then the rest in one delta each.
+    gathered = list(stream(model, tokenizer, request, interval_s=60.0))
+    for i in range(request.n):
+        mine, theirs = [d for d in gathered if d.index == i], [d for d in every_token if d.index == i]
+        assert "".join(d.text for d in mine) == "".join(d.text for d in theirs)
+        assert mine[-1].finish_reason == theirs[-1].finish_reason
+        assert len(mine) == 2 < len(theirs)
