@@ -56,7 +56,7 @@ def serve_config(batched: bool, max_batch_size: int) -> PipelineConfig:
         f"serve.port={PORT}", "serve.max_new_tokens=256"])
 
 
-ROLES = (("proxy", "ProxyActor"), ("ingress", ":Beautifier"), ("generator", ":Generator"),
+ROLES = (("proxy", "ProxyActor"), ("ingress", ":Beautifier"), ("generator", ":Generator"), ("scorer", ":Scorer"),
          ("ray daemons", "raylet"), ("ray daemons", "gcs_server"), ("ray daemons", "ServeController"))
 
 
@@ -89,8 +89,9 @@ def percentiles(latencies: Sequence[float]) -> tuple[float, float]:
 
 
 async def closed_loop(url: str, clients: int, per_client: int, max_new_tokens: int,
-                      route: str = "beautify") -> dict[str, float]:
-    """`clients` concurrent loops of `per_client` requests each; requests/s over the whole level.
+                      route: str = "beautify", extra: dict | None = None) -> dict[str, float]:
+    """`clients` concurrent loops of `per_client` requests each; requests/s over the whole level. `extra`: more
+    fields of every beautify request.
 
     aiohttp (installed with Ray), not httpx: at 64 concurrent requests httpx's async client was measured here to
     spend ~8 ms of CPU per request against ~0.3 ms for aiohttp, which on 2 cores would starve the server."""
@@ -105,7 +106,8 @@ async def closed_loop(url: str, clients: int, per_client: int, max_new_tokens: i
                 prompt = PROMPTS[seed % len(PROMPTS)]
                 if route == "beautify":
                     path = "/v1/beautify"
-                    body = {"prompt": prompt, "seed": seed, "max_new_tokens": max_new_tokens, "temperature": 0.7}
+                    body = {"prompt": prompt, "seed": seed, "max_new_tokens": max_new_tokens, "temperature": 0.7,
+                            **(extra or {})}
                 else:  # chat, streamed or not
                     path = "/v1/chat/completions"
                     body = {"model": "bp-ray-beautifier", "messages": [{"role": "user", "content": prompt}],

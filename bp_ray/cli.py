@@ -272,23 +272,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from bp_ray.serve.client import EndpointError, beautify_remote
+    from bp_ray.serve.client import CONTROLS, EndpointError, beautify_remote, print_response
 
     cfg = config_from_args(args)
     url = args.url or f"http://{cfg.serve.host}:{cfg.serve.port}"
+    fields = {key: getattr(args, key) for key in CONTROLS}
+    if args.no_avoid:
+        fields["avoid"] = []
     try:
-        body = beautify_remote(url, args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
-                               max_new_tokens=args.max_new_tokens)
+        body = beautify_remote(url, args.prompt, n=args.n, **fields)
     except EndpointError as error:
         print(f"bp-ray client: {error}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(body, indent=2))
     else:
-        for output in body["outputs"]:
-            print(output["text"])
-        print(f"(seed {body['seed']}, {body['usage']['completion_tokens']} tokens, {body['latency_ms']:.0f} ms)",
-              file=sys.stderr)
+        print_response(body)
     return 0
 
 
@@ -467,12 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", parents=[_config_options()], help="beautify a prompt with a running endpoint")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="<keep>...</keep> marks text every rewrite keeps")
     p.add_argument("--url", default=None, help="endpoint (default http://<serve.host>:<serve.port>)")
     p.add_argument("-n", type=int, default=1, help="number of rewrites")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--keep", action="append", default=None, metavar="TEXT", help="text every rewrite keeps verbatim")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="token budget in the renderer's text encoder")
+    p.add_argument("--negative-prompt", default=None, help="passed unchanged to the renderer")
+    p.add_argument("--rank", choices=("none", "reward_model", "online"), default=None, help="score and order rewrites")
+    p.add_argument("--best-of", type=int, default=None, help="return the best K of the -n rewrites (needs --rank)")
+    p.add_argument("--detail", choices=("low", "medium", "high"), default=None, help="fewer or more added words")
+    p.add_argument("--style", choices=("photo", "painting", "anime", "3d"), default=None)
+    p.add_argument("--avoid", action="append", default=None, metavar="WORD", help="never add this (repeatable; "
+                   "default: the overused keyword-soup list)")
+    p.add_argument("--no-avoid", action="store_true", help="avoid nothing")
+    p.add_argument("--render", action="store_true", default=None, help="also render each rewrite (in --json)")
+    p.add_argument("--edit-of", default=None, metavar="ID", help="score --text, an edit of the rewrite with this id")
+    p.add_argument("--text", default=None, help="with --edit-of: the edited text")
     p.add_argument("--json", action="store_true", help="print the whole response body")
     p.set_defaults(func=cmd_client)
 

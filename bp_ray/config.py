@@ -427,6 +427,38 @@ class PPOConfig:
 
 
 @dataclass
+class ControlsConfig:
+    """What a user may ask of the endpoint's rewrites beyond the prompt (docs/serving.md, Controls)."""
+
+    detail_low_max_words: int = opt(6, ge=0)
+    """detail=low: at most this many words added to the user's prompt."""
+    detail_high_min_words: int = opt(16, ge=1)
+    """detail=high: at least this many words added (end of text and line breaks are held back until then)."""
+    style_bias: float = opt(4.0, ge=0)
+    """Added to the logits of the tokens that spell a requested style family's words."""
+    max_keep: int = opt(8, ge=1)
+    """Most protected spans (keep list and <keep> markup together) per request."""
+    max_avoid: int = opt(64, ge=0)
+    """Most avoid words per request."""
+    reward_model: str = ""
+    """`bp-ray train rm` folder behind rank=reward_model; empty: the run's rm output if it exists (else such
+    requests get 400)."""
+    online_rank: bool = False
+    """Allows rank=online (render each candidate and score it): loads Stable Diffusion and the scorers in a
+    deployment of their own."""
+    online_seeds: int = opt(2, ge=1)
+    """Seeds each candidate is rendered with for rank=online; its scores are their means."""
+    candidate_store: str = ""
+    """SQLite file of the candidates the endpoint returned (for edit_of); empty:
+    <output_dir>/serve/candidates.sqlite."""
+    store_max_rows: int = opt(100_000, ge=1)
+    """The store keeps the newest this many candidates."""
+    scorer_cpus: float = opt(0.5, ge=0)
+    """The scoring deployment (learned reward models, and for online_rank Stable Diffusion and the scorers)."""
+    scorer_gpus: float = opt(0.0, ge=0)
+
+
+@dataclass
 class ServeConfig:
     """The beautifier endpoint on Ray Serve: batched generation, autoscaling, backpressure, validation."""
 
@@ -508,6 +540,7 @@ class ServeConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     render_cpus: float = opt(1.0, ge=0)
     render_gpus: float = opt(0.0, ge=0)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
 
 
 @dataclass

@@ -19,8 +19,12 @@ def seeds_for(num_seeds: int, seed_base: int) -> list[int]:
 
 
 @torch.no_grad()
-def render_seeds(pipe, prompts: Sequence[str], seeds: Sequence[int], render: RenderConfig) -> np.ndarray:
+def render_seeds(pipe, prompts: Sequence[str], seeds: Sequence[int], render: RenderConfig,
+                 negative_prompt: str | None = None) -> np.ndarray:
     """(P, S, H, W, 3) uint8 images of P prompts x S seeds, from one batched pipeline call.
+
+    negative_prompt applies to every prompt (diffusers' negative_prompt); None is diffusers' default, the empty
+    prompt, and leaves the call exactly as without the argument.
 
     One CPU generator per (prompt, seed) image: image (p, s) is the image of rendering prompt p with seed s
     alone (up to the last float bits of batched kernels), on any device.
@@ -32,13 +36,16 @@ def render_seeds(pipe, prompts: Sequence[str], seeds: Sequence[int], render: Ren
     if not prompts:
         return np.zeros((0, len(seeds), render.height, render.width, 3), dtype=np.uint8)
     if render.long_prompts == "truncate":
-        return _render(pipe, len(prompts), seeds, render, prompt=list(prompts))
+        # one negative per prompt: diffusers rejects a single string beside a list of prompts
+        negative = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(prompts)}
+        return _render(pipe, len(prompts), seeds, render, prompt=list(prompts), **negative)
     pixels = np.zeros((len(prompts), len(seeds), render.height, render.width, 3), dtype=np.uint8)
     counts = np.asarray(window_count(pipe.tokenizer, prompts))
     for count in np.unique(counts):
         group = np.flatnonzero(counts == count)
-        # negative = the empty prompt, diffusers' default; the pipeline repeats both per seed (num_images_per_prompt)
-        embeds, negative_embeds = chunked_prompt_embeds(pipe, [prompts[i] for i in group])
+        # the pipeline repeats both per seed (num_images_per_prompt); a negative of more windows than the group
+        # pads the group's prompts with empty windows, as A1111 pads the shorter of the two
+        embeds, negative_embeds = chunked_prompt_embeds(pipe, [prompts[i] for i in group], negative_prompt or "")
         pixels[group] = _render(pipe, len(group), seeds, render, prompt_embeds=embeds,
                                 negative_prompt_embeds=negative_embeds)
     return pixels

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
-import json
 import logging
 import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -32,16 +29,19 @@ from bp_ray.data.policy_format import kept_prefix
 from bp_ray.layout import RunLayout
 from bp_ray.serve import schemas as S
 from bp_ray.serve.batch_gate import BatchGate
+from bp_ray.serve.candidate_flow import latency_ms
+from bp_ray.serve.control_plan import ControlPlan, plan_controls, used_controls
+from bp_ray.serve.controls import encoder_tokens
 from bp_ray.serve.errors import ERRORS, ApiError, Limits, install_error_handlers
 from bp_ray.serve.generation import (
     GenerationRequest,
     GenerationResult,
     beautified_text,
     beautify_input,
-    generate,
-    stream_batch,
 )
+from bp_ray.serve.model_deployments import Generator, Renderer, Scorer
 from bp_ray.serve.openapi_spec import BeautifierAPI
+from bp_ray.serve.streaming import StreamRelay
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +60,13 @@ install_error_handlers(api)
 
 # --- plain request handling (no Ray) ---------------------------------------------------------------------------
 
-def _sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> S.Usage:
     return S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens)
 
 
-def _rows_in(requests: list[GenerationRequest]) -> int:
-    return sum(request.n for request in requests)
+def _texts_in(calls: list[tuple[str, list[str], list[str]]]) -> int:
+    return sum(len(texts) for _, _, texts in calls)
 
 
 def _new_seed() -> int:
@@ -80,133 +76,49 @@ def _new_seed() -> int:
 # --- deployments -----------------------------------------------------------------------------------------------
 
 @serve.deployment
-class Renderer:
-    """Stable Diffusion behind /v1/render: one prompt and seed -> PNG bytes."""
-
-    def __init__(self, cfg: PipelineConfig):
-        from bp_ray.models.loading import load_diffusion
-
-        self.cfg = cfg
-        models = cfg.models
-        self.pipe = load_diffusion(models.diffusion, models, device=models.device, dtype=models.dtype,
-                                   scheduler=self.cfg.serve.render.scheduler)
-
-    def render(self, prompt: str, seed: int) -> bytes:
-        from PIL import Image
-
-        from bp_ray.rewards.render import render_seeds
-
-        pixels = render_seeds(self.pipe, [prompt], [seed], self.cfg.serve.render)[0, 0]
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-
-@serve.deployment
-class Generator:
-    """The policy: each call generates one whole batch of rows (the ingress forms the batches). A process of its
-    own, so generation never competes with HTTP handling for one interpreter lock."""
-
-    def __init__(self, cfg: PipelineConfig, checkpoint: str):
-        import torch
-
-        from bp_ray.models.loading import load_causal_lm
-
-        models = cfg.models
-        if models.device == "cpu" or not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(cfg.serve.num_cpus_per_replica)))
-        self.stream_interval_s = cfg.serve.stream_interval_s
-        self.checkpoint = checkpoint
-        self.model, self.tokenizer = load_causal_lm(checkpoint, models, device=models.device, dtype=models.dtype)
-        self.stats = S.BatchStats()
-        logger.info("generator replica up: %s", checkpoint)
-
-    def generate(self, rows: list[GenerationRequest]) -> list[GenerationResult]:
-        start = time.perf_counter()
-        results = generate(self.model, self.tokenizer, rows)
-        self.stats.batches += 1
-        self.stats.rows += len(rows)
-        self.stats.generate_s += time.perf_counter() - start
-        return results
-
-    def stream_batch(self, requests: list[GenerationRequest]) -> Iterator[Any]:
-        """Each request's new deltas, per stream interval (see generation.stream_batch)."""
-        self.stats.stream_batches += 1
-        self.stats.stream_rows += _rows_in(requests)
-        yield from stream_batch(self.model, self.tokenizer, requests, self.stream_interval_s)
-
-    def info(self) -> S.GeneratorInfo:
-        try:
-            replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a replica
-            replica = "local"
-        return S.GeneratorInfo(checkpoint=self.checkpoint, replica=replica, pid=os.getpid(), batching=self.stats)
-
-
-@serve.deployment
 @serve.ingress(api)
 class Beautifier:
     """The HTTP ingress: validates requests and forms batches of output rows for the Generator deployment; rows of
     every route (beautify, completions, chat, render) share the batches."""
 
-    def __init__(self, cfg: PipelineConfig, generator: DeploymentHandle, renderer: DeploymentHandle | None = None):
+    def __init__(self, cfg: PipelineConfig, generator: DeploymentHandle, renderer: DeploymentHandle | None = None,
+                 scorer: DeploymentHandle | None = None, scorer_kinds: tuple[str, ...] = (),
+                 encoder_tokenizer: str = "", store_path: str = ""):
         # Imported here: this method reaches the replica by value, and only an import finds the real module.
+        from transformers import AutoTokenizer
+
         from bp_ray.serve import openapi_spec
+        from bp_ray.serve.candidate_flow import CandidateFlow
+        from bp_ray.serve.candidates import CandidateStore
 
         openapi_spec.SERVED["serve"] = cfg.serve
         self.cfg = cfg
         self.limits = Limits(cfg)
         self.generator = generator
         self.renderer = renderer
+        self.scorer = scorer
+        # The renderer's own tokenizer: budgets are in the tokens its text encoder reads.
+        self.encoder = (AutoTokenizer.from_pretrained(encoder_tokenizer, subfolder="tokenizer") if encoder_tokenizer
+                        else None)
+        self.window = int(self.encoder.model_max_length) if self.encoder is not None else None
+        self.flow = CandidateFlow(cfg.serve.model_name, CandidateStore(store_path, cfg.serve.controls.store_max_rows),
+                                  self._count, self._score if scorer is not None else None, frozenset(scorer_kinds),
+                                  self._render if renderer is not None else None)
+        self._score_batch = serve.batch(max_batch_size=cfg.serve.max_batch_size,
+                                        batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
+                                        batch_size_fn=_texts_in)(self._run_score_batch)
         # Built here, not as a decorator, because the number of batches in flight comes from the config.
         self._generate_batch = serve.batch(max_batch_size=cfg.serve.max_batch_size,
                                            batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
                                            max_concurrent_batches=cfg.serve.max_concurrent_batches)(self._run_batch)
         self._gate = BatchGate(cfg.serve.max_concurrent_batches)
-        # Streamed requests ride batches of their own, whole (n rows each): mixed into the plain batches, every
-        # row's every step would travel through the stream.
-        self._stream_batch = serve.batch(max_batch_size=cfg.serve.max_batch_size,
-                                         batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
-                                         max_concurrent_batches=cfg.serve.max_concurrent_batches,
-                                         batch_size_fn=_rows_in)(self._run_stream_batch)
-        self._stream_gate = BatchGate(cfg.serve.max_concurrent_batches)
+        self.streams = StreamRelay(cfg, generator, self._timeout)
 
     # 1. generation: one row per item, so a request's n outputs may ride in different batches. Rows and streams
     # wait at a gate (see batch_gate) while every batch slot is busy.
     async def _run_batch(self, rows: list[GenerationRequest]) -> list[GenerationResult]:
         with self._gate.held():
             return await self.generator.generate.remote(list(rows))
-
-    async def _run_stream_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        """serve.batch's streaming form: per step one item per request, its list of deltas, then StopIteration
-        once all its outputs have finished."""
-        requests = list(requests)
-        finished = [0] * len(requests)
-        with self._stream_gate.held():
-            async for step in self.generator.options(stream=True).stream_batch.remote(requests):
-                items: list[Any] = []
-                for i, deltas in enumerate(step):
-                    if finished[i] >= requests[i].n:
-                        items.append(StopIteration)
-                        continue
-                    items.append(deltas)
-                    finished[i] += sum(1 for d in deltas if d.finish_reason is not None or d.refused)
-                    if any(d.refused for d in deltas):
-                        finished[i] = requests[i].n
-                yield items
-
-    def _stream_rows(self, request: GenerationRequest) -> AsyncIterator[list[Any]]:
-        if request.n > self.cfg.serve.max_batch_size:  # more rows than any batch holds: a batch of its own
-            async def alone() -> AsyncIterator[list[Any]]:
-                async for step in self.generator.options(stream=True).stream_batch.remote([request]):
-                    yield step[0]
-            return alone()
-
-        async def gated() -> AsyncIterator[list[Any]]:
-            await self._stream_gate.wait()
-            async for step in self._stream_batch(request):
-                yield step
-        return gated()
 
     async def _generate_row(self, row: GenerationRequest) -> GenerationResult:
         await self._gate.wait()
@@ -247,58 +159,76 @@ class Beautifier:
         """The rewrite a user sees for one beautify completion (with keep_prompt: the prompt, then the additions)."""
         return beautified_text(completion, prompt, self.cfg.sft.keep_prompt)
 
-    async def _stream_deltas(self, request: GenerationRequest, param: str) -> AsyncIterator[Any]:
-        """The generator's deltas, the first one awaited before this returns: a refused prompt (400) or a timeout
-        before the first token (504) is still answered with its status, not inside a 200 stream."""
-        deadline = time.monotonic() + self.cfg.serve.request_timeout_s
-        steps = self._stream_rows(request)
+    # 2. scoring (one scorer call per kind per batch of requests), rendering, controls
+    async def _run_score_batch(self, items: list[tuple[str, list[str], list[str]]]) -> list[list[dict]]:
+        results: list[list[dict]] = [[] for _ in items]
+        for kind in dict.fromkeys(kind for kind, _, _ in items):
+            mine = [i for i, item in enumerate(items) if item[0] == kind]
+            values = await self.scorer.score.remote(kind, [p for i in mine for p in items[i][1]],
+                                                    [t for i in mine for t in items[i][2]])
+            for i in mine:
+                results[i], values = values[:len(items[i][2])], values[len(items[i][2]):]
+        return results
 
-        async def deltas() -> AsyncIterator[Any]:
-            async for step in steps:
-                for delta in step:
-                    yield delta
-
-        flat = deltas()
+    async def _score(self, kind: str, prompts: list[str], texts: list[str]) -> list[dict]:
+        call = (kind, prompts, texts)
+        alone = len(texts) > self.cfg.serve.max_batch_size  # more texts than any batch holds
+        scoring = self._run_score_batch([call]) if alone else self._score_batch(call)
         try:
-            first = await asyncio.wait_for(flat.__anext__(), timeout=self.cfg.serve.request_timeout_s)
+            result = await asyncio.wait_for(scoring, timeout=self.cfg.serve.request_timeout_s)
         except asyncio.TimeoutError:
-            await flat.aclose()
-            raise self._timeout("generation") from None
-        except StopAsyncIteration:
-            first = None
-        if first is not None and first.refused:
-            raise ApiError(400, f"{param}: {first.refused}", param=param)
+            raise self._timeout("scoring", "retry later or ask for fewer outputs") from None
+        return result[0] if alone else result
 
-        async def rest() -> AsyncIterator[Any]:
-            if first is None:
-                return
-            yield first
-            async for delta in flat:
-                if time.monotonic() > deadline:  # the batch goes on for its other requests
-                    await flat.aclose()
-                    return
-                yield delta
+    async def _render(self, prompt: str, seed: int, negative_prompt: str | None) -> bytes:
+        try:
+            return await asyncio.wait_for(self.renderer.render.remote(prompt, seed, negative_prompt),
+                                          timeout=self.cfg.serve.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise self._timeout("rendering", "retry later") from None
 
-        return rest()
+    def _count(self, text: str) -> int:
+        return encoder_tokens(self.encoder, text) if self.encoder is not None else len(text.split())
 
-    # 2. routes
+    def _plan(self, body: S.Controls, prompt: str, field: str) -> tuple[str, ControlPlan]:
+        truncates = self.cfg.serve.render.long_prompts == "truncate"
+        return plan_controls(body, prompt, self.cfg.serve.controls, self.window if truncates else None,
+                             self._count, self.cfg.sft.keep_prompt, field)
+
+    # 3. routes
     @api.post("/v1/beautify", response_model=S.BeautifyResponse, responses=ERRORS)
     async def beautify(self, body: S.BeautifyRequest) -> S.BeautifyResponse:
-        """Beautify one prompt with the training template; n outputs, seeded (output i uses seed + i)."""
+        """Beautify one prompt with the training template; n outputs, seeded (output i uses seed + i), under the
+        request's controls, ranked when asked; or, with edit_of, score a user's edit of an earlier output."""
         start = time.perf_counter()
         self.limits.model(body.model)
+        self.limits.controls(body)
+        seed = _new_seed() if body.seed is None else body.seed
+        model = self.cfg.serve.model_name
+        if body.edit_of is not None:
+            original, edited, before = await self.flow.edit(body, seed)
+            return S.BeautifyResponse(model=model, prompt=original.prompt, seed=seed, outputs=[edited],
+                                      original=before, negative_prompt=body.negative_prompt, usage=_usage(0, 0),
+                                      latency_ms=latency_ms(start))
+        if body.prompt is None:
+            raise ApiError(400, "prompt: required (unless edit_of names an output whose edit to score)",
+                           param="prompt")
+        if body.text is not None:
+            raise ApiError(400, "text: only with edit_of (the edited text of that output)", param="text")
         self.limits.prompt(body.prompt)
         self.limits.n(body.n)
+        self.flow.check_rank(body.rank, body.best_of, body.n)
         max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
-        seed = _new_seed() if body.seed is None else body.seed
-        result = await self._generate(self._beautify_request(body.prompt, body.n, max_new_tokens, body.temperature,
-                                                             body.top_p, seed), "prompt")
-        outputs = [S.BeautifyOutput(index=i, text=self._shown(c.text, body.prompt), finish_reason=c.finish_reason,
-                                    tokens=c.completion_tokens) for i, c in enumerate(result.completions)]
-        return S.BeautifyResponse(model=self.cfg.serve.model_name, prompt=body.prompt, seed=seed, outputs=outputs,
+        prompt, plan = self._plan(body, body.prompt, "prompt")
+        result = await self._generate(plan.constrain(self._beautify_request(
+            prompt, body.n, max_new_tokens, body.temperature, body.top_p, seed)), "prompt")
+        outputs, rejected = await self.flow.candidates(body, prompt, plan, seed, result,
+                                                       lambda text: self._shown(text, prompt))
+        return S.BeautifyResponse(model=model, prompt=body.prompt, seed=seed, outputs=outputs, rejected=rejected,
+                                  negative_prompt=body.negative_prompt,
                                   usage=_usage(result.prompt_tokens,
                                                sum(c.completion_tokens for c in result.completions)),
-                                  latency_ms=round((time.perf_counter() - start) * 1000, 3))
+                                  latency_ms=latency_ms(start))
 
     @api.post("/v1/completions", response_model=S.CompletionResponse,
               responses={**ERRORS, 200: {"content": SSE, "description": "JSON, or server-sent events if stream"}})
@@ -320,7 +250,7 @@ class Beautifier:
         if body.stream:
             if len(requests) > 1:
                 raise ApiError(400, "stream=true takes a single prompt", param="prompt")
-            return await self._event_stream(requests[0], params[0], completion_id, created, chat=False)
+            return await self.streams.events(requests[0], params[0], completion_id, created, chat=False)
         results = await asyncio.gather(*(self._generate(r, p) for r, p in zip(requests, params, strict=True)))
         choices = [S.CompletionChoice(index=p * body.n + i, text=c.text, finish_reason=c.finish_reason)
                    for p, result in enumerate(results) for i, c in enumerate(result.completions)]
@@ -335,6 +265,7 @@ class Beautifier:
         """OpenAI chat completions: the last user message is the prompt to beautify; the answer is its rewrite."""
         self.limits.model(body.model)
         self.limits.chat(body.messages)
+        self.limits.controls(body)
         last = max(i for i, m in enumerate(body.messages) if m.role == "user")
         prompt, param = body.messages[last].text(), f"messages[{last}].content"
         self.limits.prompt(prompt, "messages")
@@ -343,45 +274,29 @@ class Beautifier:
         max_new_tokens = self.limits.max_new_tokens(
             asked, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         seed = _new_seed() if body.seed is None else body.seed
-        request = self._beautify_request(prompt, body.n, max_new_tokens, body.temperature, body.top_p, seed)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream and used_controls(body):
+            field = used_controls(body)[0]
+            raise ApiError(400, f"{field}: not available with stream=true (a stream sends text as it is generated; "
+                                "the controls check each output whole)", param=field)
+        prompt, plan = self._plan(body, prompt, param)
+        request = plan.constrain(self._beautify_request(prompt, body.n, max_new_tokens, body.temperature,
+                                                        body.top_p, seed))
         if body.stream:
             prefix = kept_prefix(prompt) if self.cfg.sft.keep_prompt else ""
-            return await self._event_stream(request, param, completion_id, created, chat=True, prefix=prefix)
+            return await self.streams.events(request, param, completion_id, created, chat=True, prefix=prefix,
+                                            fit=plan.fit_prefix(self._count))
         result = await self._generate(request, param)
-        choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=self._shown(c.text, prompt)),
-                                finish_reason=c.finish_reason) for i, c in enumerate(result.completions)]
+        finished = [(c, plan.finish(self._shown(c.text, prompt), prompt, self._count)) for c in result.completions]
+        kept = [(c, done) for c, done in finished if done is not None]
+        if not kept:
+            raise ApiError(400, f"keep: none of the {len(finished)} outputs could keep every protected span within "
+                                f"the token budget of {plan.budget} encoder tokens", param="keep")
+        choices = [S.ChatChoice(index=i, message=S.AssistantMessage(content=done[0]),
+                                finish_reason=c.finish_reason) for i, (c, done) in enumerate(kept)]
         return S.ChatCompletionResponse(id=completion_id, created=created, model=self.cfg.serve.model_name,
                                         choices=choices, usage=_usage(result.prompt_tokens, sum(
                                             c.completion_tokens for c in result.completions)))
-
-    async def _event_stream(self, request: GenerationRequest, param: str, completion_id: str, created: int,
-                            chat: bool, prefix: str = "") -> StreamingResponse:
-        """SSE chunks of the generation; `prefix` (keep_prompt: the user prompt) opens each choice's answer."""
-        model = self.cfg.serve.model_name
-        deltas = await self._stream_deltas(request, param)
-
-        async def events() -> AsyncIterator[str]:
-            started = [False] * request.n
-            async for delta in deltas:
-                text = delta.text
-                if chat and not started[delta.index]:
-                    text = text.lstrip()  # as beautified_text trims the whole answer
-                    started[delta.index] = bool(text)
-                    if prefix and (text or delta.finish_reason):
-                        text = f"{prefix} {text}" if text else prefix.rstrip(",")
-                        started[delta.index] = True
-                if chat:
-                    chunk = S.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
-                        S.ChatDeltaChoice(index=delta.index, delta=S.AssistantMessage(content=text),
-                                          finish_reason=delta.finish_reason)])
-                else:
-                    chunk = S.CompletionResponse(id=completion_id, created=created, model=model, choices=[
-                        S.CompletionChoice(index=delta.index, text=text, finish_reason=delta.finish_reason)])
-                yield _sse(chunk.model_dump())
-            yield _sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     @api.get("/v1/models", response_model=S.ModelList)
     async def models(self) -> S.ModelList:
@@ -404,20 +319,21 @@ class Beautifier:
             raise ApiError(404, "rendering is off on this endpoint; start it with --set serve.enable_render=true",
                            code="render_disabled", kind="not_found_error")
         self.limits.prompt(body.prompt)
+        self.limits.controls(body)
         seed = _new_seed() if body.seed is None else body.seed
-        prompt = body.prompt.strip()
+        prompt, plan = self._plan(body, body.prompt.strip(), "prompt")
         if body.beautify:
             max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
-            result = await self._generate(self._beautify_request(prompt, 1, max_new_tokens, body.temperature,
-                                                                 None, seed), "prompt")
-            prompt = self._shown(result.completions[0].text, prompt) or prompt
-        try:
-            png = await asyncio.wait_for(self.renderer.render.remote(prompt, seed),
-                                         timeout=self.cfg.serve.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise self._timeout("rendering", "retry later") from None
-        return Response(content=png, media_type="image/png",
-                        headers={"X-Beautified-Prompt": quote(prompt), "X-Seed": str(seed)})
+            result = await self._generate(plan.constrain(self._beautify_request(
+                prompt, 1, max_new_tokens, body.temperature, None, seed)), "prompt")
+            # An output that cannot keep the spans in budget: the user's own prompt, which holds them.
+            done = plan.finish(self._shown(result.completions[0].text, prompt), prompt, self._count)
+            prompt = done[0] if done else prompt
+        png = await self._render(prompt, seed, body.negative_prompt)
+        headers = {"X-Beautified-Prompt": quote(prompt), "X-Seed": str(seed)}
+        if body.negative_prompt is not None:
+            headers["X-Negative-Prompt"] = quote(body.negative_prompt)
+        return Response(content=png, media_type="image/png", headers=headers)
 
     @api.get("/healthz", response_model=S.Health, responses=ERRORS)
     async def healthz(self) -> S.Health:
@@ -477,14 +393,26 @@ def deployment_options(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
 
 
 def build_app(cfg: PipelineConfig, checkpoint: str | None = None) -> serve.Application:
-    """The Serve application: Beautifier (HTTP ingress) -> Generator (+ Renderer when serve.enable_render)."""
+    """The Serve application: Beautifier (HTTP ingress) -> Generator (+ Renderer when serve.enable_render, + Scorer
+    when there are reward models or serve.controls.online_rank)."""
+    from bp_ray.models.loading import resolve_model
+    from bp_ray.serve.ranking import rm_folder
+
     options = deployment_options(cfg)
     generator = Generator.options(**options["generator"]).bind(cfg, checkpoint or serve_checkpoint(cfg))
-    renderer = None
+    renderer = scorer = None
     if cfg.serve.enable_render:
         renderer = Renderer.options(num_replicas=1, ray_actor_options={
             "num_cpus": cfg.serve.render_cpus, "num_gpus": cfg.serve.render_gpus}).bind(cfg)
-    return Beautifier.options(**options["ingress"]).bind(cfg, generator, renderer)
+    controls = cfg.serve.controls
+    kinds = (("reward_model",) if rm_folder(cfg) else ()) + (("online",) if controls.online_rank else ())
+    if kinds:
+        scorer = Scorer.options(num_replicas=1, ray_actor_options={
+            "num_cpus": controls.scorer_cpus, "num_gpus": controls.scorer_gpus}).bind(cfg)
+    tokenizer = resolve_model(cfg.models.diffusion, cfg.models)
+    store = Path(controls.candidate_store or RunLayout(Path(cfg.output_dir)).root / "serve" / "candidates.sqlite")
+    return Beautifier.options(**options["ingress"]).bind(cfg, generator, renderer, scorer, kinds, tokenizer,
+                                                         str(store.resolve()))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

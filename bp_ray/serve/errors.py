@@ -142,6 +142,20 @@ class Limits:
             raise ApiError(400, f"{what} asks for {n * prompts} outputs; the limit is {self.serve.max_n}",
                            param="n")
 
+    def controls(self, body: S.Controls) -> None:
+        """Counts and lengths of the control fields (the spec states them too)."""
+        controls = self.serve.controls
+        for name, limit in (("keep", controls.max_keep), ("avoid", controls.max_avoid)):
+            phrases = getattr(body, name) or []
+            if len(phrases) > limit:
+                raise ApiError(400, f"{name} has {len(phrases)} phrases; the limit is {limit}", param=name)
+            for i, phrase in enumerate(phrases):
+                self.prompt(phrase, f"{name}[{i}]")
+        for name in ("negative_prompt", "text"):
+            value = getattr(body, name, None)
+            if value is not None:
+                self.prompt(value, name)
+
     def max_new_tokens(self, value: int | None, param: str) -> int:
         if value is None:
             return self.serve.default_max_new_tokens

@@ -1,5 +1,5 @@
-"""Batched generation for the endpoint: many requests, each with its own n, seed, temperature, top-p, length and
-stop strings, in one `model.generate` call.
+"""Batched generation for the endpoint: many requests, each with its own n, seed, temperature, top-p, length, stop
+strings and decoding constraints (avoided and preferred phrases, a minimum length), in one `model.generate` call.
 
 Plain Python and torch, no Ray. Every output row samples from its own seeded random stream, so a request's
 outputs depend on its seed only, not on which other requests shared its batch (up to the last float bits of
@@ -20,6 +20,7 @@ import torch
 
 from bp_ray.data.policy_format import format_prompt, policy_text
 from bp_ray.data.prompt_rules import first_line
+from bp_ray.serve.token_rules import CompiledRules, TokenRules, token_rules
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class GenerationRequest:
     prompt: str | None = None
     """The user's own text inside `text` where a template wraps it (beautify); None: `text` is all the user's.
     It must hold text tokens of its own, else the request is refused (see `refusals`)."""
+    avoid: tuple[str, ...] = ()
+    """Phrases the outputs must not contain: their token sequences are banned at decoding (see `token_rules`)."""
+    prefer: tuple[str, ...] = ()
+    """Phrases (a style family's words) whose tokens get `prefer_bias` added to their logits."""
+    prefer_bias: float = 0.0
+    """Added to the logits before temperature scaling: e^bias times as likely at temperature 1."""
+    min_new_tokens: int = 0
+    """EOS and tokens that contain a stop string are banned until an output has this many tokens (at most its
+    max_new_tokens)."""
 
 
 @dataclass
@@ -76,6 +86,11 @@ def beautified_text(completion: str, prompt: str = "", keep_prompt: bool = False
     return policy_text(prompt, first_line(completion).strip(), keep_prompt)
 
 
+def rows_in(requests: Sequence[GenerationRequest]) -> int:
+    """Output rows of the requests (n each): what a batch of them costs."""
+    return sum(request.n for request in requests)
+
+
 def _expand(requests: Sequence[GenerationRequest], indices: Sequence[int] | None = None) -> list[_Row]:
     """One row per output of the requests at `indices` (all by default); `_Row.request` indexes `requests`."""
     chosen = range(len(requests)) if indices is None else indices
@@ -112,9 +127,15 @@ class RowSampler:
     Each row draws its uniforms from its own `torch.Generator(seed)`, all up front, and samples by inverse CDF
     over the top-p nucleus; greedy rows (temperature 0) take the argmax. Past its own max_new_tokens a row is
     handed EOS, so a short request ends without waiting for the longest one.
+
+    `rules` (one per row, None for an unconstrained row) bias and ban tokens before the row samples: a banned
+    token gets no probability mass, and the row still uses its own uniform of that step, so constraints on one
+    row never move another row's tokens. Only the generated tokens count towards a banned or preferred prefix,
+    never the prompt.
     """
 
-    def __init__(self, rows: Sequence[_Row], prompt_len: int, eos_token_id: int, device: torch.device):
+    def __init__(self, rows: Sequence[_Row], prompt_len: int, eos_token_id: int, device: torch.device,
+                 rules: Sequence[TokenRules | None] = ()):
         steps = max(row.max_new_tokens for row in rows) + 1
         self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator("cpu").manual_seed(row.seed))
                                      for row in rows]).to(device)
@@ -125,28 +146,82 @@ class RowSampler:
         self.nucleus = bool((self.top_ps < 1).any())
         self.prompt_len = prompt_len
         self.eos_token_id = eos_token_id
+        # Rows of one request (and requests of equal constraints) share a TokenRules: each is compiled once.
+        compiled = {r: CompiledRules(r) for r in set(rules) if r}
+        self.row_rules = [(i, compiled[r]) for i, r in enumerate(rules) if r]
+        self.depth = max((r.depth for _, r in self.row_rules), default=0)
+        # What does not depend on the generated tokens is indexed once: the tokens banned everywhere, the first
+        # tokens of preferred phrases, and the tokens held back until a row's min_new_tokens.
+        self.always_banned = _index([(i, t) for i, r in self.row_rules for t in r.banned.single], device)
+        self.first_preferred = _index([(i, t) for i, r in self.row_rules for t in r.preferred.first], device)
+        self.first_bias = torch.tensor([r.bias for _, r in self.row_rules for _ in r.preferred.first],
+                                       device=device)
+        self.held = _index([(i, t) for i, r in self.row_rules for t in r.held], device)
+        self.held_until = torch.tensor([r.min_new_tokens for _, r in self.row_rules for _ in r.held],
+                                       device=device)
+        self.with_prefixes = [(i, r) for i, r in self.row_rules if r.depth]
+        self.row_bias = {i: r.bias for i, r in self.row_rules}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_len
         scores = scores.float()
+        if self.row_rules:
+            scores = self._constrained(input_ids, scores, step)
         temperatures = torch.where(self.greedy, torch.ones_like(self.temperatures), self.temperatures)
         probs = torch.softmax(scores / temperatures[:, None], dim=-1)
-        if self.nucleus:
-            probs, order = probs.sort(dim=-1, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            outside = (probs.cumsum(dim=-1) - probs) >= self.top_ps[:, None]
-            probs = probs.masked_fill(outside, 0.0)
         # Inverse CDF works in any token order: without a nucleus there is no need to sort.
-        cumulative = probs.cumsum(dim=-1)
-        targets = self.uniforms[:, step : step + 1] * cumulative[:, -1:]
-        chosen = torch.searchsorted(cumulative, targets).clamp(max=scores.shape[-1] - 1).squeeze(1)
+        chosen = self._inverse_cdf(probs, step)
         if self.nucleus:
-            chosen = order.gather(1, chosen[:, None]).squeeze(1)
+            ordered, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            outside = (ordered.cumsum(dim=-1) - ordered) >= self.top_ps[:, None]
+            in_nucleus = order.gather(1, self._inverse_cdf(ordered.masked_fill(outside, 0.0), step)[:, None])
+            # Only top_p < 1 rows take the sorted order: the same uniform picks another token there, and a row's
+            # token must not depend on whether its batch holds a nucleus row.
+            chosen = torch.where(self.top_ps < 1, in_nucleus.squeeze(1), chosen)
         chosen = torch.where(self.greedy, scores.argmax(dim=-1), chosen)
         chosen = torch.where(step >= self.limits, torch.full_like(chosen, self.eos_token_id), chosen)
         one_hot = torch.full_like(scores, float("-inf"))
         one_hot[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
         return one_hot
+
+    def _inverse_cdf(self, probs: torch.Tensor, step: int) -> torch.Tensor:
+        """(B,) the token each row's uniform of this step lands on, in the columns' order."""
+        cumulative = probs.cumsum(dim=-1)
+        targets = self.uniforms[:, step : step + 1] * cumulative[:, -1:]
+        return torch.searchsorted(cumulative, targets).clamp(max=probs.shape[-1] - 1).squeeze(1)
+
+    def _constrained(self, input_ids: torch.Tensor, scores: torch.Tensor, step: int) -> torch.Tensor:
+        """`scores` with the constrained rows' preferred tokens raised, then their banned tokens at -inf."""
+        scores = scores.clone()  # the model's logits buffer stays as it was
+        rows, cols = self.first_preferred
+        scores[rows, cols] += self.first_bias
+        # Only the last `depth` generated tokens (never the prompt) can end a banned or preferred prefix.
+        span = min(step, self.depth)
+        prefer: list[tuple[int, int]] = []
+        ban: list[tuple[int, int]] = []
+        if span:
+            tails = input_ids[:, input_ids.shape[1] - span:].tolist()
+            for i, rules in self.with_prefixes:
+                # A token both first and next of preferred phrases gets the bias once.
+                prefer += [(i, t) for t in rules.preferred.after(tails[i]) if t not in rules.preferred.first]
+                ban += [(i, t) for t in rules.banned.after(tails[i])]
+        if prefer:
+            rows, cols = _index(prefer, scores.device)
+            scores[rows, cols] += torch.tensor([self.row_bias[i] for i, _ in prefer], device=scores.device)
+        for rows, cols in (self.always_banned, _index(ban, scores.device)):
+            scores[rows, cols] = float("-inf")
+        rows, cols = self.held
+        active = step < self.held_until
+        scores[rows[active], cols[active]] = float("-inf")
+        return scores
+
+
+def _index(pairs: Sequence[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) pairs as the two index tensors of `scores[rows, cols]`."""
+    rows = torch.tensor([row for row, _ in pairs], dtype=torch.long, device=device)
+    cols = torch.tensor([token for _, token in pairs], dtype=torch.long, device=device)
+    return rows, cols
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -160,13 +235,14 @@ def _encode(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[
 
 
 @torch.no_grad()
-def _run_generate(model: Any, tokenizer: Any, rows: Sequence[_Row], texts: Sequence[str],
+def _run_generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest], rows: Sequence[_Row],
                   streamer: Any = None) -> tuple[torch.Tensor, list[int]]:
     device = next(model.parameters()).device
-    encoded = _encode(tokenizer, texts, device)
+    encoded = _encode(tokenizer, [requests[row.request].text for row in rows], device)
     prompt_len = encoded["input_ids"].shape[1]
     prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
-    sampler = RowSampler(rows, prompt_len, tokenizer.eos_token_id, device)
+    rules = {index: token_rules(tokenizer, requests[index]) for index in {row.request for row in rows}}
+    sampler = RowSampler(rows, prompt_len, tokenizer.eos_token_id, device, [rules[row.request] for row in rows])
     output = model.generate(**encoded, do_sample=False, logits_processor=[sampler],
                             max_new_tokens=max(row.max_new_tokens for row in rows) + 1,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -190,7 +266,7 @@ def generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]) 
     rows = _expand(requests, [i for i, reason in enumerate(refused) if reason is None])
     if not rows:
         return results
-    responses, prompt_tokens = _run_generate(model, tokenizer, rows, [requests[r.request].text for r in rows])
+    responses, prompt_tokens = _run_generate(model, tokenizer, requests, rows)
     for row, response, used in zip(rows, responses.tolist(), prompt_tokens, strict=True):
         request = requests[row.request]
         ids, finish = _response_tokens(response, tokenizer.eos_token_id, row.max_new_tokens)
@@ -266,7 +342,7 @@ def stream_batch(model: Any, tokenizer: Any, requests: Sequence[GenerationReques
 
     def work() -> None:
         try:
-            _run_generate(model, tokenizer, rows, [requests[row.request].text for row in rows], streamer=steps)
+            _run_generate(model, tokenizer, requests, rows, streamer=steps)
         except BaseException as error:  # surfaced to the consumer below
             errors.append(error)
             steps.end()

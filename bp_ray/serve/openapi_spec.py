@@ -1,6 +1,6 @@
 """The OpenAPI spec the endpoint serves: FastAPI's, plus the replica's configured limits (prompt and stop-string
-length, messages, n, max tokens) and the schemas of the streamed events, so that clients and fuzzers see exactly
-what it accepts."""
+length, messages, n, max tokens, protected spans and avoided phrases) and the schemas of the streamed events, so
+that clients and fuzzers see exactly what it accepts."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def with_limits(spec: dict[str, Any], serve_cfg: Any) -> dict[str, Any]:
             (alt["items"] if alt["type"] == "array" else alt)["maxLength"] = serve_cfg.max_prompt_chars
             if alt["type"] == "array":
                 alt.update(minItems=1, maxItems=serve_cfg.max_n)
+    controls = serve_cfg.controls
+    for model in ("BeautifyRequest", "RenderRequest", "ChatCompletionRequest"):
+        for name, limit in (("keep", controls.max_keep), ("avoid", controls.max_avoid)):
+            alt = _field(schemas, model, name)[0]
+            alt.update(maxItems=limit)
+            alt["items"]["maxLength"] = serve_cfg.max_prompt_chars
+    for model, name in (("BeautifyRequest", "negative_prompt"), ("BeautifyRequest", "text"),
+                        ("RenderRequest", "negative_prompt")):
+        _field(schemas, model, name)[0]["maxLength"] = serve_cfg.max_prompt_chars
     for alt in _field(schemas, "CompletionRequest", "stop"):
         (alt["items"] if alt["type"] == "array" else alt)["maxLength"] = serve_cfg.max_prompt_chars
     _field(schemas, "ChatCompletionRequest", "messages")[0]["maxItems"] = serve_cfg.max_messages

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**53 - 1
 """The largest integer a JSON number holds exactly."""
@@ -28,14 +28,14 @@ NOT_BLANK = {"pattern": r"\S"}
 """Documents the blank-prompt rule in the spec; the validator below gives the error message."""
 
 
-_NOT_TEXT = re.compile(r"[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+NOT_TEXT = re.compile(r"[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 """Lone surrogates (valid JSON escapes, not Unicode: a tokenizer cannot encode them) and control characters other
 than tab and line breaks."""
 
 
 def _plain_text(text: str) -> str:
     """`text` if every character is text a tokenizer takes; the first one that is not, named, otherwise."""
-    bad = _NOT_TEXT.search(text)
+    bad = NOT_TEXT.search(text)
     if bad:
         code = ord(bad.group())
         kind = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "the control character"
@@ -63,26 +63,76 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class BeautifyRequest(_Request):
-    prompt: str = Field(description="the plain text-to-image prompt to beautify", json_schema_extra=NOT_BLANK)
+Style = Literal["photo", "painting", "anime", "3d"]
+Detail = Literal["low", "medium", "high"]
+Rank = Literal["none", "reward_model", "online"]
+Phrases = Annotated[list[Annotated[str, AfterValidator(lambda text: _not_blank(text))]], Field(max_length=256)]
+"""Each phrase is checked on its own, so that an error names it (keep[2])."""
+
+
+class Controls(_Request):
+    """What a user may ask of the rewrites beyond the prompt (the beautify route and, as extra fields, chat)."""
+
+    keep: Phrases | None = Field(None, description="phrases every output contains verbatim (also: <keep>...</keep> "
+                                                   "around text in the prompt)")
+    max_prompt_tokens: Annotated[int, Field(ge=3, le=4096)] | None = Field(
+        None, description="outputs fit this many tokens of the renderer's text encoder (BOS and EOS counted); "
+                          "default: the encoder's window when the renderer truncates there")
+    detail: Detail | None = Field(None, description="low: few added words; high: many; medium or omitted: the "
+                                                    "model's own length")
+    style: Style | None = Field(None, description="a vocabulary family the rewrite leans to")
+    avoid: Phrases | None = Field(None, description="phrases never added; omitted: the overused keyword-soup list; "
+                                                    "[]: none")
+
+
+class BeautifyRequest(Controls):
+    prompt: str | None = Field(None, description="the plain text-to-image prompt to beautify (required unless "
+                                                 "edit_of)", json_schema_extra=NOT_BLANK)
     n: Count = 1
     max_new_tokens: Tokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
     model: str | None = None
+    negative_prompt: str | None = Field(None, description="returned as is, and passed unchanged to the renderer")
+    rank: Rank = Field("none", description="order the n outputs by the learned reward model (text only) or by "
+                                           "rendering and scoring them (online); each output then has scores")
+    best_of: Count | None = Field(None, description="return the best this many of the n outputs (needs rank)")
+    render: bool = Field(False, description="also render each returned output (PNG, base64)")
+    edit_of: str | None = Field(None, description="id of an output this endpoint returned: `text` is the user's "
+                                                  "edit of it, scored against it")
+    text: str | None = Field(None, description="with edit_of: the user's edited text")
 
-    @field_validator("prompt")
+    @field_validator("prompt", "text")
     @classmethod
-    def _prompt(cls, prompt: str) -> str:
-        return _not_blank(prompt)
+    def _prompt(cls, prompt: str | None) -> str | None:
+        return None if prompt is None else _not_blank(prompt)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, text: str | None) -> str | None:
+        return None if text is None else _plain_text(text)
+
+
+class Scores(BaseModel):
+    reward: float
+    pickscore: float
+    aesthetic: float
+    relevance: float | None = None
+    """Only when rendered (rank=online)."""
 
 
 class BeautifyOutput(BaseModel):
+    id: str
+    """Stable id of this output (same model, prompt and text: same id); pass it as edit_of to score an edit."""
     index: int
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "edit"]
     tokens: int
+    encoder_tokens: int
+    """Length in the renderer's text-encoder tokens, BOS and EOS included."""
+    scores: Scores | None = None
+    image_png_base64: str | None = None
 
 
 class Usage(BaseModel):
@@ -96,16 +146,27 @@ class BeautifyResponse(BaseModel):
     prompt: str
     seed: int
     outputs: list[BeautifyOutput]
+    rejected: int = 0
+    """Generated outputs not returned: they could not keep a protected span within the token budget."""
+    negative_prompt: str | None = None
+    original: BeautifyOutput | None = None
+    """With edit_of: the output the edit was made of, scored the same way."""
     usage: Usage
     latency_ms: float
 
 
-class RenderRequest(_Request):
+class RenderRequest(Controls):
     prompt: str = Field(json_schema_extra=NOT_BLANK)
     seed: Seed | None = None
     beautify: bool = Field(True, description="false renders the prompt as given")
     temperature: Temperature | None = None
     max_new_tokens: Tokens | None = None
+    negative_prompt: str | None = Field(None, description="passed unchanged to the renderer")
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, text: str | None) -> str | None:
+        return None if text is None else _plain_text(text)
 
     @field_validator("prompt")
     @classmethod
@@ -163,7 +224,7 @@ class ChatMessage(_Request):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(Controls):
     model: str
     messages: list[ChatMessage] = Field(min_length=1, description="the last user message is the prompt to "
                                                                   "beautify")

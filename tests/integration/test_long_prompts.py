@@ -111,3 +111,47 @@ def test_chunked_renders_get_their_own_cache_key_and_the_default_key_is_unchange
     assert default == before and default.digest() == before.digest()
     assert chunked.digest() != default.digest()
     assert chunked == dataclasses.replace(default, diffusion_model=default.diffusion_model + "|long=chunked")
+
+
+NEGATIVE = "blurry, low quality, watermark"
+
+
+@pytest.mark.parametrize("mode", ["truncate", "chunked"])
+def test_a_negative_prompt_steers_the_image_and_none_is_diffusers_empty_default(pipe, mode):
+    prompts = [SHORT, LONG_A]
+    plain = render_seeds(pipe, prompts, SEEDS, render_cfg(mode))
+    assert np.array_equal(render_seeds(pipe, prompts, SEEDS, render_cfg(mode), negative_prompt=None), plain)
+    # the empty negative, passed explicitly, is what diffusers uses without one
+    assert np.array_equal(render_seeds(pipe, prompts, SEEDS, render_cfg(mode), negative_prompt=""), plain)
+    negative = render_seeds(pipe, prompts, SEEDS, render_cfg(mode), negative_prompt=NEGATIVE)
+    assert negative.shape == plain.shape
+    assert not np.array_equal(negative[0], plain[0]) and not np.array_equal(negative[1], plain[1])
+
+
+def test_short_prompts_with_a_negative_render_alike_in_both_modes(pipe):
+    prompts = [SHORT, "an old lighthouse at sunset"]
+    embeds, negative = chunked_prompt_embeds(pipe, prompts, NEGATIVE)
+    expected, expected_negative = pipe.encode_prompt(prompts, "cpu", num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=True,
+                                                     negative_prompt=[NEGATIVE] * 2)
+    assert torch.equal(embeds, expected) and torch.equal(negative, expected_negative)
+    assert np.array_equal(render_seeds(pipe, prompts, SEEDS, render_cfg("truncate"), negative_prompt=NEGATIVE),
+                          render_seeds(pipe, prompts, SEEDS, render_cfg("chunked"), negative_prompt=NEGATIVE))
+
+
+def test_a_long_negative_gets_its_windows_and_pads_the_prompts_when_chunked(pipe):
+    embeds, negative = chunked_prompt_embeds(pipe, [SHORT], LONG_A)
+    # the negative needs 2 windows: the short prompt gets an empty second window, the negative its own two
+    assert embeds.shape == negative.shape == (1, 2 * 77, pipe.text_encoder.config.hidden_size)
+    alone, _ = chunked_prompt_embeds(pipe, [SHORT])
+    assert torch.equal(embeds[:, :77], alone)
+    truncated, _ = pipe.encode_prompt([LONG_A], "cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    assert torch.equal(negative[0, :77], truncated[0])
+    # words of the negative past token 75 reach the image only when chunked
+    chunked = render_cfg("chunked")
+    a = render_seeds(pipe, [SHORT], SEEDS, chunked, negative_prompt=LONG_A)
+    b = render_seeds(pipe, [SHORT], SEEDS, chunked, negative_prompt=LONG_B)
+    assert not np.array_equal(a, b)
+    truncate = render_cfg("truncate")
+    assert np.array_equal(render_seeds(pipe, [SHORT], SEEDS, truncate, negative_prompt=LONG_A),
+                          render_seeds(pipe, [SHORT], SEEDS, truncate, negative_prompt=LONG_B))

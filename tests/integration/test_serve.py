@@ -79,7 +79,8 @@ def test_health_models_and_spec_state_what_is_served(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     beautify = spec["components"]["schemas"]["BeautifyRequest"]["properties"]
     assert beautify["n"]["maximum"] == LIMITS["max_n"]
-    assert beautify["prompt"]["maxLength"] == LIMITS["max_prompt_chars"]
+    assert beautify["prompt"]["anyOf"][0]["maxLength"] == LIMITS["max_prompt_chars"]  # optional with edit_of
+    assert beautify["keep"]["anyOf"][0]["items"]["maxLength"] == LIMITS["max_prompt_chars"]
     chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert chat["messages"]["maxItems"] == LIMITS["max_messages"]
     stop = spec["components"]["schemas"]["CompletionRequest"]["properties"]["stop"]["anyOf"]
@@ -290,7 +291,7 @@ BAD_REQUESTS = [
      "max_new_tokens=65 exceeds the limit of 64"),
     ("/v1/beautify", {"prompt": "a cat", "max_new_tokens": 0}, 400, "max_new_tokens: Input should be greater"),
     ("/v1/beautify", {"prompt": "a cat", "seed": -3}, 400, "seed: Input should be greater than or equal to 0"),
-    ("/v1/beautify", {"n": 1}, 400, "prompt: Field required"),
+    ("/v1/beautify", {"n": 1}, 400, "prompt: required (unless edit_of"),
     ("/v1/beautify", [1, 2], 400, "the request body must be a JSON object"),
     ("/v1/beautify", {"prompt": "a cat", "model": "dall-e"}, 404, "model 'dall-e' does not exist"),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400,
