@@ -11,14 +11,14 @@ import hashlib
 import json
 import logging
 import math
-import random
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from bp_ray.sqlite_wal import WalConnection
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ KEY_VERSION = 1
 
 # SQLite builds before 3.32 allow 999 bound variables per statement; stay well under it.
 _CHUNK = 500
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,6 @@ def entry_key(render_key: RenderKey, prompt: str, seed: int, pickscore_text: str
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _is_busy(err: sqlite3.OperationalError) -> bool:
-    message = str(err).lower()
-    return "locked" in message or "busy" in message
-
-
 class RewardCache:
     """(pickscore, aesthetic, relevance) per entry key in one SQLite file; one connection per object.
 
@@ -84,26 +78,14 @@ class RewardCache:
         self.path = Path(path)
         self.timeout_s = timeout_s
         self._hits = self._misses = self._writes = 0
-        # One connection may be used from several threads of a threaded actor; the lock keeps its calls apart.
-        self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # timeout= is SQLite's busy_timeout; isolation_level=None: transactions are begun and ended explicitly here.
-        self._conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self._db = WalConnection(self.path, timeout_s)
         try:
             self._setup()
         except BaseException:
-            self._conn.close()
+            self._db.close()
             raise
 
     def _setup(self) -> None:
-        # The journal mode is stored in the file; switching needs a brief exclusive lock that a concurrent creator
-        # may hold, hence the retry.
-        mode = self._retry(lambda: self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
-        if str(mode).lower() != "wal":
-            logger.warning("%s: journal mode is %s, not wal; concurrent readers will wait for writers", self.path, mode)
-        # NORMAL in WAL mode survives a killed process (only power loss can drop the last commits), at far less fsync.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-
         def create(conn: sqlite3.Connection) -> str:
             conn.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, pickscore REAL NOT NULL, "
                          "aesthetic REAL NOT NULL, relevance REAL NOT NULL, created REAL NOT NULL)")
@@ -112,39 +94,9 @@ class RewardCache:
                          (str(SCHEMA_VERSION),))
             return conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0]
 
-        version = self._transaction(create)
+        version = self._db.transaction(create)
         if version != str(SCHEMA_VERSION):
             raise RuntimeError(f"{self.path} has cache schema version {version}, this code reads {SCHEMA_VERSION}")
-
-    def _retry(self, op: Callable[[], _T]) -> _T:
-        """Runs op, again after a short randomised backoff while SQLite says busy/locked, until timeout_s."""
-        deadline = time.monotonic() + self.timeout_s
-        delay_s = 0.005
-        while True:
-            try:
-                return op()
-            except sqlite3.OperationalError as err:
-                if not _is_busy(err) or time.monotonic() + delay_s > deadline:
-                    raise
-                logger.debug("%s busy (%s); retrying in %.3f s", self.path, err, delay_s)
-                time.sleep(delay_s * (0.5 + random.random()))
-                delay_s = min(2 * delay_s, 0.25)
-
-    def _transaction(self, body: Callable[[sqlite3.Connection], _T], begin: str = "BEGIN IMMEDIATE") -> _T:
-        """body(conn) inside one transaction, retried as a whole; IMMEDIATE takes the write lock up front."""
-
-        def attempt() -> _T:
-            self._conn.execute(begin)
-            try:
-                result = body(self._conn)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.rollback()
-                raise
-            return result
-
-        with self._lock:
-            return self._retry(attempt)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, tuple[float, float, float]]:
         """The hits among keys: key -> (pickscore, aesthetic, relevance). Stats count each distinct key once."""
@@ -160,7 +112,7 @@ class RewardCache:
             return found
 
         # One read transaction: a consistent snapshot across chunks, and it never blocks or waits for writers.
-        found = self._transaction(read, begin="BEGIN") if unique else {}
+        found = self._db.transaction(read, begin="BEGIN") if unique else {}
         self._hits += len(found)
         self._misses += len(unique) - len(found)
         return found
@@ -181,14 +133,13 @@ class RewardCache:
             rows.append((key, *values, created))
         if not rows:
             return
-        self._transaction(lambda conn: conn.executemany(
+        self._db.transaction(lambda conn: conn.executemany(
             "INSERT OR REPLACE INTO scores (key, pickscore, aesthetic, relevance, created) VALUES (?, ?, ?, ?, ?)",
             rows))
         self._writes += len(rows)
 
     def __len__(self) -> int:
-        with self._lock:
-            return self._retry(lambda: self._conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
+        return self._db.read(lambda conn: conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
 
     def stats(self) -> dict[str, int]:
         """Hits, misses and entries written through this object."""
@@ -196,14 +147,12 @@ class RewardCache:
 
     def integrity_ok(self) -> bool:
         """True when SQLite's full integrity check passes."""
-        with self._lock:
-            rows = self._retry(lambda: self._conn.execute("PRAGMA integrity_check").fetchall())
+        rows = self._db.read(lambda conn: conn.execute("PRAGMA integrity_check").fetchall())
         return [tuple(r) for r in rows] == [("ok",)]
 
     def close(self) -> None:
         """Closes the connection; safe to call twice."""
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> RewardCache:
         return self

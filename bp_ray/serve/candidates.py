@@ -14,15 +14,15 @@ import hashlib
 import json
 import logging
 import math
-import random
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from bp_ray.sqlite_wal import WalConnection
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ SCHEMA_VERSION = 1
 
 _ID_PREFIX = "cand_"
 _ID_RE = re.compile(r"cand_[0-9a-f]{24}")
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -80,22 +79,6 @@ def _checked_scores(scores: Mapping[str, float] | None) -> dict[str, float]:
     return checked
 
 
-def _retry_busy(op: Callable[[], _T], timeout_s: float) -> _T:
-    """op(), again after a short randomised backoff while SQLite says busy/locked (the journal-mode switch on a new
-    file takes an exclusive lock without waiting on the busy handler), until timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    delay_s = 0.005
-    while True:
-        try:
-            return op()
-        except sqlite3.OperationalError as err:
-            busy = "locked" in str(err).lower() or "busy" in str(err).lower()
-            if not busy or time.monotonic() + delay_s > deadline:
-                raise
-            time.sleep(delay_s * (0.5 + random.random()))
-            delay_s = min(2 * delay_s, 0.25)
-
-
 class CandidateStore:
     """Candidates by id in the table `candidates` of one SQLite file; one connection per object.
 
@@ -118,24 +101,14 @@ class CandidateStore:
         self._clock = clock
         # Starts due: the first write after opening trims a file left over from a larger max_rows.
         self._new_since_prune = self.prune_every
-        # Serve may call one replica from several threads; the lock keeps their uses of the one connection apart.
-        self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # timeout= is SQLite's busy timeout; isolation_level=None: transactions are begun and ended explicitly.
-        self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        self._db = WalConnection(self.path, busy_timeout_s)
         try:
             self._setup()
         except BaseException:
-            self._conn.close()
+            self._db.close()
             raise
 
     def _setup(self) -> None:
-        mode = _retry_busy(lambda: self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0], self.busy_timeout_s)
-        if str(mode).lower() != "wal":
-            logger.warning("%s: journal mode is %s, not wal; readers will wait for writers", self.path, mode)
-        # NORMAL in WAL mode survives a killed process (only power loss can drop the last commits), at far less fsync.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-
         def create(conn: sqlite3.Connection) -> None:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -150,24 +123,7 @@ class CandidateStore:
             conn.execute("CREATE INDEX IF NOT EXISTS candidates_by_created ON candidates (created)")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-        self._transaction(create)
-
-    def _transaction(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
-        """body(conn) in one write transaction; IMMEDIATE takes the write lock up front, so the busy timeout applies
-        (a read that later upgrades to a write can fail at once with SQLITE_BUSY in WAL mode)."""
-
-        def attempt() -> _T:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = body(self._conn)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.rollback()
-                raise
-            return result
-
-        with self._lock:
-            return _retry_busy(attempt, self.busy_timeout_s)
+        self._db.transaction(create)
 
     def add_many(self, model: str, prompt: str, items: Sequence[tuple[str, Mapping[str, float]]],
                  edit_of: str | None = None) -> list[Candidate]:
@@ -217,8 +173,8 @@ class CandidateStore:
 
         # The lock (reentrant) spans the commit and the count, so threads neither race on the count nor count an
         # attempt that was rolled back and retried.
-        with self._lock:
-            stored, new_rows, pruned = self._transaction(upsert)
+        with self._db.lock:
+            stored, new_rows, pruned = self._db.transaction(upsert)
             self._new_since_prune = 0 if pruned else self._new_since_prune + new_rows
         # A text repeated within items appears once per occurrence, each time in its final stored state.
         return [stored[cid] for cid, _, _ in rows]
@@ -249,14 +205,11 @@ class CandidateStore:
         # Checking the form first keeps arbitrary user strings (huge, SQL-looking, unencodable) away from SQLite.
         if not is_candidate_id(candidate_id):
             return None
-        with self._lock:
-            # One SELECT in autocommit mode: its own read snapshot, which in WAL mode never waits for writers.
-            return _retry_busy(lambda: self._select(self._conn, candidate_id), self.busy_timeout_s)
+        return self._db.read(lambda conn: self._select(conn, candidate_id))
 
     def close(self) -> None:
         """Closes the connection; safe to call twice."""
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> CandidateStore:
         return self
