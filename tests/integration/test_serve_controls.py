@@ -208,3 +208,17 @@ def test_the_client_passes_the_controls_and_prints_the_ranked_outputs(server):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and all("<lora:cat:1>" in line for line in lines)
     assert result.stderr.count("reward ") == 2 and "id cand_" in result.stderr
+
+
+def test_render_true_returns_each_output_and_an_edit_rendered(server):
+    import base64
+    import io
+
+    from PIL import Image
+
+    body = ok(server, prompt="a cat on a sofa", n=2, seed=4, render=True, negative_prompt="blurry")
+    images = [Image.open(io.BytesIO(base64.b64decode(o["image_png_base64"]))) for o in body["outputs"]]
+    assert [image.size for image in images] == [(32, 32)] * 2
+    edit = ok(server, edit_of=body["outputs"][0]["id"], text="a cat on a sofa, oil painting", render=True)
+    assert edit["outputs"][0]["image_png_base64"] and edit["original"]["image_png_base64"]
+    assert edit["outputs"][0]["image_png_base64"] != edit["original"]["image_png_base64"]
