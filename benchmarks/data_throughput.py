@@ -11,6 +11,10 @@ a long data-generation job sees. The Ray side runs the preset's pools on a local
 (tiny: 2, this machine's cores); the sequential side computes with as many torch threads. Each figure is the
 median of the repeats with its range.
 
+--ceiling also measures what two cores can give at best: the sequential path in two processes at once, one
+torch thread each, each on half of the rows (perfect parallelism, no Ray, no hand-over between stages); its
+throughput over the 2-thread sequential path bounds what any pipeline on this machine can reach.
+
 --growth F then runs the whole stage (`run_data_generation`: read, filter, model stages, consolidation) on
 --rows and on F x --rows corpus rows, and prints the wall-time ratio and the peak resident memory of the driver
 and of every Ray actor kind (sampled every 0.2 s) at both sizes: a streaming stage keeps them flat.
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -125,6 +131,42 @@ def throughput(cfg, rows: pd.DataFrame, workdir: Path, repeats: int) -> dict:
     return {name: summary(values) for name, values in runs.items()}
 
 
+def two_halves(rows: pd.DataFrame, overrides: list[str], workdir: Path) -> tuple[float, float]:
+    """The sequential path in two processes at once, one torch thread each, on half of the rows each: wall seconds
+    from their start to the last one's exit, and their steady rows/s added up."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    halves = [rows.iloc[: len(rows) // 2], rows.iloc[len(rows) // 2:]]
+    commands = []
+    for i, half in enumerate(halves):
+        half.to_pickle(workdir / f"half-{i}.pkl")
+        command = [sys.executable, __file__, "--half-job", str(workdir / f"half-{i}.pkl"), str(workdir / f"half-{i}")]
+        for override in overrides:
+            command += ["--set", override]
+        commands.append(command)
+    start = time.perf_counter()
+    processes = [subprocess.Popen(command) for command in commands]
+    if any(process.wait() for process in processes):
+        raise RuntimeError("a half-job failed")
+    wall = time.perf_counter() - start
+    return wall, sum(steady_state_rows_per_s(workdir / f"half-{i}") for i in range(2))
+
+
+def ceiling(cfg, rows: pd.DataFrame, overrides: list[str], workdir: Path, repeats: int) -> dict:
+    runs: dict[str, list[float]] = {name: [] for name in ("two_halves_end_to_end", "two_halves_steady")}
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        run_sequential(rows, cfg, workdir / f"ceiling-sequential-{repeat}")
+        sequential_s = time.perf_counter() - start
+        sequential_steady = steady_state_rows_per_s(workdir / f"ceiling-sequential-{repeat}")
+        halves_s, halves_steady = two_halves(rows, overrides, workdir / f"ceiling-{repeat}")
+        runs["two_halves_end_to_end"].append(sequential_s / halves_s)
+        runs["two_halves_steady"].append(halves_steady / sequential_steady)
+        print(f"ceiling {repeat + 1}: two 1-thread processes on half the rows each: end to end "
+              f"{sequential_s / halves_s:.2f}x, steady {halves_steady / sequential_steady:.2f}x the 2-thread "
+              "sequential path", flush=True)
+    return {f"ceiling_{name}": summary(values) for name, values in runs.items()}
+
+
 def growth(base_overrides: list[str], rows: int, factor: int, workdir: Path) -> dict:
     """The whole stage at `rows` and `factor` x `rows` corpus rows: wall time and peak memory by process kind."""
     sizes = {}
@@ -151,10 +193,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--growth", type=int, default=0, metavar="F",
                         help="also run the whole stage on F x --rows corpus rows (0: skip)")
+    parser.add_argument("--ceiling", action="store_true", help="also measure two 1-thread processes on half each")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--half-job", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = load_config("tiny", [f"data.corpus_rows={args.rows}", *args.overrides])
     import torch
+
+    if args.half_job:  # a process of two_halves
+        torch.set_num_threads(1)
+        run_sequential(pd.read_pickle(args.half_job[0]), cfg, Path(args.half_job[1]))
+        return
 
     threads = {"sequential": torch.get_num_threads(), "ray_cluster_cpus": int(cfg.cluster.num_cpus or 0)}
     refuse_mismatch(**threads)
@@ -175,6 +224,10 @@ def main() -> None:
         results["ray_init_s_excluded"] = round(time.perf_counter() - start, 1)
         if args.repeats:
             results |= throughput(cfg, rows, workdir, args.repeats)
+        if args.ceiling:
+            (workdir / "ceiling").mkdir()
+            results |= ceiling(cfg, rows, [f"data.corpus_rows={args.rows}", *args.overrides], workdir / "ceiling",
+                               args.repeats or 1)
         if args.growth:
             results["growth"] = growth(args.overrides, args.rows, args.growth, workdir)
         ray.shutdown()
