@@ -528,6 +528,9 @@ class ServeConfig:
     parsed and checked, so an unbounded history would be unbounded work for the ingress."""
     max_chat_chars: int = opt(32768, ge=1)
     """Most characters of all of one chat request's messages together (system prompts and history included)."""
+    max_body_bytes: int = opt(1_048_576, ge=1024)
+    """Largest request body (by its Content-Length); a larger one gets 413 before it is read or parsed. The other
+    limits bound what a valid request holds; this bounds what the ingress reads to find out."""
     max_new_tokens: int = opt(256, ge=1)
     """Upper limit a request may ask for."""
     default_max_new_tokens: int = opt(64, ge=1)

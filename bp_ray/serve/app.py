@@ -32,7 +32,7 @@ from bp_ray.serve.batch_gate import BatchGate
 from bp_ray.serve.candidate_flow import latency_ms
 from bp_ray.serve.control_plan import ControlPlan, plan_controls, used_controls
 from bp_ray.serve.controls import encoder_tokens
-from bp_ray.serve.errors import ERRORS, ApiError, Limits, install_error_handlers
+from bp_ray.serve.errors import ERRORS, ApiError, BodyLimit, Limits, install_error_handlers
 from bp_ray.serve.generation import (
     GenerationRequest,
     GenerationResult,
@@ -40,7 +40,7 @@ from bp_ray.serve.generation import (
     beautify_input,
 )
 from bp_ray.serve.model_deployments import Generator, Renderer, Scorer
-from bp_ray.serve.openapi_spec import BeautifierAPI
+from bp_ray.serve.openapi_spec import BeautifierAPI, served_limit
 from bp_ray.serve.streaming import StreamRelay
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ api = BeautifierAPI(title="bp-ray beautifier", version=__version__,
               description="Turns a plain text-to-image prompt into one that makes Stable Diffusion draw a better "
                           "picture (BeautifulPrompt). OpenAI-compatible under /v1.")
 install_error_handlers(api)
+api.add_middleware(BodyLimit, limit=lambda: served_limit("max_body_bytes"))
 
 
 # --- plain request handling (no Ray) ---------------------------------------------------------------------------

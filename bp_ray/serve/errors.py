@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -100,9 +100,29 @@ def install_error_handlers(api: FastAPI) -> None:
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": S.ErrorResponse, "description": text}
     for status, text in ((400, "invalid request"), (404, "unknown model or path"),
-                         (500, "internal error"), (503, "overloaded: the queue is full"),
-                         (504, "timed out"))
+                         (413, "request body over serve.max_body_bytes"), (500, "internal error"),
+                         (503, "overloaded: the queue is full"), (504, "timed out"))
 }
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length exceeds the limit gets 413 before its body is read.
+
+    Pure ASGI rather than FastAPI's http middleware, which would wrap every streamed event of an SSE answer."""
+
+    def __init__(self, app: Any, limit: Callable[[], int | None]):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            limit = self.limit()
+            length = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if limit and length.isdigit() and int(length) > limit:
+                response = _error(413, f"the request body is {int(length)} bytes; the limit is {limit} "
+                                       "(serve.max_body_bytes)", code="body_too_large")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class Limits:

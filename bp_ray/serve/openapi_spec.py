@@ -15,6 +15,12 @@ SERVED: dict[str, Any] = {}
 """This process's ServeConfig under "serve", set by the replica when it starts."""
 
 
+def served_limit(name: str) -> Any:
+    """A limit of this replica's ServeConfig (None outside a replica)."""
+    serve_cfg = SERVED.get("serve")
+    return getattr(serve_cfg, name) if serve_cfg is not None else None
+
+
 class BeautifierAPI(FastAPI):
     """FastAPI whose /openapi.json states the serving replica's limits.
 

@@ -49,3 +49,27 @@ def test_text_a_tokenizer_cannot_take_is_refused_by_field(model, body, field, me
 def test_tabs_line_breaks_and_any_real_unicode_are_text():
     for prompt in ("a cat\ton a sofa\r\n", "un chat sur un canapé", "猫がソファに", "a cat 🐈"):
         assert BeautifyRequest.model_validate({"prompt": prompt}).prompt == prompt
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read():
+    from bp_ray.serve.errors import BodyLimit
+
+    api = FastAPI()
+    install_error_handlers(api)
+    seen: list[int] = []
+
+    @api.post("/echo")
+    def echo(body: dict) -> dict:
+        seen.append(len(json.dumps(body)))
+        return {"ok": True}
+
+    api.add_middleware(BodyLimit, limit=lambda: 2048)
+    with TestClient(api) as client:
+        small = client.post("/echo", json={"prompt": "a" * 1000})
+        large = client.post("/echo", json={"prompt": "a" * 5000})
+        chat = client.post("/echo", json={"messages": [{"content": "b" * 100}] * 100})
+    assert small.status_code == 200
+    assert large.status_code == chat.status_code == 413
+    error = large.json()["error"]
+    assert error["code"] == "body_too_large" and "the limit is 2048" in error["message"]
+    assert seen == [len(json.dumps({"prompt": "a" * 1000}))]  # the large bodies never reached the route
