@@ -218,7 +218,7 @@ class Beautifier:
             raise ApiError(400, "text: only with edit_of (the edited text of that output)", param="text")
         self.limits.prompt(body.prompt)
         self.limits.n(body.n)
-        self.flow.check_rank(body.rank, body.best_of, body.n)
+        self.flow.check_rank(body.rank, body.best_of, body.n, body.render)
         max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
         prompt, plan = self._plan(body, body.prompt, "prompt")
         result = await self._generate(plan.constrain(self._beautify_request(

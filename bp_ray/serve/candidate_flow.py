@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from bp_ray.serve import schemas as S
 from bp_ray.serve.candidates import Candidate, CandidateStore
-from bp_ray.serve.control_plan import ControlPlan, rank_order
+from bp_ray.serve.control_plan import ControlPlan
 from bp_ray.serve.errors import ApiError
 from bp_ray.serve.generation import GenerationResult
+from bp_ray.serve.ranking import ranked
 
 Score = Callable[[str, list[str], list[str]], Awaitable[list[dict[str, float]]]]
 Render = Callable[[str, int, str | None], Awaitable[bytes]]
@@ -33,7 +34,11 @@ class CandidateFlow:
     scorer_kinds: frozenset[str]
     render: Render | None
 
-    def check_rank(self, rank: str, best_of: int | None, n: int) -> None:
+    def check_rank(self, rank: str, best_of: int | None, n: int, render: bool = False) -> None:
+        """Before any generation: what the request asks that this endpoint cannot do is a 400 at once."""
+        if render and self.render is None:
+            raise ApiError(400, "render: rendering is off on this endpoint; start it with "
+                                "--set serve.enable_render=true", param="render")
         if best_of is not None and rank == "none":
             raise ApiError(400, "best_of: needs rank (reward_model or online) to know which outputs are best",
                            param="best_of")
@@ -59,7 +64,7 @@ class CandidateFlow:
                                 "shorten the protected spans or ask for more outputs (n)", param=field)
         texts = [finished[0] for _, _, finished in kept]
         scores = await self._scores(body.rank, [prompt] * len(texts), texts)
-        order = rank_order(scores) if scores else list(range(len(kept)))
+        order = ranked([score.model_dump() for score in scores]) if scores else list(range(len(kept)))
         order = order[:body.best_of] if body.best_of is not None else order
         stored = self.store.add_many(self.model, prompt, [(texts[j], _plain(scores[j]) if scores else {})
                                                           for j in order])

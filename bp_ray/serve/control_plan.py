@@ -6,7 +6,7 @@ Plain Python: the ingress builds one ControlPlan per request and applies it to e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bp_ray.config import ControlsConfig
@@ -89,8 +89,3 @@ def plan_controls(body: S.Controls, prompt: str, cfg: ControlsConfig, default_bu
 def used_controls(body: S.Controls) -> list[str]:
     """The control fields a request set (a streamed answer cannot apply them: its text is sent as generated)."""
     return [name for name in S.Controls.model_fields if getattr(body, name) is not None]
-
-
-def rank_order(scores: Sequence[S.Scores]) -> list[int]:
-    """Indices by descending reward, ties by index."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i].reward, i))
