@@ -24,6 +24,59 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+async def until_deadline(first: Any, rest: AsyncIterator[Any], deadline: float,
+                         timeout: ApiError) -> AsyncIterator[Any]:
+    """`first`, then `rest` until the monotonic `deadline`; a stream cut there ends with `timeout` as its last
+    item, so the client hears why its choices stopped (after the 200 the status line cannot say it)."""
+    if first is None:
+        return
+    yield first
+    async for delta in rest:
+        if time.monotonic() > deadline:  # the batch goes on for its other requests
+            await rest.aclose()
+            yield timeout
+            return
+        yield delta
+
+
+async def stream_chunks(deltas: AsyncIterator[Any], n: int, completion_id: str, created: int, model: str,
+                        chat: bool, prefix: str = "", fit: Callable[[str], str] | None = None) -> AsyncIterator[str]:
+    """The SSE events of a stream of deltas: OpenAI chunks, an OpenAI error event if the stream was cut (an
+    ApiError item; the openai client raises it), then [DONE]."""
+    started = [False] * n
+    sent, cut = [""] * n, [False] * n
+    async for delta in deltas:
+        if isinstance(delta, ApiError):
+            yield sse(S.ErrorResponse(error=S.ErrorDetail(message=delta.message, type=delta.kind, param=delta.param,
+                                                          code=delta.code)).model_dump())
+            break
+        if cut[delta.index]:
+            continue
+        text, finish = delta.text, delta.finish_reason
+        if chat:  # as the plain answer, which loses them (ControlPlan.finish)
+            text = S.NOT_TEXT.sub("", text)
+        if chat and not started[delta.index]:
+            text = text.lstrip()  # as beautified_text trims the whole answer
+            started[delta.index] = bool(text)
+            if prefix and (text or delta.finish_reason):
+                text = f"{prefix} {text}" if text else prefix.rstrip(",")
+                started[delta.index] = True
+        if fit is not None:
+            whole = sent[delta.index] + text
+            fitted = fit(whole)
+            if fitted != whole:
+                text, finish, cut[delta.index] = fitted[len(sent[delta.index]):], "length", True
+            sent[delta.index] += text
+        if chat:
+            chunk = S.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
+                S.ChatDeltaChoice(index=delta.index, delta=S.AssistantMessage(content=text), finish_reason=finish)])
+        else:
+            chunk = S.CompletionResponse(id=completion_id, created=created, model=model, choices=[
+                S.CompletionChoice(index=delta.index, text=text, finish_reason=finish)])
+        yield sse(chunk.model_dump())
+    yield sse("[DONE]")
+
+
 class StreamRelay:
     """The ingress's streaming half: one per ingress replica."""
 
@@ -92,54 +145,12 @@ class StreamRelay:
         if first is not None and first.refused:
             raise ApiError(400, f"{param}: {first.refused}", param=param)
 
-        async def rest() -> AsyncIterator[Any]:
-            if first is None:
-                return
-            yield first
-            async for delta in flat:
-                if time.monotonic() > deadline:  # the batch goes on for its other requests
-                    await flat.aclose()
-                    return
-                yield delta
-
-        return rest()
+        return until_deadline(first, flat, deadline, self._timeout("generation"))
 
     async def events(self, request: GenerationRequest, param: str, completion_id: str, created: int, chat: bool,
                      prefix: str = "", fit: Callable[[str], str] | None = None) -> StreamingResponse:
         """SSE chunks of the generation; `prefix` (keep_prompt: the user prompt) opens each choice's answer. `fit`
         returns the part of a choice's text within its token budget: the choice ends there ("length")."""
-        model = self.model_name
         deltas = await self._deltas(request, param)
-
-        async def chunks() -> AsyncIterator[str]:
-            started = [False] * request.n
-            sent, cut = [""] * request.n, [False] * request.n
-            async for delta in deltas:
-                if cut[delta.index]:
-                    continue
-                text, finish = delta.text, delta.finish_reason
-                if chat:  # as the plain answer, which loses them (ControlPlan.finish)
-                    text = S.NOT_TEXT.sub("", text)
-                if chat and not started[delta.index]:
-                    text = text.lstrip()  # as beautified_text trims the whole answer
-                    started[delta.index] = bool(text)
-                    if prefix and (text or delta.finish_reason):
-                        text = f"{prefix} {text}" if text else prefix.rstrip(",")
-                        started[delta.index] = True
-                if fit is not None:
-                    whole = sent[delta.index] + text
-                    fitted = fit(whole)
-                    if fitted != whole:
-                        text, finish, cut[delta.index] = fitted[len(sent[delta.index]):], "length", True
-                    sent[delta.index] += text
-                if chat:
-                    chunk = S.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[
-                        S.ChatDeltaChoice(index=delta.index, delta=S.AssistantMessage(content=text),
-                                          finish_reason=finish)])
-                else:
-                    chunk = S.CompletionResponse(id=completion_id, created=created, model=model, choices=[
-                        S.CompletionChoice(index=delta.index, text=text, finish_reason=finish)])
-                yield sse(chunk.model_dump())
-            yield sse("[DONE]")
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+        chunks = stream_chunks(deltas, request.n, completion_id, created, self.model_name, chat, prefix, fit)
+        return StreamingResponse(chunks, media_type="text/event-stream")
