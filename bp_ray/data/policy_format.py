@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from bp_ray.data.content import split_subject
 
+TEXT_ONLY = {"add_special_tokens": False, "split_special_tokens": True}
+"""How the policy's prompts and targets are tokenised, in training and serving alike: no BOS/EOS added (the EOS
+ends targets by id), and a user's "</s>" or "<pad>" is the text it reads as, never the control token."""
+
 
 def format_prompt(instruction: str, low: str, keep_prompt: bool = False) -> str:
     """The paper's template with the user prompt in place of `{raw}`; ends with "Output:", the target follows.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bp_ray.data.policy_format import format_prompt, policy_text
+from bp_ray.data.policy_format import TEXT_ONLY, format_prompt, policy_text
 from bp_ray.data.prompt_rules import first_line
 from bp_ray.serve.token_rules import CompiledRules, TokenRules, token_rules
 
@@ -101,13 +101,14 @@ def _expand(requests: Sequence[GenerationRequest], indices: Sequence[int] | None
 def refusals(tokenizer: Any, requests: Sequence[GenerationRequest]) -> list[str | None]:
     """Why each request cannot be generated, or None: its user text must give the model some visible text.
 
-    Text can tokenize to nothing (a normalising tokenizer drops invisible characters), and the strings of special
-    tokens (`</s>`, `<pad>`) tokenize to those control tokens, not to text: a prompt of nothing else (whitespace
-    aside) would be generated from padding or an end-of-text mark, or be an empty row (no attention at all)."""
+    Text can tokenize to nothing (a normalising tokenizer drops invisible characters), or only to special tokens
+    (a tokenizer without byte fallback maps unknown characters to `<unk>`): such a prompt would be generated from
+    control marks, or be an empty row (no attention at all). The strings of special tokens (`</s>`) are text
+    (TEXT_ONLY)."""
     texts = [request.text if request.prompt is None else request.prompt for request in requests]
     special = set(tokenizer.all_special_ids)
     reasons: list[str | None] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for ids in tokenizer(texts, **TEXT_ONLY)["input_ids"]:
         plain = [token for token in ids if token not in special]
         if plain and tokenizer.decode(plain).strip():
             reasons.append(None)
@@ -229,16 +230,16 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def _encode(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+def encode_texts(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
     # No special tokens: the SFT data tokenised the template the same way (sft_data.build_example).
-    return tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return tokenizer(list(texts), return_tensors="pt", padding=True, **TEXT_ONLY).to(device)
 
 
 @torch.no_grad()
 def _run_generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest], rows: Sequence[_Row],
                   streamer: Any = None) -> tuple[torch.Tensor, list[int]]:
     device = next(model.parameters()).device
-    encoded = _encode(tokenizer, [requests[row.request].text for row in rows], device)
+    encoded = encode_texts(tokenizer, [requests[row.request].text for row in rows], device)
     prompt_len = encoded["input_ids"].shape[1]
     prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
     rules = {index: token_rules(tokenizer, requests[index]) for index in {row.request for row in rows}}

@@ -87,8 +87,9 @@ def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, 
     """Generate one response per query (sampled, or greedy for evaluation) and mask everything after its first
     EOS or newline."""
     device = next(model.parameters()).device
-    encoded = tokenizer(queries, return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_query_tokens).to(device)
+    # A user's "</s>" is text, as in SFT's data and the endpoint (sft_data.TEXT_ONLY).
+    encoded = tokenizer(queries, return_tensors="pt", padding=True, truncation=True, max_length=max_query_tokens,
+                        split_special_tokens=True).to(device)
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
                                                      "top_k": 0}
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -1,5 +1,5 @@
 """The endpoint's bad-input rules that need no server: prompts with no text for the model (blank, invisible, or
-tokenizing to nothing but special tokens), and the limits on chats and stop strings.
+tokenizing to nothing; the strings of special tokens are text), and the limits on chats and stop strings.
 
 Generation runs on a random two-layer BLOOM built here in milliseconds, with a byte-level BPE trained on a few
 words (no zoo, no Ray)."""
@@ -15,7 +15,7 @@ from transformers import BloomConfig, BloomForCausalLM
 from bp_ray.config import PipelineConfig
 from bp_ray.models.tokenizers import train_bloom_tokenizer
 from bp_ray.serve.errors import ApiError, Limits
-from bp_ray.serve.generation import GenerationRequest, generate, refusals, stream
+from bp_ray.serve.generation import GenerationRequest, encode_texts, generate, refusals, stream
 from bp_ray.serve.schemas import BeautifyRequest, ChatCompletionRequest, ChatMessage, CompletionRequest
 
 
@@ -54,21 +54,19 @@ def test_invisible_characters_inside_real_text_are_kept():
 
 # --- the generator: a prompt must give the model text tokens ------------------------------------------------------
 
-def test_special_token_strings_are_no_text_and_are_refused_without_disturbing_the_batch(lm):
+def test_special_token_strings_are_text_not_control_tokens(lm):
     model, tokenizer = lm
-    good = GenerationRequest("a cat on a sofa", n=2, max_new_tokens=6, temperature=1.0, seed=3)
-    alone = generate(model, tokenizer, [good])[0]
-    bad = GenerationRequest("<pad> </s>", n=2, max_new_tokens=6, seed=1)  # the space is a token, not text
-    # The beautify routes wrap the prompt in a template: the user's own words are what must have tokens.
-    templated = GenerationRequest("Rewrite: </s>\nAnswer:", max_new_tokens=6, prompt="</s>")
-    results = generate(model, tokenizer, [bad, good, templated])
-    assert results[0].refused == ("tokenizes only to the special tokens <pad>, </s>, which the model reads as "
-                                  "control marks, not text: send the prompt's text")
-    assert results[0].completions == [] and results[2].completions == []
-    assert "special tokens </s>" in results[2].refused
-    assert results[1].refused is None
-    assert [c.text for c in results[1].completions] == [c.text for c in alone.completions]
-    assert generate(model, tokenizer, [bad]) == [results[0]]  # a batch of refusals generates nothing
+    # "</s>" inside a prompt used to reach the model as its end-of-text mark; it is the four characters it shows.
+    ids = encode_texts(tokenizer, ["a cat </s> on a <pad> sofa"], torch.device("cpu"))["input_ids"][0].tolist()
+    assert not set(ids) & set(tokenizer.all_special_ids)
+    assert tokenizer.decode(ids) == "a cat </s> on a <pad> sofa"
+    alone = generate(model, tokenizer, [GenerationRequest("</s>", n=2, max_new_tokens=6, temperature=1.0, seed=3)])
+    templated = GenerationRequest("Rewrite: <pad> </s>\nAnswer:", max_new_tokens=6, prompt="<pad> </s>")
+    both = generate(model, tokenizer, [GenerationRequest("</s>", n=2, max_new_tokens=6, temperature=1.0, seed=3),
+                                       templated])
+    assert all(result.refused is None for result in (*alone, *both))
+    assert len(both[1].completions) == 1
+    assert [c.text for c in both[0].completions] == [c.text for c in alone[0].completions]
 
 
 def test_text_that_tokenizes_to_nothing_is_refused(lm):

@@ -30,8 +30,8 @@ class CharTokenizer:
 
     eos_token_id = EOS
 
-    def __call__(self, text, add_special_tokens=False):
-        assert not add_special_tokens
+    def __call__(self, text, add_special_tokens=False, split_special_tokens=False):
+        assert not add_special_tokens and split_special_tokens  # a user's "</s>" is text (TEXT_ONLY)
         if isinstance(text, list):
             return {"input_ids": [[ord(c) for c in t] for t in text]}
         return {"input_ids": [ord(c) for c in text]}
