@@ -229,6 +229,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if manifest else 1
 
 
+def cmd_eval_human(args: argparse.Namespace) -> int:
+    from bp_ray.eval.human_cli import serve_study
+
+    return serve_study(Path(args.run), args.human_systems, args.host, args.port)
+
+
+def cmd_eval_human_results(args: argparse.Namespace) -> int:
+    from bp_ray.eval.human_cli import report_results
+
+    return report_results(Path(args.run), Path(args.csv) if args.csv else None)
+
+
 def cmd_eval_text(args: argparse.Namespace) -> int:
     from bp_ray.eval.systems import checkpoint_model_dir
     from bp_ray.eval.text_quality import format_table, run_text_evaluation
@@ -445,6 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=None, help="comma-separated, from original,tags,sft,ppo,llm (default "
                    "eval.systems, less sft/ppo when the run has no such checkpoint)")
     p.set_defaults(func=cmd_eval)
+    # Optional: `bp-ray eval [options]` still runs the evaluation; `bp-ray eval human ...` is the human study.
+    human_sub = p.add_subparsers(dest="eval_action", metavar="[human | human-results]", required=False)
+    h = human_sub.add_parser("human", help="serve the human pairwise study of an evaluation (a web page: two "
+                             "images of one prompt, systems hidden; votes in <eval>/human/votes.sqlite)")
+    h.add_argument("--run", required=True, metavar="DIR", help="run folder (its eval/) or an evaluation folder")
+    h.add_argument("--systems", dest="human_systems", default=None, metavar="A,B,...", help="systems to compare "
+                   "pairwise (default: original and ppo, else sft, else the first two evaluated)")
+    h.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    h.add_argument("--port", type=int, default=8600, help="port (default 8600)")
+    h.set_defaults(func=cmd_eval_human)
+    h = human_sub.add_parser("human-results", help="the human study's results: print them, add them to "
+                             "report.html, optionally export the votes as CSV")
+    h.add_argument("--run", required=True, metavar="DIR", help="run folder (its eval/) or an evaluation folder")
+    h.add_argument("--csv", default=None, metavar="FILE", help="also write every vote to this CSV file")
+    h.set_defaults(func=cmd_eval_human_results)
 
     p = sub.add_parser("eval-text", parents=[_stage_options(None, "sft", "ppo", "rm", "pairs")],
                        help="judge the rewrites as text, no rendering: subject kept, tags, length, repetition and the "

@@ -579,6 +579,9 @@ class EvalConfig:
     )
     grid_prompts: int = opt(8, ge=0)
     """Rows of the report's image grid: the first prompts, every seed."""
+    human_prompts: int = opt(48, ge=0)
+    """The first prompts whose images (every seed) are saved under images/ for the human side-by-side study
+    (`bp-ray eval human`), beside the grid's."""
     text_prompts: list[str] = field(default_factory=list)
     """Prompt files `bp-ray eval-text` judges the rewrites of (empty: eval.prompts)."""
     text_num_prompts: int = opt(0, ge=0)

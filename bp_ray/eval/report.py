@@ -168,7 +168,12 @@ def _grid(prompts: list[str], texts: dict[str, list[str]], image_paths: dict[str
 
 def write_report(out_dir: Path, results: dict[str, Any], prompts: list[str], texts: dict[str, list[str]],
                  per_prompt: pd.DataFrame, image_paths: dict[str, str], metric_files: dict[str, Path]) -> list[str]:
-    """Plots under plots/ and report.html; returns the files written, relative to out_dir."""
+    """Plots under plots/ and report.html; returns the files written, relative to out_dir.
+
+    The page always carries the human-preference markers, filled from out_dir's votes when there are any, so
+    `human_results.update_report` can refresh that section later without redoing the evaluation."""
+    from bp_ray.eval.human_results import human_section  # it imports REPORT from here
+
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -215,6 +220,7 @@ means over prompts (each the mean over seeds) ± the half-width of the 95% confi
 p-values are two-sided, for the paired differences.</p>
 {_comparison_table(results)}
 {figure_html}
+{human_section(out_dir)}
 <h2>Long prompts</h2>
 <p class="note">Prompts longer than the text encoder's {long['limit_tokens']} tokens, per system: {html.escape(over)}.
 Rendering mode: {html.escape(long['mode'])}.</p>

@@ -124,13 +124,18 @@ def _render_and_score(ev: EvalConfig, setup: RewardSetup, pool: ActorPoolConfig,
     return rewrites, scores, image_paths
 
 
+def saved_image_prompts(ev: EvalConfig) -> int:
+    """How many of the first prompts have their images saved: the report's grid and the human study's."""
+    return max(ev.grid_prompts, ev.human_prompts)
+
+
 def _submit_renders(service: Any, ev: EvalConfig, prompts: list[str],
                     rewrite_refs: dict[str, Any]) -> tuple[dict[str, Rewrites], dict[Any, tuple[str, int, bool]]]:
     """Send each system's prompts to the service as soon as its rewrites are ready, in fixed chunks (the grid's
     prompts first, with their images); returns the rewrites and the pending requests (system, start, images)."""
     import ray
 
-    grid = min(ev.grid_prompts, len(prompts))
+    grid = min(saved_image_prompts(ev), len(prompts))
     rewrites: dict[str, Rewrites] = {}
     pending: dict[Any, tuple[str, int, bool]] = {}
     waiting = {ref: system for system, ref in rewrite_refs.items()}
@@ -140,7 +145,7 @@ def _submit_renders(service: Any, ev: EvalConfig, prompts: list[str],
         rewrites[system] = ray.get(ready[0])
         logger.info("eval: %s rewrites ready, rendering %d prompts x %d seeds", system, len(prompts), ev.num_seeds)
         texts = rewrites[system].prompts
-        chunks = [(0, grid, True)] if grid else []
+        chunks = [(s, min(s + ev.batch_size, grid), True) for s in range(0, grid, ev.batch_size)]
         # Pixel metrics are computed here, so with them every chunk brings its images back.
         chunks += [(s, min(s + ev.batch_size, len(texts)), bool(ev.metrics))
                    for s in range(grid, len(texts), ev.batch_size)]
@@ -152,14 +157,15 @@ def _submit_renders(service: Any, ev: EvalConfig, prompts: list[str],
 
 def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[str], systems: list[str],
                      ev: EvalConfig, seeds: list[int], out_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(P, S, 3) scores per system, and the grid's images saved under out_dir/images keyed "system/prompt/seed"."""
+    """(P, S, 3) scores per system, and the images of the first saved_image_prompts prompts (the grid's and the
+    human study's) saved under out_dir/images keyed "system/prompt/seed"."""
     import ray
 
     from bp_ray.console import report_progress
 
     width = len(SCORE_NAMES) + len(pixel_metric_columns(ev))
     scores = {system: np.full((len(prompts), len(seeds), width), np.nan) for system in systems}
-    grid = min(ev.grid_prompts, len(prompts))
+    grid = min(saved_image_prompts(ev), len(prompts))
     image_paths: dict[str, str] = {}
     for done, (ref, (system, start, images)) in enumerate(pending.items(), 1):
         result = ray.get(ref)
@@ -271,6 +277,8 @@ def run_evaluation(ev: EvalConfig, sft: SFTConfig, data: DataConfig, rewards: Re
     (out_dir / SUCCESS).unlink(missing_ok=True)
     for old in ("images", "plots"):  # a grid or plot of an earlier evaluation must not show in this report
         shutil.rmtree(out_dir / old, ignore_errors=True)
+    if (out_dir / "human").exists():  # people's votes on the images just deleted: kept, but out of this study
+        (out_dir / "human").rename(out_dir / f"human-before-{time.strftime('%Y%m%d-%H%M%S')}")
     checkpoints = {name: checkpoint_model_dir(path) for name, path in (("sft", sft_dir), ("ppo", ppo_dir)) if path}
     systems = resolve_systems(ev, systems, checkpoints)
     prompts, report = load_eval_prompts(ev, data, prompts_file)
@@ -316,11 +324,13 @@ def run_evaluation(ev: EvalConfig, sft: SFTConfig, data: DataConfig, rewards: Re
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     _write_csv(out_dir / "results.csv", results["table"])
     metric_files = training_metric_files(training_dirs or {})
+    grid_images = {key: path for key, path in image_paths.items() if int(key.split("/")[1]) < ev.grid_prompts}
     files = write_report(out_dir, results, prompts, {s: rewrites[s].prompts for s in systems}, per_prompt,
-                         image_paths, metric_files)
+                         grid_images, metric_files)
     manifest = {"stage": "eval", "systems": systems, "prompts": len(prompts), "seeds": seeds,
                 "checkpoints": {k: str(v) for k, v in checkpoints.items()},
                 "training_metrics": {k: str(v) for k, v in metric_files.items()},
-                "files": sorted(["results.json", "results.csv", "scores.csv", "rewrites.jsonl", *files]),
+                "files": sorted({"results.json", "results.csv", "scores.csv", "rewrites.jsonl", *files,
+                                 *image_paths.values()}),
                 "render_s": round(rendered_s, 2), "wall_time_s": round(time.perf_counter() - start, 2)}
     return write_manifest(out_dir, manifest)

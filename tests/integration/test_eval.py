@@ -15,6 +15,8 @@ from PIL import Image
 
 from bp_ray.config_loader import load_config
 from bp_ray.eval.browser import find_chromium, render_page
+from bp_ray.eval.human_pairs import default_systems, load_pairs
+from bp_ray.eval.human_results import HUMAN_BEGIN, HUMAN_END
 from bp_ray.eval.run import run_evaluation
 from bp_ray.eval.systems import popular_tags, tags_pool
 from bp_ray.train.metrics import MetricsWriter
@@ -23,7 +25,7 @@ from tests.openai_stub_server import EXPANSION_SUFFIX, OpenAIStubServer
 pytestmark = pytest.mark.integration
 
 SYSTEMS = ["original", "tags", "sft", "ppo", "llm"]
-PROMPTS, SEEDS, GRID = 6, 2, 3
+PROMPTS, SEEDS, GRID, HUMAN = 6, 2, 3, 5  # images saved for the first HUMAN prompts, the grid shows GRID
 
 
 def _ppo_stage_with_metrics(folder: Path) -> Path:
@@ -44,7 +46,8 @@ def evaluation(ray_session, tiny_models_cfg, tmp_path_factory):
     os.environ.setdefault("OPENAI_API_KEY", "EMPTY")
     with OpenAIStubServer() as server:
         cfg = load_config("tiny", [f"models.zoo_dir={tiny_models_cfg.zoo_dir}", f"eval.num_prompts={PROMPTS}",
-                                   f"eval.num_seeds={SEEDS}", f"eval.grid_prompts={GRID}", "eval.batch_size=4",
+                                   f"eval.num_seeds={SEEDS}", f"eval.grid_prompts={GRID}",
+                                   f"eval.human_prompts={HUMAN}", "eval.batch_size=4",
                                    f"data.openai_base_url={server.base_url}", "eval.max_new_tokens=16"])
         manifests = [run_evaluation(cfg.eval, cfg.sft, cfg.data, cfg.rewards, cfg.models, cfg.cluster, root / name,
                                     preset=cfg.preset, sft_dir=policy, ppo_dir=policy, systems=SYSTEMS,
@@ -63,9 +66,24 @@ def test_every_file_is_written_and_every_image_scored_once(evaluation):
     assert len(scores) == len(SYSTEMS) * PROMPTS * SEEDS
     assert not scores.duplicated(["system", "prompt_id", "seed"]).any()
     assert scores[["pickscore", "aesthetic", "relevance", "reward"]].notna().all().all()
-    grid_images = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
-    assert len(grid_images) == len(SYSTEMS) * GRID * SEEDS
-    assert Image.open(out / grid_images[0]).size == (32, 32)
+    saved = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
+    assert len(saved) == len(SYSTEMS) * HUMAN * SEEDS
+    assert set(saved) <= set(evaluation["manifest"]["files"])
+    assert Image.open(out / saved[0]).size == (32, 32)
+
+
+def test_the_human_study_reads_the_evaluations_images(evaluation):
+    out = evaluation["out"]
+    assert default_systems(out) == ["original", "ppo"]
+    items = load_pairs(out, ["original", "sft", "ppo"])
+    assert [item.prompt_id for item in items[::3]] == list(range(HUMAN))  # three pairs per prompt with images
+    rewrites = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+    for item in items:
+        assert item.seed == evaluation["manifest"]["seeds"][0] and (out / item.image_a).is_file()
+        row = rewrites[item.prompt_id]
+        assert (item.prompt, item.text_b) == (row["prompt"], row[item.system_b])
+    page = (out / "report.html").read_text()
+    assert page.index(HUMAN_BEGIN) < page.index(HUMAN_END)  # the place `bp-ray eval human-results` fills
 
 
 def test_results_hold_the_table_comparisons_and_long_prompt_counts(evaluation):
