@@ -252,11 +252,18 @@ def _forget_run(storage: str, name: str) -> None:
     """A fresh (not --resume) run must not restore an earlier run's checkpoints: Ray Train restores by name."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(),
-                                                                                 storage)
-    path = f"{root.rstrip('/')}/{name}"
+    fs, path = _run_folder(storage, name)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
         fs.delete_dir(path)
+
+
+def _run_folder(storage: str, name: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of a Ray Train run's folder in storage (a local path or a URI)."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(),
+                                                                                 storage)
+    return fs, f"{root.rstrip('/')}/{name}"
 
 
 def worker_gpus(resources: TrainResources) -> float:
@@ -264,10 +271,52 @@ def worker_gpus(resources: TrainResources) -> float:
     return resources.num_workers * resources.gpus_per_worker if resources.use_gpu else 0.0
 
 
-def fit(cluster: ClusterConfig, stage: str, worker_fn: Callable[[dict], None], loop_config: dict[str, Any],
-        resources: TrainResources, out_dir: Path, resume: bool) -> tuple[Path, dict[str, Any], str]:
+def latest_checkpoint_step(storage: str, name: str) -> int:
+    """The step of the newest checkpoint a Ray Train run holds in storage (-1: none yet)."""
+    import pyarrow.fs
+
+    fs, run = _run_folder(storage, name)
+    if fs.get_file_info(run).type == pyarrow.fs.FileType.NotFound:
+        return -1
+    steps = [-1]
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(run)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            try:
+                with fs.open_input_stream(f"{info.path}/{STATE_FILE}") as f:
+                    steps.append(int(json.loads(f.read())["step"]))
+            except (OSError, ValueError, KeyError):  # a checkpoint still being written, or an unrelated folder
+                continue
+    return max(steps)
+
+
+def fit_while_progressing(make_trainer: Callable[[], Any], checkpoint_step: Callable[[], int], stage: str) -> Any:
+    """trainer.fit(), fitted again from the newest checkpoint while each failed fit had moved it forward.
+
+    Ray Train's max_failures counts every worker failure of a run; under repeated faults (a preempted node, a
+    killed worker every half minute) a long stage spends them while still making progress. A fit that fails
+    after checkpointing further is resumed; one that fails with no new checkpoint (a deterministic crash) raises."""
+    from ray.train import TrainingFailedError
+
+    before = checkpoint_step()
+    while True:
+        try:
+            return make_trainer().fit()
+        except TrainingFailedError:
+            after = checkpoint_step()
+            if after <= before:
+                raise
+            logger.warning("%s: Ray Train gave up after repeated worker failures, but checkpointed step %d since "
+                           "its last start (was %d); resuming from there", stage, after, before)
+            before = after
+
+
+def fit(cluster: ClusterConfig, stage: str, worker_fn: Callable[[dict], None],
+        loop_config: dict[str, Any] | Callable[[], dict[str, Any]], resources: TrainResources, out_dir: Path,
+        resume: bool) -> tuple[Path, dict[str, Any], str]:
     """Run worker_fn on Ray Train workers; returns (latest checkpoint folder, its trainer state, storage).
 
+    loop_config may be a function, called before each fit (see fit_while_progressing): a stage whose workers use
+    actors of its own (PPO) starts fresh ones there, since a fit that gave up may have worn out their restarts.
     The checkpoint folder is a local copy the caller may read until the next call."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -280,19 +329,20 @@ def fit(cluster: ClusterConfig, stage: str, worker_fn: Callable[[dict], None], l
     init_ray(cluster)
     require_resources(cluster, resources.num_workers * resources.cpus_per_worker, worker_gpus(resources),
                       f"{stage} ({resources.num_workers} workers)")
-    trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker,
-                                  **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=resources.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            worker_fn,
+            train_loop_config=loop_config() if callable(loop_config) else loop_config,
+            torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                resources_per_worker={"CPU": resources.cpus_per_worker,
+                                      **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=resources.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+    result = fit_while_progressing(trainer, lambda: latest_checkpoint_step(storage, name), stage)
     if result.checkpoint is None:
         raise RuntimeError(f"{stage} finished without a checkpoint: {result.error}")
     local = Path(tempfile.mkdtemp(prefix=f"bp-ray-{stage}-"))

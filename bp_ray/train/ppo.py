@@ -400,14 +400,22 @@ def run_ppo(ppo: PPOConfig, sft: SFTConfig, cluster: ClusterConfig, reward: Rewa
     # actor_group(r, ...). Started in the try so that the finally kills those that started when a later one fails.
     references: list[Any] = []
     rewards: list[Any] = []
-    try:
+
+    def loop_config() -> dict[str, Any]:
+        """Fresh actors for each fit: a fit that gave up may have spent their restarts (train/loop.py fit)."""
+        for actor in (*references, *rewards):
+            ray.kill(actor)
+        references.clear()
+        rewards.clear()
         for _ in range(groups):
             references.append(start_reference_actor(ppo, reward.models, sft_model))
             rewards.append(start_reward_actor(ppo, reward, reward_pool, Path(rm_dir).resolve() if rm_dir else None,
                                               cache_path))
-        loop_config = {"ppo": ppo, "sft": sft, "models": reward.models, "pairs_dir": str(Path(pairs_dir).resolve()),
-                       "sft_model": str(sft_model), "metrics_dir": str(out_dir / "metrics"), "reference": references,
-                       "reward": rewards}
+        return {"ppo": ppo, "sft": sft, "models": reward.models, "pairs_dir": str(Path(pairs_dir).resolve()),
+                "sft_model": str(sft_model), "metrics_dir": str(out_dir / "metrics"), "reference": list(references),
+                "reward": list(rewards)}
+
+    try:
         checkpoint, state, storage = fit(cluster, "ppo", ppo_worker_loop, loop_config, ppo.resources, out_dir, resume)
         reference_calls = ray.get([actor.calls.remote() for actor in references])
         critic = checkpoint / CRITIC_DIR
