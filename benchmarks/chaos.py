@@ -78,7 +78,7 @@ BIN = Path(sys.executable).parent
 
 # Ray titles a worker process "ray::<actor class or task>[.<method>]" while it holds that actor or runs that task.
 VICTIM_KINDS: dict[str, tuple[str, ...]] = {
-    "data_actor": ("(Captioner)", "(PromptRewriter)", "(ImageAesthetic)", "(write_batch)"),
+    "data_actor": ("(BatchModels)", "(Captioner)", "(PromptRewriter)", "(ImageAesthetic)", "(write_batch)"),
     "renderer": ("(FusedLabeler)", "ray::FusedLabeler", "(Renderer)", "(Scorer)", "ray::RewardService"),
     "train_worker": ("ray::RayTrainWorker",),
     "ppo_actor": ("ray::ReferencePolicy", "ray::LearnedRewardScorer", "ray::RolloutSampler"),

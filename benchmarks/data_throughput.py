@@ -1,15 +1,18 @@
 """Pair generation throughput: the Ray Data pipeline vs the same stage functions called in one process, and how
 the stage grows with its input.
 
-    python benchmarks/data_throughput.py [--rows 1200] [--repeats 3] [--growth 10] [--set key=value ...]
+    python benchmarks/data_throughput.py [--rows 1200] [--repeats 3] [--marginal 2] [--ceiling] [--growth 10]
+        [--set key=value ...]
 
 Both sides process the same prepared rows of the embedded corpus with the tiny zoo through the same UDFs and
 writer, one side after the other, --repeats times. Two figures per side: end to end (loading models included; the
 Ray side excludes `ray.init`, a cluster is already up in real use, but includes its actors importing torch), and
 steady state: rows committed after the first batch commit divided by the time to the last commit, which is what
-a long data-generation job sees. The Ray side runs the preset's pools on a local Ray of `cluster.num_cpus` CPUs
-(tiny: 2, this machine's cores); the sequential side computes with as many torch threads. Each figure is the
-median of the repeats with its range.
+a long data-generation job sees. That figure overstates a pipeline whose first commit comes late and whose backlog
+then drains at once, so --marginal F also runs both sides on F x --rows and prints each side's marginal rate: the
+extra rows over the extra seconds, which neither start-up nor a late burst of commits can inflate. The Ray side
+runs the preset's pools on a local Ray of `cluster.num_cpus` CPUs (tiny: 2, this machine's cores); the sequential
+side computes with as many torch threads. Each figure is the median of the repeats with its range.
 
 --ceiling also measures what two cores can give at best: the sequential path in two processes at once, one
 torch thread each, each on half of the rows (perfect parallelism, no Ray, no hand-over between stages); its
@@ -106,18 +109,25 @@ class PeakMemory:
         self._thread.join()
 
 
-def throughput(cfg, rows: pd.DataFrame, workdir: Path, repeats: int) -> dict:
-    runs: dict[str, list[float]] = {name: [] for name in (
-        "sequential_s", "ray_data_s", "speedup_end_to_end", "sequential_steady_rows_per_s",
-        "ray_data_steady_rows_per_s", "speedup_steady_state")}
+def timed(job, *args) -> float:
+    start = time.perf_counter()
+    job(*args)
+    return time.perf_counter() - start
+
+
+def throughput(cfg, rows: pd.DataFrame, workdir: Path, repeats: int, more_rows: pd.DataFrame | None = None) -> dict:
+    """End to end and steady figures of both sides on `rows`; with `more_rows` (a larger input) also the
+    marginal rate of each side: the extra rows over the extra time, which start-up and a backlog that drains at
+    the end cannot inflate."""
+    names = ["sequential_s", "ray_data_s", "speedup_end_to_end", "sequential_steady_rows_per_s",
+             "ray_data_steady_rows_per_s", "speedup_steady_state"]
+    if more_rows is not None:
+        names += ["sequential_marginal_rows_per_s", "ray_data_marginal_rows_per_s", "speedup_marginal"]
+    runs: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(repeats):
-        start = time.perf_counter()
-        run_sequential(rows, cfg, workdir / f"sequential-{repeat}")
-        sequential_s = time.perf_counter() - start
+        sequential_s = timed(run_sequential, rows, cfg, workdir / f"sequential-{repeat}")
         sequential_steady = steady_state_rows_per_s(workdir / f"sequential-{repeat}")
-        start = time.perf_counter()
-        run_model_stages(rows, cfg.data, cfg.models, workdir / f"ray-{repeat}")
-        ray_s = time.perf_counter() - start
+        ray_s = timed(run_model_stages, rows, cfg.data, cfg.models, workdir / f"ray-{repeat}")
         ray_steady = steady_state_rows_per_s(workdir / f"ray-{repeat}")
         for name, value in (("sequential_s", sequential_s), ("ray_data_s", ray_s),
                             ("speedup_end_to_end", sequential_s / ray_s),
@@ -125,9 +135,21 @@ def throughput(cfg, rows: pd.DataFrame, workdir: Path, repeats: int) -> dict:
                             ("ray_data_steady_rows_per_s", ray_steady),
                             ("speedup_steady_state", ray_steady / sequential_steady)):
             runs[name].append(value)
-        print(f"repeat {repeat + 1}: end to end {sequential_s:.1f} s sequential, {ray_s:.1f} s Ray Data "
-              f"({sequential_s / ray_s:.2f}x); steady {sequential_steady:.1f} vs {ray_steady:.1f} rows/s "
-              f"({ray_steady / sequential_steady:.2f}x)", flush=True)
+        line = (f"repeat {repeat + 1}: end to end {sequential_s:.1f} s sequential, {ray_s:.1f} s Ray Data "
+                f"({sequential_s / ray_s:.2f}x); steady {sequential_steady:.1f} vs {ray_steady:.1f} rows/s "
+                f"({ray_steady / sequential_steady:.2f}x)")
+        if more_rows is not None:
+            extra = len(more_rows) - len(rows)
+            sequential_more_s = timed(run_sequential, more_rows, cfg, workdir / f"sequential-more-{repeat}")
+            ray_more_s = timed(run_model_stages, more_rows, cfg.data, cfg.models, workdir / f"ray-more-{repeat}")
+            sequential_marginal = extra / (sequential_more_s - sequential_s)
+            ray_marginal = extra / (ray_more_s - ray_s)
+            runs["sequential_marginal_rows_per_s"].append(sequential_marginal)
+            runs["ray_data_marginal_rows_per_s"].append(ray_marginal)
+            runs["speedup_marginal"].append(ray_marginal / sequential_marginal)
+            line += (f"; marginal ({len(rows)} -> {len(more_rows)} rows) {sequential_marginal:.1f} vs "
+                     f"{ray_marginal:.1f} rows/s ({ray_marginal / sequential_marginal:.2f}x)")
+        print(line, flush=True)
     return {name: summary(values) for name, values in runs.items()}
 
 
@@ -194,6 +216,8 @@ def main() -> None:
     parser.add_argument("--growth", type=int, default=0, metavar="F",
                         help="also run the whole stage on F x --rows corpus rows (0: skip)")
     parser.add_argument("--ceiling", action="store_true", help="also measure two 1-thread processes on half each")
+    parser.add_argument("--marginal", type=int, default=0, metavar="F",
+                        help="also run both sides on F x --rows corpus rows: the marginal rows/s (0: skip)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--half-job", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,8 +246,14 @@ def main() -> None:
         start = time.perf_counter()
         init_ray(cfg.cluster)
         results["ray_init_s_excluded"] = round(time.perf_counter() - start, 1)
+        more_rows = None
+        if args.marginal:
+            more_cfg = load_config("tiny", [f"data.corpus_rows={args.rows * args.marginal}", *args.overrides])
+            more_table, _, _ = read_source(more_cfg.data, workdir / "corpus-more")
+            more_rows, _ = prepare_rows(more_table, more_cfg.data)
+            results["marginal_rows_through_models"] = len(more_rows)
         if args.repeats:
-            results |= throughput(cfg, rows, workdir, args.repeats)
+            results |= throughput(cfg, rows, workdir, args.repeats, more_rows)
         if args.ceiling:
             (workdir / "ceiling").mkdir()
             results |= ceiling(cfg, rows, [f"data.corpus_rows={args.rows}", *args.overrides], workdir / "ceiling",

@@ -229,6 +229,11 @@ class DataConfig:
     num_seeds: int = opt(8, ge=1)
     """Images rendered per prompt for reward labels; scores are averaged over seeds (paper Section 3.2)."""
     render: RenderConfig = field(default_factory=RenderConfig)
+    fused: bool = False
+    """Caption, rewrite, aesthetic-score and commit each batch in one actor of data.model_pool, instead of one pool
+    per model (captioner_pool, rewriter_pool, aesthetic_pool) handing batches over through the object store."""
+    model_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """The fused actors (data.fused): each holds every model the stage uses."""
     captioner_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     rewriter_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     aesthetic_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)

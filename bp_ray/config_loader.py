@@ -321,8 +321,8 @@ def _validate_extensions(cfg: PipelineConfig) -> None:
 
 
 def _validate_cross_fields(cfg: PipelineConfig) -> None:
-    pools = {name: getattr(cfg.data, name) for name in ("captioner_pool", "rewriter_pool", "aesthetic_pool",
-                                                         "renderer_pool", "scorer_pool")}
+    pools = {name: getattr(cfg.data, name) for name in ("model_pool", "captioner_pool", "rewriter_pool",
+                                                         "aesthetic_pool", "renderer_pool", "scorer_pool")}
     for name, pool in pools.items():
         if pool.min_actors > pool.max_actors:
             raise ConfigError(f"data.{name}.min_actors={pool.min_actors} exceeds "

@@ -73,7 +73,8 @@ def dry_run_overrides(cfg: PipelineConfig, gpus: int, shared_critic: bool = Fals
         for stage in ("sft", "rm", "ppo"):
             sets.update({f"{stage}.resources.num_workers": 1, f"{stage}.resources.use_gpu": "false",
                          f"{stage}.resources.cpus_per_worker": 1})
-        for pool in ("captioner_pool", "rewriter_pool", "aesthetic_pool", "renderer_pool", "scorer_pool"):
+        for pool in ("model_pool", "captioner_pool", "rewriter_pool", "aesthetic_pool", "renderer_pool",
+                     "scorer_pool"):
             sets.update({f"data.{pool}.num_gpus": 0, f"data.{pool}.num_cpus": 1, f"data.{pool}.min_actors": 1,
                          f"data.{pool}.max_actors": 1})
     return [f"{key}={value}" for key, value in sets.items()]

@@ -58,7 +58,9 @@ def head_processes(temp_dir: str, gcs_port: int) -> list[Any]:
 def scenario_config(out: Path, zoo_dir: str | None, rows: int) -> Any:
     from bp_ray.config_loader import load_config
 
-    overrides = [f"data.corpus_rows={rows}", "data.max_new_tokens=16", "data.caption_max_new_tokens=8",
+    # One pool per model, each actor on its own "GPU" node: the layout of a GPU cluster (data.fused is for CPUs).
+    overrides = ["data.fused=false", f"data.corpus_rows={rows}", "data.max_new_tokens=16",
+                 "data.caption_max_new_tokens=8",
                  *(f"data.{pool}.batch_size=8" for pool in POOLS), *(f"data.{pool}.max_actors=2" for pool in POOLS),
                  *(f"data.{pool}.resources={{{GPU_NODE}: 1}}" for pool in POOLS), f"output_dir={out}"]
     if zoo_dir:

@@ -5,6 +5,8 @@ model stages stream through Ray Data actor pools that autoscale between min and 
 
     rows -> Captioner (BLIP) -> PromptRewriter (LLM) -> ImageAesthetic (optional) -> write_batch (commit)
 
+or, with data.fused (the CPU presets), one pool of BatchModels actors that each run all of that on whole batches.
+
 Every batch commits one work file, so an interrupted run resumes where it stopped and a retried batch after an
 actor failure rewrites the same file. Consolidation then removes duplicates across batches and writes the shards.
 """
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bp_ray.config import ClusterConfig, ConfigError, DataConfig, ModelsConfig
+from bp_ray.config import ActorPoolConfig, ClusterConfig, ConfigError, DataConfig, ModelsConfig
 from bp_ray.config_loader import ENV_VARIABLE
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
@@ -159,33 +161,72 @@ def write_batch(batch: pd.DataFrame, work_dir: str, data_cfg: DataConfig) -> pd.
                          "kept": [int((candidates[C.DROP_REASON] == "").sum())]})
 
 
-def run_model_stages(rows: pd.DataFrame, data: DataConfig, models: ModelsConfig, work_dir: Path) -> int:
-    """Stream `rows` through the actor pools and commit every batch; returns batches committed."""
-    import ray
+MODEL_STAGES = ("caption", "rewrite", "aesthetic")
 
-    from bp_ray.console import report_progress
+
+def model_stages(rows: pd.DataFrame, data: DataConfig) -> list[str]:
+    """The model stages these rows need, in order (of MODEL_STAGES)."""
+    has_image = rows[C.IMAGE_REF] != ""
+    wanted = {"caption": data.use_captions and bool(((rows[C.QUALITY] == "high") & has_image).any()),
+              "rewrite": data.use_summaries or data.use_expansions,
+              "aesthetic": data.aesthetic_threshold is not None and bool(has_image.any())}
+    return [stage for stage in MODEL_STAGES if wanted[stage]]
+
+
+def _stage_udf(stage: str, data: DataConfig, models: ModelsConfig) -> tuple[type, dict[str, Any], ActorPoolConfig]:
+    """The Ray Data UDF class of one model stage, its constructor arguments and its pool."""
     from bp_ray.data.captions import Captioner
     from bp_ray.data.image_filter import ImageAesthetic
     from bp_ray.data.rewrite import PromptRewriter
 
+    return {"caption": (Captioner, {"models_cfg": models, "max_new_tokens": data.caption_max_new_tokens},
+                        data.captioner_pool),
+            "rewrite": (PromptRewriter, {"data_cfg": data, "models_cfg": models}, data.rewriter_pool),
+            "aesthetic": (ImageAesthetic, {"models_cfg": models}, data.aesthetic_pool)}[stage]
+
+
+class BatchModels:
+    """Ray Data UDF of data.fused: a batch's every model stage and its commit in one actor. On CPUs the separate
+    pools cost more than they give: each hand-over crosses the object store between actors that share the same
+    cores. A pool of these runs like the sequential path in as many processes, with Ray's retries."""
+
+    def __init__(self, data_cfg: DataConfig, models_cfg: ModelsConfig, stages: list[str], work_dir: str):
+        from bp_ray.ray_runtime import use_held_cpus
+
+        use_held_cpus(data_cfg.model_pool.num_cpus)
+        self.steps = [cls(**kwargs) for cls, kwargs, _ in (_stage_udf(s, data_cfg, models_cfg) for s in stages)]
+        self.data_cfg, self.work_dir = data_cfg, work_dir
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        for step in self.steps:
+            batch = step(batch)
+        return write_batch(pd.DataFrame(batch), self.work_dir, self.data_cfg)
+
+
+def run_model_stages(rows: pd.DataFrame, data: DataConfig, models: ModelsConfig, work_dir: Path) -> int:
+    """Stream `rows` through the actor pools (or the fused pool, data.fused) and commit every batch; returns
+    batches committed."""
+    import ray
+
+    from bp_ray.console import report_progress
+
+    stages = model_stages(rows, data)
     # Blocks of one batch each: the unit of parallelism, of retry and of resume.
-    block_rows = max(1, min(data.captioner_pool.batch_size, data.rewriter_pool.batch_size))
+    block_rows = max(1, data.model_pool.batch_size if data.fused
+                     else min(data.captioner_pool.batch_size, data.rewriter_pool.batch_size))
     blocks = [rows.iloc[i:i + block_rows] for i in range(0, len(rows), block_rows)]
     ds = ray.data.from_pandas(blocks)
-    needs_captions = data.use_captions and bool(((rows[C.QUALITY] == "high") & (rows[C.IMAGE_REF] != "")).any())
-    if needs_captions:
-        ds = ds.map_batches(Captioner, fn_constructor_kwargs={"models_cfg": models,
-                                                              "max_new_tokens": data.caption_max_new_tokens},
-                            **actor_pool_args(data.captioner_pool))
-    if data.use_summaries or data.use_expansions:
-        ds = ds.map_batches(PromptRewriter, fn_constructor_kwargs={"data_cfg": data, "models_cfg": models},
-                            **actor_pool_args(data.rewriter_pool))
-    if data.aesthetic_threshold is not None and (rows[C.IMAGE_REF] != "").any():
-        ds = ds.map_batches(ImageAesthetic, fn_constructor_kwargs={"models_cfg": models},
-                            **actor_pool_args(data.aesthetic_pool))
-    # Writing a batch is light I/O: a small CPU share keeps it from waiting behind the model actors.
-    ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=None, num_cpus=0.25,
-                        fn_kwargs={"work_dir": str(work_dir), "data_cfg": data})
+    if data.fused:
+        ds = ds.map_batches(BatchModels, fn_constructor_kwargs={"data_cfg": data, "models_cfg": models,
+                                                                "stages": stages, "work_dir": str(work_dir)},
+                            **actor_pool_args(data.model_pool))
+    else:
+        for stage in stages:
+            udf, kwargs, pool = _stage_udf(stage, data, models)
+            ds = ds.map_batches(udf, fn_constructor_kwargs=kwargs, **actor_pool_args(pool))
+        # Writing a batch is light I/O: a small CPU share keeps it from waiting behind the model actors.
+        ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=None, num_cpus=0.25,
+                            fn_kwargs={"work_dir": str(work_dir), "data_cfg": data})
     batches = rows_done = 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):  # each block as it lands: live progress
         batches, rows_done = batches + len(batch["rows"]), rows_done + int(batch["rows"].sum())
@@ -209,7 +250,7 @@ def pair_counts(pairs: pd.DataFrame) -> dict[str, Any]:
 def work_key(data: DataConfig, models: ModelsConfig, source_path: str) -> dict[str, Any]:
     """What committed work depends on: changing any of it invalidates the work folder."""
     # Given pairs are read afresh on every run: they never enter the committed work.
-    unrelated = ("render", "num_seeds", "pair_files", "pair_high_field", "pair_files_fraction")
+    unrelated = ("render", "num_seeds", "pair_files", "pair_high_field", "pair_files_fraction", "fused")
     settings = {k: v for k, v in asdict(data).items() if not k.endswith("_pool") and k not in unrelated}
     roles = {role: getattr(models, role) for role in ("rewriter", "captioner", "aesthetic")}
     return {"data": settings, "models": roles, "zoo": {name: asdict(section) for name, section in models.zoo.items()},

@@ -54,12 +54,15 @@ def stage_needs(cfg: PipelineConfig) -> list[Need]:
     service beside one rewrite task (eval/run.py), Serve's replicas (serve/runner.py start_serve)."""
     d, ppo, s = cfg.data, cfg.ppo, cfg.serve
     data = Need("data")
-    if d.use_captions:
-        data.add_pool("captioner", d.captioner_pool)
-    if d.use_summaries or d.use_expansions:
-        data.add_pool("rewriter", d.rewriter_pool)
-    if d.aesthetic_threshold is not None:
-        data.add_pool("aesthetic filter", d.aesthetic_pool)
+    if d.fused:
+        data.add_pool("fused model stages", d.model_pool)
+    else:
+        if d.use_captions:
+            data.add_pool("captioner", d.captioner_pool)
+        if d.use_summaries or d.use_expansions:
+            data.add_pool("rewriter", d.rewriter_pool)
+        if d.aesthetic_threshold is not None:
+            data.add_pool("aesthetic filter", d.aesthetic_pool)
 
     rewards = Need("rewards")
     if cfg.rewards.fused:

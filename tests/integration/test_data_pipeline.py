@@ -23,7 +23,8 @@ from bp_ray.data.pipeline import prepare_rows, read_source, run_data_generation
 pytestmark = pytest.mark.integration
 
 SMALL = ["data.corpus_rows=160", "data.max_new_tokens=12", "data.caption_max_new_tokens=8",
-         "data.captioner_pool.batch_size=8", "data.rewriter_pool.batch_size=8", "data.rewriter_pool.max_actors=2"]
+         "data.captioner_pool.batch_size=8", "data.rewriter_pool.batch_size=8", "data.rewriter_pool.max_actors=2",
+         "data.model_pool.batch_size=8"]
 
 
 def small_config(tiny_models_cfg, *overrides: str):
@@ -141,6 +142,25 @@ def test_a_rerun_reuses_every_committed_batch(tiny_run):
     assert again["pairs"] == first["pairs"]
 
 
+def test_fused_and_separate_pools_commit_the_same_pairs(tiny_run, tiny_models_cfg, tmp_path):
+    cfg, root, first = tiny_run
+    # The other mode than the run's (the preset's default), with batches of the same rows.
+    other = small_config(tiny_models_cfg, f"data.fused={str(not cfg.data.fused).lower()}")
+    assert block_rows(cfg) == block_rows(other) == 8
+    again = run_data_generation(other.data, other.models, other.cluster, tmp_path / "data")
+    assert again["rows_resumed"] == 0 and again["pairs"] == first["pairs"]
+    def committed(run: Path) -> pd.DataFrame:  # image paths point into each run's own corpus folder
+        frame = work_store.read_committed(run / "data" / "work").sort_values(C.PAIR_ID, ignore_index=True)
+        return frame.assign(**{C.IMAGE_REF: frame[C.IMAGE_REF].str.replace(str(run), "<run>", regex=False)})
+
+    pd.testing.assert_frame_equal(committed(tmp_path), committed(root))
+
+
+def block_rows(cfg) -> int:
+    d = cfg.data
+    return d.model_pool.batch_size if d.fused else min(d.captioner_pool.batch_size, d.rewriter_pool.batch_size)
+
+
 def test_a_changed_config_starts_the_work_over(ray_session, tiny_models_cfg, tmp_path):
     cfg = small_config(tiny_models_cfg, "data.corpus_rows=40", "data.use_captions=false")
     first = run_data_generation(cfg.data, cfg.models, cfg.cluster, tmp_path / "data")
@@ -153,7 +173,8 @@ def test_a_changed_config_starts_the_work_over(ray_session, tiny_models_cfg, tmp
 def test_killed_driver_resumes_with_every_pair_exactly_once(tiny_models_cfg, tmp_path):
     """Start the CLI in its own process group, SIGKILL it once some batches are committed, then rerun."""
     overrides = [*SMALL, "data.corpus_rows=240", "data.max_new_tokens=24", "data.rewriter_pool.batch_size=4",
-                 "data.captioner_pool.batch_size=4", f"models.zoo_dir={tiny_models_cfg.zoo_dir}"]
+                 "data.captioner_pool.batch_size=4", "data.model_pool.batch_size=4",
+                 f"models.zoo_dir={tiny_models_cfg.zoo_dir}"]
     out = tmp_path / "data"
     argv = [str(Path(sys.executable).parent / "bp-ray"), "data", "generate", "--out", str(out)]
     for item in overrides:
@@ -190,11 +211,13 @@ def test_a_killed_actor_is_replaced_and_nothing_is_lost(ray_session, tiny_models
     import psutil
 
     cfg = small_config(tiny_models_cfg, "data.corpus_rows=240", "data.max_new_tokens=24",
-                       "data.rewriter_pool.batch_size=4", "data.captioner_pool.batch_size=4")
+                       "data.rewriter_pool.batch_size=4", "data.captioner_pool.batch_size=4",
+                       "data.model_pool.batch_size=4")
+    victim = "BatchModels" if cfg.data.fused else "PromptRewriter"  # the actor that runs the LM
     out = tmp_path / "data"
     killed: list[int] = []
 
-    def kill_one_rewriter() -> None:
+    def kill_one_model_actor() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             if work_store.committed_files(out / "work"):
@@ -204,17 +227,17 @@ def test_a_killed_actor_is_replaced_and_nothing_is_lost(ray_session, tiny_models
                         title = " ".join(process.cmdline())
                     except psutil.Error:
                         continue
-                    if "PromptRewriter" in title:
+                    if victim in title:
                         process.kill()
                         killed.append(process.pid)
                         return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_one_rewriter, daemon=True)
+    killer = threading.Thread(target=kill_one_model_actor, daemon=True)
     killer.start()
     manifest = run_data_generation(cfg.data, cfg.models, cfg.cluster, out)
     killer.join(timeout=5)
-    assert killed, "no rewriter actor was killed while the job ran"
+    assert killed, f"no {victim} actor was killed while the job ran"
     assert_counts_add_up(manifest)
     assert_exactly_once(out, expected_candidate_ids(cfg, tmp_path / "corpus"))
 
