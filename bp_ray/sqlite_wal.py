@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +89,19 @@ class WalConnection:
         """Safe to call twice."""
         with self.lock:
             self.conn.close()
+
+
+class WalStore:
+    """Base of the objects that keep their WalConnection in `self._db`: close() and the context manager."""
+
+    _db: WalConnection
+
+    def close(self) -> None:
+        """Closes the connection; safe to call twice."""
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from bp_ray.eval.human_pairs import PairItem
-from bp_ray.sqlite_wal import WalConnection
+from bp_ray.sqlite_wal import WalConnection, WalStore
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ _SCHEMA = [
 ]
 
 
-class VoteStore:
+class VoteStore(WalStore):
     """The study's raters, assignments and votes in one SQLite file, shared by the threads of one server (and by
     several processes, through WAL and the busy timeout).
 
@@ -302,12 +302,3 @@ class VoteStore:
         rows = self._db.read(lambda conn: conn.execute(
             "SELECT item_id FROM shown WHERE rater_id = ? AND state != 'shown'", (rater_id,)).fetchall())
         return sum(1 for (item,) in rows if item in self.items), len(self.items)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> VoteStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

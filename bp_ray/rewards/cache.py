@@ -16,9 +16,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from bp_ray.sqlite_wal import WalConnection
+from bp_ray.sqlite_wal import WalConnection, WalStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def entry_key(render_key: RenderKey, prompt: str, seed: int, pickscore_text: str
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class RewardCache:
+class RewardCache(WalStore):
     """(pickscore, aesthetic, relevance) per entry key in one SQLite file; one connection per object.
 
     Several processes may open the same file at once: WAL lets readers run beside the one writer, the busy timeout
@@ -149,13 +148,3 @@ class RewardCache:
         """True when SQLite's full integrity check passes."""
         rows = self._db.read(lambda conn: conn.execute("PRAGMA integrity_check").fetchall())
         return [tuple(r) for r in rows] == [("ok",)]
-
-    def close(self) -> None:
-        """Closes the connection; safe to call twice."""
-        self._db.close()
-
-    def __enter__(self) -> RewardCache:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bp_ray.sqlite_wal import WalConnection
+from bp_ray.sqlite_wal import WalConnection, WalStore
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _checked_scores(scores: Mapping[str, float] | None) -> dict[str, float]:
     return checked
 
 
-class CandidateStore:
+class CandidateStore(WalStore):
     """Candidates by id in the table `candidates` of one SQLite file; one connection per object.
 
     Growth is bounded: every `prune_every` new rows (per object) the oldest rows beyond `max_rows`, by `created` and
@@ -206,13 +206,3 @@ class CandidateStore:
         if not is_candidate_id(candidate_id):
             return None
         return self._db.read(lambda conn: self._select(conn, candidate_id))
-
-    def close(self) -> None:
-        """Closes the connection; safe to call twice."""
-        self._db.close()
-
-    def __enter__(self) -> CandidateStore:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
