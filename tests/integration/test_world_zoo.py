@@ -109,7 +109,7 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
     from bp_ray.eval.run import run_evaluation
 
     cfg = load_config("world", [f"models.zoo_dir={world_models_cfg.zoo_dir}", "eval.num_prompts=5",
-                                "eval.num_seeds=2", "eval.grid_prompts=2", "eval.batch_size=2",
+                                "eval.num_seeds=2", "eval.grid_prompts=2", "eval.human_prompts=3", "eval.batch_size=2",
                                 *[f"models.zoo.world.{k}={v}" for k, v in QUICK_WORLD.items()]])
     run_evaluation(cfg.eval, cfg.sft, cfg.data, cfg.rewards, cfg.models, cfg.cluster, tmp_path,
                    systems=["original", "tags"])
@@ -122,7 +122,8 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
         assert set(scores[check].unique()) <= {0.0, 1.0}
     rewrites = [json.loads(line) for line in (tmp_path / "rewrites.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rewrites] == embedded_eval_prompts(cfg.data)[:5]
-    assert len(list((tmp_path / "images").rglob("*.png"))) == 2 * 2 * 2  # only the grid's images are kept
+    # the images of the first 3 prompts (the human study's; the grid shows 2), every system and seed, no more
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 3 * 2 * 2
     for row in results["table"]:
         assert 0 <= row["true_aesthetic_mean"] <= 10 and 0 <= row["colour_match_mean"] <= 1
 
