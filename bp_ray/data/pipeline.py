@@ -203,6 +203,13 @@ class BatchModels:
         return write_batch(pd.DataFrame(batch), self.work_dir, self.data_cfg)
 
 
+def batch_rows(data: DataConfig) -> int:
+    """Rows per block: the unit of parallelism, of retry and of resume (the fused pool's batch, else the smaller of
+    the captioner's and the rewriter's)."""
+    return max(1, data.model_pool.batch_size if data.fused
+               else min(data.captioner_pool.batch_size, data.rewriter_pool.batch_size))
+
+
 def run_model_stages(rows: pd.DataFrame, data: DataConfig, models: ModelsConfig, work_dir: Path) -> int:
     """Stream `rows` through the actor pools (or the fused pool, data.fused) and commit every batch; returns
     batches committed."""
@@ -211,9 +218,7 @@ def run_model_stages(rows: pd.DataFrame, data: DataConfig, models: ModelsConfig,
     from bp_ray.console import report_progress
 
     stages = model_stages(rows, data)
-    # Blocks of one batch each: the unit of parallelism, of retry and of resume.
-    block_rows = max(1, data.model_pool.batch_size if data.fused
-                     else min(data.captioner_pool.batch_size, data.rewriter_pool.batch_size))
+    block_rows = batch_rows(data)
     blocks = [rows.iloc[i:i + block_rows] for i in range(0, len(rows), block_rows)]
     ds = ray.data.from_pandas(blocks)
     if data.fused:

@@ -131,11 +131,12 @@ def saved_image_prompts(ev: EvalConfig) -> int:
 
 def _submit_renders(service: Any, ev: EvalConfig, prompts: list[str],
                     rewrite_refs: dict[str, Any]) -> tuple[dict[str, Rewrites], dict[Any, tuple[str, int, bool]]]:
-    """Send each system's prompts to the service as soon as its rewrites are ready, in fixed chunks (the grid's
-    prompts first, with their images); returns the rewrites and the pending requests (system, start, images)."""
+    """Send each system's prompts to the service as soon as its rewrites are ready, in fixed chunks (the prompts
+    whose images are saved first, with their images); returns the rewrites and the pending requests (system,
+    start, images)."""
     import ray
 
-    grid = min(saved_image_prompts(ev), len(prompts))
+    saved = min(saved_image_prompts(ev), len(prompts))
     rewrites: dict[str, Rewrites] = {}
     pending: dict[Any, tuple[str, int, bool]] = {}
     waiting = {ref: system for system, ref in rewrite_refs.items()}
@@ -145,10 +146,10 @@ def _submit_renders(service: Any, ev: EvalConfig, prompts: list[str],
         rewrites[system] = ray.get(ready[0])
         logger.info("eval: %s rewrites ready, rendering %d prompts x %d seeds", system, len(prompts), ev.num_seeds)
         texts = rewrites[system].prompts
-        chunks = [(s, min(s + ev.batch_size, grid), True) for s in range(0, grid, ev.batch_size)]
+        chunks = [(s, min(s + ev.batch_size, saved), True) for s in range(0, saved, ev.batch_size)]
         # Pixel metrics are computed here, so with them every chunk brings its images back.
         chunks += [(s, min(s + ev.batch_size, len(texts)), bool(ev.metrics))
-                   for s in range(grid, len(texts), ev.batch_size)]
+                   for s in range(saved, len(texts), ev.batch_size)]
         for start, end, images in chunks:
             method = service.score_with_images if images else service.score_detailed
             pending[method.remote(texts[start:end], prompts[start:end])] = (system, start, images)
@@ -165,7 +166,7 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
 
     width = len(SCORE_NAMES) + len(pixel_metric_columns(ev))
     scores = {system: np.full((len(prompts), len(seeds), width), np.nan) for system in systems}
-    grid = min(saved_image_prompts(ev), len(prompts))
+    saved = min(saved_image_prompts(ev), len(prompts))
     image_paths: dict[str, str] = {}
     for done, (ref, (system, start, images)) in enumerate(pending.items(), 1):
         result = ray.get(ref)
@@ -178,7 +179,7 @@ def _collect_renders(pending: dict[Any, tuple[str, int, bool]], prompts: list[st
             scores[system][start:start + len(block), :, column:end] = metric.score(
                 pixels, prompts[start:start + len(block)])
             column = end
-        for p in range(min(len(pixels), grid - start) if pixels is not None else 0):
+        for p in range(min(len(pixels), saved - start) if pixels is not None else 0):
             for s, seed in enumerate(seeds):
                 rel = Path("images") / system / f"p{start + p:04d}_s{seed}.png"
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from bp_ray.config_loader import load_config
 from bp_ray.data import columns as C
 from bp_ray.data import work_store
 from bp_ray.data.pairs import PAIR_DROP_REASONS, build_candidates
-from bp_ray.data.pipeline import prepare_rows, read_source, run_data_generation
+from bp_ray.data.pipeline import batch_rows, prepare_rows, read_source, run_data_generation
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +146,7 @@ def test_fused_and_separate_pools_commit_the_same_pairs(tiny_run, tiny_models_cf
     cfg, root, first = tiny_run
     # The other mode than the run's (the preset's default), with batches of the same rows.
     other = small_config(tiny_models_cfg, f"data.fused={str(not cfg.data.fused).lower()}")
-    assert block_rows(cfg) == block_rows(other) == 8
+    assert batch_rows(cfg.data) == batch_rows(other.data) == 8
     again = run_data_generation(other.data, other.models, other.cluster, tmp_path / "data")
     assert again["rows_resumed"] == 0 and again["pairs"] == first["pairs"]
     def committed(run: Path) -> pd.DataFrame:  # image paths point into each run's own corpus folder
@@ -154,11 +154,6 @@ def test_fused_and_separate_pools_commit_the_same_pairs(tiny_run, tiny_models_cf
         return frame.assign(**{C.IMAGE_REF: frame[C.IMAGE_REF].str.replace(str(run), "<run>", regex=False)})
 
     pd.testing.assert_frame_equal(committed(tmp_path), committed(root))
-
-
-def block_rows(cfg) -> int:
-    d = cfg.data
-    return d.model_pool.batch_size if d.fused else min(d.captioner_pool.batch_size, d.rewriter_pool.batch_size)
 
 
 def test_a_changed_config_starts_the_work_over(ray_session, tiny_models_cfg, tmp_path):
