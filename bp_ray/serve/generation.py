@@ -1,5 +1,6 @@
 """Batched generation for the endpoint: many requests, each with its own n, seed, temperature, top-p, length, stop
-strings and decoding constraints (avoided and preferred phrases, a minimum length), in one `model.generate` call.
+strings, repetition controls (a repetition penalty, no repeated n-grams) and decoding constraints (avoided and
+preferred phrases, a minimum length), in one `model.generate` call.
 
 Plain Python and torch, no Ray. Every output row samples from its own seeded random stream, so a request's
 outputs depend on its seed only, not on which other requests shared its batch (up to the last float bits of
@@ -48,6 +49,12 @@ class GenerationRequest:
     min_new_tokens: int = 0
     """EOS and tokens that contain a stop string are banned until an output has this many tokens (at most its
     max_new_tokens)."""
+    repetition_penalty: float = 1.0
+    """Above 1: a token the output already holds has its logit divided by this (multiplied, if negative; Keskar
+    et al. 2019, as transformers does); 1 is off. Only the generated tokens count, never the prompt."""
+    no_repeat_ngram_size: int = 0
+    """n > 0: no n tokens in a row occur twice in an output (a token that would repeat an n-gram is banned); 0 is
+    off. Only the generated tokens count, so an output may still repeat the user's own words."""
 
 
 @dataclass
@@ -73,6 +80,8 @@ class _Row:
     temperature: float
     top_p: float
     max_new_tokens: int
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
 
 def beautify_input(instruction: str, prompt: str, keep_prompt: bool = False) -> str:
@@ -95,7 +104,8 @@ def _expand(requests: Sequence[GenerationRequest], indices: Sequence[int] | None
     """One row per output of the requests at `indices` (all by default); `_Row.request` indexes `requests`."""
     chosen = range(len(requests)) if indices is None else indices
     return [_Row(index, requests[index].seed + i, requests[index].temperature, requests[index].top_p,
-                 requests[index].max_new_tokens) for index in chosen for i in range(requests[index].n)]
+                 requests[index].max_new_tokens, requests[index].repetition_penalty,
+                 requests[index].no_repeat_ngram_size) for index in chosen for i in range(requests[index].n)]
 
 
 def refusals(tokenizer: Any, requests: Sequence[GenerationRequest]) -> list[str | None]:
@@ -132,7 +142,8 @@ class RowSampler:
     `rules` (one per row, None for an unconstrained row) bias and ban tokens before the row samples: a banned
     token gets no probability mass, and the row still uses its own uniform of that step, so constraints on one
     row never move another row's tokens. Only the generated tokens count towards a banned or preferred prefix,
-    never the prompt.
+    never the prompt. A row's repetition penalty and n-gram ban (`GenerationRequest`) apply first, on its own
+    generated tokens.
     """
 
     def __init__(self, rows: Sequence[_Row], prompt_len: int, eos_token_id: int, device: torch.device,
@@ -162,10 +173,15 @@ class RowSampler:
                                        device=device)
         self.with_prefixes = [(i, r) for i, r in self.row_rules if r.depth]
         self.row_bias = {i: r.bias for i, r in self.row_rules}
+        self.penalties = torch.tensor([row.repetition_penalty for row in rows], device=device)
+        self.penalised = self.penalties != 1.0
+        self.ngram_rows = [(i, row.no_repeat_ngram_size) for i, row in enumerate(rows) if row.no_repeat_ngram_size]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_len
         scores = scores.float()
+        if step and (self.ngram_rows or bool(self.penalised.any())):
+            scores = self._discourage_repeats(input_ids[:, self.prompt_len:], scores)
         if self.row_rules:
             scores = self._constrained(input_ids, scores, step)
         temperatures = torch.where(self.greedy, torch.ones_like(self.temperatures), self.temperatures)
@@ -192,6 +208,21 @@ class RowSampler:
         targets = self.uniforms[:, step : step + 1] * cumulative[:, -1:]
         return torch.searchsorted(cumulative, targets).clamp(max=probs.shape[-1] - 1).squeeze(1)
 
+    def _discourage_repeats(self, generated: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` with each row's repetition penalty on the tokens it generated, then the tokens that would
+        repeat one of its n-grams at -inf."""
+        scores = scores.clone()  # the model's logits buffer stays as it was
+        if bool(self.penalised.any()):
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True) & self.penalised[:, None]
+            penalty = self.penalties[:, None]
+            scores = torch.where(seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
+        banned = [(i, token) for i, size in self.ngram_rows
+                  for token in repeating_tokens(generated[i].tolist(), size)]
+        if banned:
+            rows, cols = _index(banned, scores.device)
+            scores[rows, cols] = float("-inf")
+        return scores
+
     def _constrained(self, input_ids: torch.Tensor, scores: torch.Tensor, step: int) -> torch.Tensor:
         """`scores` with the constrained rows' preferred tokens raised, then their banned tokens at -inf."""
         scores = scores.clone()  # the model's logits buffer stays as it was
@@ -216,6 +247,15 @@ class RowSampler:
         active = step < self.held_until
         scores[rows[active], cols[active]] = float("-inf")
         return scores
+
+
+def repeating_tokens(tokens: Sequence[int], size: int) -> set[int]:
+    """The tokens that, appended to `tokens`, would make an n-gram of `size` tokens occur a second time."""
+    if size <= 0 or len(tokens) < size - 1:
+        return set()
+    head = list(tokens[len(tokens) - size + 1:]) if size > 1 else []
+    return {tokens[start + size - 1] for start in range(len(tokens) - size + 1)
+            if list(tokens[start:start + size - 1]) == head}
 
 
 def _index(pairs: Sequence[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,10 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="output i samples with seed + i; omitted: a random "
                                                              "seed, returned in the response")]
 Count = Annotated[int, Field(ge=1, le=64)]
+RepetitionPenalty = Annotated[float, Field(ge=1.0, le=2.0, description="above 1, tokens an output already holds "
+                                           "are less likely (1: off); omitted: the server's serve.decoding")]
+NgramSize = Annotated[int, Field(ge=0, le=16, description="n > 0: no n tokens in a row occur twice in an output "
+                                 "(0: off); omitted: the server's serve.decoding")]
 Tokens = Annotated[int, Field(ge=1, le=4096)]
 
 
@@ -63,6 +67,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class Repetition(_Request):
+    """Repetition controls of every generating route (transformers' names; the openai client sends them with
+    extra_body)."""
+
+    repetition_penalty: RepetitionPenalty | None = None
+    no_repeat_ngram_size: NgramSize | None = None
+
+
 Style = Literal["photo", "painting", "anime", "3d"]
 Detail = Literal["low", "medium", "high"]
 Rank = Literal["none", "reward_model", "online"]
@@ -85,7 +97,7 @@ class Controls(_Request):
                                                     "[]: none")
 
 
-class BeautifyRequest(Controls):
+class BeautifyRequest(Controls, Repetition):
     prompt: str | None = Field(None, description="the plain text-to-image prompt to beautify (required unless "
                                                  "edit_of)", json_schema_extra=NOT_BLANK)
     n: Count = 1
@@ -116,8 +128,11 @@ class BeautifyRequest(Controls):
 
 class Scores(BaseModel):
     reward: float
-    pickscore: float
-    aesthetic: float
+    pickscore: float | None = None
+    """Not from a style reward model (rm.target=style), which scores style only."""
+    aesthetic: float | None = None
+    style: float | None = None
+    """Only from a style reward model: how much the text reads like an SD prompt, 0 to 1."""
     relevance: float | None = None
     """Only when rendered (rank=online)."""
 
@@ -155,11 +170,12 @@ class BeautifyResponse(BaseModel):
     latency_ms: float
 
 
-class RenderRequest(Controls):
+class RenderRequest(Controls, Repetition):
     prompt: str = Field(json_schema_extra=NOT_BLANK)
     seed: Seed | None = None
     beautify: bool = Field(True, description="false renders the prompt as given")
     temperature: Temperature | None = None
+    top_p: TopP | None = None
     max_new_tokens: Tokens | None = None
     negative_prompt: str | None = Field(None, description="passed unchanged to the renderer")
 
@@ -174,7 +190,7 @@ class RenderRequest(Controls):
         return _not_blank(prompt)
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(Repetition):
     model: str
     prompt: str | list[str] = Field(description="text to continue as is (no instruction template)")
     max_tokens: Tokens | None = None
@@ -224,7 +240,7 @@ class ChatMessage(_Request):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(Controls):
+class ChatCompletionRequest(Controls, Repetition):
     model: str
     messages: list[ChatMessage] = Field(min_length=1, description="the last user message is the prompt to "
                                                                   "beautify")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import os
 import signal
@@ -156,11 +157,22 @@ def test_openai_client_completions_and_chat_plain_and_streamed(server):
                                             max_tokens=16, seed=9, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer
     assert answer.startswith("a cat on a sofa")
+    # Repetition controls go as extra fields (the openai client's extra_body); no token trigram of the answer
+    # repeats, while the plain answer loops.
+    plain = client.completions.create(model=MODEL, prompt="a cat", max_tokens=24, temperature=0).choices[0].text
+    controlled = client.completions.create(model=MODEL, prompt="a cat", max_tokens=24, temperature=0,
+                                           extra_body={"no_repeat_ngram_size": 2}).choices[0].text
+    assert repeats_a_word_pair(plain) and not repeats_a_word_pair(controlled), (plain, controlled)
 
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "a cat"}])
     with pytest.raises(openai.BadRequestError, match="n=5 asks for 5 outputs; the limit is 4"):
         client.completions.create(model=MODEL, prompt="a cat", n=5)
+
+
+def repeats_a_word_pair(text: str) -> bool:
+    words = text.split()
+    return len(set(itertools.pairwise(words))) < len(words) - 1
 
 
 def test_concurrent_streams_share_generate_batches_and_equal_their_plain_answers(server):
@@ -303,6 +315,10 @@ BAD_REQUESTS = [
      "max_new_tokens=65 exceeds the limit of 64"),
     ("/v1/beautify", {"prompt": "a cat", "max_new_tokens": 0}, 400, "max_new_tokens: Input should be greater"),
     ("/v1/beautify", {"prompt": "a cat", "seed": -3}, 400, "seed: Input should be greater than or equal to 0"),
+    ("/v1/beautify", {"prompt": "a cat", "repetition_penalty": 3}, 400,
+     "repetition_penalty: Input should be less than or equal to 2"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "no_repeat_ngram_size": -1}, 400,
+     "no_repeat_ngram_size: Input should be greater than or equal to 0"),
     ("/v1/beautify", {"n": 1}, 400, "prompt: required (unless edit_of"),
     ("/v1/beautify", [1, 2], 400, "the request body must be a JSON object"),
     ("/v1/beautify", {"prompt": "a cat", "model": "dall-e"}, 404, "model 'dall-e' does not exist"),

@@ -4,6 +4,7 @@ tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 
@@ -249,3 +250,52 @@ def test_streaming_honours_the_same_constraints(lm):
     deltas = list(stream(model, tokenizer, request))
     for i, completion in enumerate(expected):
         assert "".join(d.text for d in deltas if d.index == i) == completion.text
+
+
+def test_no_repeat_ngram_bans_the_token_that_would_repeat_a_generated_ngram():
+    # Token 5 leads, then 2, then 4. Row 0 bans repeated bigrams of its generated tokens.
+    scores = torch.log(torch.tensor([[0.01, 0.02, 0.3, 0.01, 0.2, 0.46]] * 2))
+    rows = [_Row(0, 0, 0.0, 1.0, 9, no_repeat_ngram_size=2), _Row(1, 0, 0.0, 1.0, 9)]
+    sampler = RowSampler(rows, prompt_len=2, eos_token_id=0, device=torch.device("cpu"))
+    # The prompt (5, 5) never counts: the first generated 5 is allowed.
+    assert sampler(torch.tensor([[5, 5], [5, 5]]), scores).argmax(dim=-1).tolist() == [5, 5]
+    # Generated 5, 5: a second (5, 5) is banned for row 0 -> 2; row 1 is unconstrained.
+    assert sampler(torch.tensor([[5, 5, 5, 5]] * 2), scores).argmax(dim=-1).tolist() == [2, 5]
+    # Generated 5, 2, 5: (5, 2) is taken, (5, 5) is not -> 5.
+    assert sampler(torch.tensor([[5, 5, 5, 2, 5]] * 2), scores).argmax(dim=-1).tolist() == [5, 5]
+    # Generated 5, 5, 2, 5: both (5, 5) and (5, 2) are taken -> 4.
+    assert sampler(torch.tensor([[5, 5, 5, 5, 2, 5]] * 2), scores).argmax(dim=-1).tolist() == [4, 5]
+
+
+def test_repetition_penalty_lowers_only_the_tokens_already_generated():
+    # Logits: token 2 at 2.0 leads token 4 at 1.8; a generated 2 divides its logit by 1.5 -> 1.33 < 1.8.
+    scores = torch.tensor([[0.0, -1.0, 2.0, -3.0, 1.8]] * 2)
+    rows = [_Row(0, 0, 0.0, 1.0, 9, repetition_penalty=1.5), _Row(1, 0, 0.0, 1.0, 9)]
+    sampler = RowSampler(rows, prompt_len=1, eos_token_id=0, device=torch.device("cpu"))
+    assert sampler(torch.tensor([[2], [2]]), scores).argmax(dim=-1).tolist() == [2, 2]  # a prompt's 2 is free
+    assert sampler(torch.tensor([[2, 2], [2, 2]]), scores).argmax(dim=-1).tolist() == [4, 2]
+    # A negative logit is multiplied: token 3 generated, it only falls further behind.
+    assert sampler(torch.tensor([[2, 3], [2, 3]]), scores).argmax(dim=-1).tolist() == [2, 2]
+
+
+def word_trigrams_repeat(text: str) -> bool:
+    words = text.split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return len(grams) != len(set(grams))
+
+
+def test_repetition_controls_stop_a_model_looping(lm):
+    """The tiny model's greedy outputs loop ("sofa sofa sofa ..."); with no_repeat_ngram_size=3 no token trigram
+    recurs."""
+    model, tokenizer = lm
+    requests = [GenerationRequest(p, max_new_tokens=32, temperature=0.0)
+                for p in ("a cat on a sofa", "a red car", "a house by the sea")]
+    free = generate(model, tokenizer, requests)
+    no_repeat = [dataclasses.replace(r, no_repeat_ngram_size=3) for r in requests]
+    assert sum(word_trigrams_repeat(r.completions[0].text) for r in free) >= 2
+    # The token ids themselves: decoding and encoding again need not give the same ids back.
+    outputs, _ = _run_generate(model, tokenizer, no_repeat, _expand(no_repeat))
+    for row in outputs.tolist():
+        ids = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+        grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+        assert len(ids) >= 16 and len(grams) == len(set(grams)), tokenizer.decode(ids)
