@@ -62,9 +62,13 @@ def rm_summary(manifest: dict, out: Path) -> str:
         f"{head}: held-out MSE {metrics[f'rm/{head}/mse']:.4g} vs predict-the-mean "
         f"{metrics[f'rm/{head}/mean_baseline_mse']:.4g}, Pearson {metrics[f'rm/{head}/pearson']:.3f}, "
         f"Spearman {metrics[f'rm/{head}/spearman']:.3f}"
-        for head in ("pickscore", "aesthetic") if f"rm/{head}/mse" in metrics)
+        for head in ("pickscore", "aesthetic", "style") if f"rm/{head}/mse" in metrics)
+    if "rm/style/auc" in metrics:
+        heads += (f", accuracy {metrics['rm/style/accuracy']:.3f} vs majority class "
+                  f"{metrics['rm/style/majority_accuracy']:.3f}, AUC {metrics['rm/style/auc']:.3f}")
     state = "" if manifest["complete"] else " (stopped: go on with --resume)"
-    return f"rm: {manifest['heads']} on {manifest['label_rows']} labelled prompts{state}; {heads} -> {out}"
+    kind = "style classifier" if manifest.get("target") == "style" else manifest["heads"]
+    return f"rm: {kind} on {manifest['label_rows']} labelled prompts{state}; {heads} -> {out}"
 
 
 def ppo_summary(manifest: dict) -> str:

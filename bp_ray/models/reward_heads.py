@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 HEADS = ("pickscore", "aesthetic")
+STYLE = "style"
+"""The one head of a style reward model (rm.target=style): how much a text reads like an SD prompt, 0 to 1."""
 INPUTS = ("high", "low+high")
 HEAD_FILE = "reward_head.json"
 PAIR_TEMPLATE = "Input: {low}\nOutput: {high}"

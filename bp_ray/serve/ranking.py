@@ -50,13 +50,13 @@ class TextScorer:
         self.reward = LearnedReward.load(Path(rm_dir), alpha, resolve_device(device))
 
     def score(self, prompts: Sequence[str], texts: Sequence[str]) -> list[dict[str, float]]:
-        """Per candidate texts[i] of user prompt prompts[i]: {"reward", "pickscore", "aesthetic"}."""
+        """Per candidate texts[i] of user prompt prompts[i]: {"reward", "pickscore", "aesthetic"} (a style reward
+        model: {"reward", "style"})."""
         _check_lengths(prompts, texts)
         # one call per model for all pairs; reward combined here rather than by LearnedReward.__call__, which
         # would run the models a second time
         scores = self.reward.scores(lows=list(prompts), highs=list(texts))
-        reward = combined_reward(scores["pickscore"], scores["aesthetic"], self.alpha)
-        return _rows({"reward": reward, "pickscore": scores["pickscore"], "aesthetic": scores["aesthetic"]})
+        return _rows({"reward": self.reward(prompts, texts, scores), **scores})
 
 
 def online_setup(cfg: PipelineConfig) -> RewardSetup:

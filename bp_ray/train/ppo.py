@@ -331,8 +331,8 @@ def ppo_worker_loop(config: dict) -> None:
 
         mask = exp.rollout.mask.to(kl.device)
         local = {**exp.reward_terms, **stats,
-                 "reward/pickscore": float(np.mean(exp.scores["pickscore"])),
-                 "reward/aesthetic": float(np.mean(exp.scores["aesthetic"])),
+                 **{f"reward/{name}": float(np.mean(values)) for name, values in exp.scores.items()
+                    if name not in ("reward", "relevance")},
                  "kl": float((kl * mask).sum(-1).mean()), "response_tokens": float(mask.sum(-1).mean()),
                  **({"explained_variance": explained_variance(exp.old_values, returns, mask)}
                     if returns is not None else {}),

@@ -22,7 +22,6 @@ import torch
 
 from bp_ray.config import ActorPoolConfig, ModelsConfig, PPOConfig, SFTConfig
 from bp_ray.rewards.labeler import RewardSetup
-from bp_ray.rewards.scoring import combined_reward
 from bp_ray.train.ppo_experience import Experience, FrozenPolicy, Scorer, guards_for, rollout
 from bp_ray.train.ppo_rollout import Rollout, response_logprobs
 
@@ -53,17 +52,19 @@ class ReferencePolicy:
 
 
 class LearnedRewardScorer:
-    """Ray actor: the trained reward models, plus CLIP text relevance of each generated prompt to its low one."""
+    """Ray actor: the trained reward models, plus the text relevance of each generated prompt to its low one (CLIP's
+    text tower or the sentence encoder, `relevance`)."""
 
-    def __init__(self, rm_dir: str, alpha: float, models_cfg: ModelsConfig, relevance: bool, device: str = "cpu",
+    def __init__(self, rm_dir: str, alpha: float, models_cfg: ModelsConfig, relevance: str, device: str = "cpu",
                  threads: int = 1):
-        from bp_ray.models.loading import load_clip_relevance
+        from bp_ray.models.loading import load_clip_relevance, load_text_encoder
         from bp_ray.rewards.learned import LearnedReward
 
         torch.set_num_threads(threads)
         self.reward = LearnedReward.load(Path(rm_dir), alpha, device)
-        self.alpha = alpha
-        self.clip = load_clip_relevance(models_cfg, device) if relevance else None
+        self.clip = load_clip_relevance(models_cfg, device) if relevance == "clip" else None
+        self.encoder = load_text_encoder(models_cfg.text_encoder, models_cfg, device) \
+            if relevance == "text_encoder" else None
 
     @torch.no_grad()
     def score_rewrites(self, lows: list[str], highs: list[str]) -> dict[str, np.ndarray]:
@@ -71,8 +72,9 @@ class LearnedRewardScorer:
         relevance = np.zeros(len(lows))
         if self.clip is not None and lows:
             relevance = (self.clip.embed_texts(lows) * self.clip.embed_texts(highs)).sum(-1).float().cpu().numpy()
-        return {"pickscore": scores["pickscore"], "aesthetic": scores["aesthetic"], "relevance": relevance,
-                "reward": combined_reward(scores["pickscore"], scores["aesthetic"], self.alpha)}
+        if self.encoder is not None and lows:
+            relevance = self.encoder.similarity(highs, lows)
+        return {**scores, "relevance": relevance, "reward": self.reward(lows, highs, scores)}
 
 
 def actor_groups(num_workers: int, workers_per_actor: int) -> int:
@@ -109,8 +111,9 @@ def start_reward_actor(ppo: PPOConfig, reward: RewardSetup, pool: ActorPoolConfi
     assert rm_dir is not None, "run_ppo checks that the reward models exist"
     actor = ray.remote(LearnedRewardScorer).options(num_cpus=ppo.actor_cpus, num_gpus=ppo.actor_gpus,
                                                     **restartable(ppo))
-    return actor.remote(str(rm_dir), reward.rewards.alpha, reward.models,
-                        ppo.relevance_coef > 0 or ppo.intent_hinge_coef > 0, "cuda" if ppo.actor_gpus else "cpu")
+    relevance = ppo.relevance_model if ppo.relevance_coef > 0 or ppo.intent_hinge_coef > 0 else ""
+    return actor.remote(str(rm_dir), reward.rewards.alpha, reward.models, relevance,
+                        "cuda" if ppo.actor_gpus else "cpu")
 
 
 def start_reference_actor(ppo: PPOConfig, models: ModelsConfig, sft_model: Path) -> Any:

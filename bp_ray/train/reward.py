@@ -1,4 +1,6 @@
-"""`bp-ray train rm`: regress the seed-averaged PickScore and aesthetic labels with MSE (paper Section 4.2).
+"""`bp-ray train rm`: regress the seed-averaged PickScore and aesthetic labels with MSE (paper Section 4.2), or,
+with rm.target=style, a text-only style score: SD-style prompts 1, plain captions 0 (MSE on 0 / 1 is the Brier
+score of a classifier).
 
 rm.heads=two_models trains one backbone per score, as the paper does (out/pickscore/model, out/aesthetic/model);
 shared_backbone trains one backbone with two scalar heads (out/shared/model). Each model is one Ray Train run of
@@ -18,19 +20,29 @@ import numpy as np
 from bp_ray.config import ClusterConfig, ModelsConfig, RewardsConfig, RMConfig
 from bp_ray.data import columns as C
 from bp_ray.layout import SUCCESS, write_manifest
-from bp_ray.models.reward_heads import HEADS, label_column
-from bp_ray.train.reward_data import fit_head_spec, read_labels
+from bp_ray.models.reward_heads import HEADS, STYLE, label_column
+from bp_ray.train.reward_data import fit_head_spec, read_labels, read_style_labels
 
 
 def model_groups(rm: RMConfig) -> dict[str, list[str]]:
     """Name of each model to train -> the heads it carries."""
+    if rm.target == "style":
+        return {STYLE: [STYLE]}
     if rm.heads == "two_models":
         return {head: [head] for head in HEADS}
     return {"shared": list(HEADS)}
 
 
 def head_inputs(rm: RMConfig, heads: list[str]) -> list[str]:
-    return [rm.pickscore_input if head == "pickscore" else rm.aesthetic_input for head in heads]
+    inputs = {"pickscore": rm.pickscore_input, "aesthetic": rm.aesthetic_input, STYLE: "high"}
+    return [inputs[head] for head in heads]
+
+
+def training_labels(rm: RMConfig, labels_dir: Path) -> tuple[Any, int]:
+    """(label rows, rows dropped): the rendered prompts' scores, or the style files' prompts."""
+    if rm.target == "style":
+        return read_style_labels(rm.style_positive, rm.style_negative, rm.style_rows)
+    return read_labels(labels_dir, rm.label_roles)
 
 
 def evaluate_heads(engine: Any, examples: list, spec: Any, batch_size: int, pad_id: int) -> dict[str, float]:
@@ -38,7 +50,7 @@ def evaluate_heads(engine: Any, examples: list, spec: Any, batch_size: int, pad_
     against the predict-the-training-mean baseline."""
     import torch
 
-    from bp_ray.train.reward_data import collate_rm, masked_mse, regression_report
+    from bp_ray.train.reward_data import classification_report, collate_rm, masked_mse, regression_report
 
     if not examples:
         return {}
@@ -59,6 +71,8 @@ def evaluate_heads(engine: Any, examples: list, spec: Any, batch_size: int, pad_
     for column, head in enumerate(spec.heads):
         known = np.isfinite(actual[:, column])
         metrics.update(regression_report(head, units[known, column], actual[known, column], spec.mean[column]))
+        if head == STYLE:
+            metrics.update(classification_report(units[known, column], actual[known, column]))
     return metrics
 
 
@@ -76,7 +90,7 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(rm.seed)
     heads = config["heads"]
-    labels, _ = read_labels(Path(config["labels_dir"]), rm.label_roles)
+    labels, _ = training_labels(rm, Path(config["labels_dir"]))
     held_out = split_held_out(labels[C.PAIR_ID].tolist(), rm.eval_fraction, rm.seed)
     train_rows, eval_rows = labels[~held_out], labels[held_out]
     spec = fit_head_spec(train_rows, heads, head_inputs(rm, heads))
@@ -113,7 +127,7 @@ def run_rm(rm: RMConfig, rewards: RewardsConfig, models: ModelsConfig, cluster: 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUCCESS).unlink(missing_ok=True)
-    labels, dropped = read_labels(labels_dir, rm.label_roles)  # fail here, clearly, not in every worker
+    labels, dropped = training_labels(rm, labels_dir)  # fail here, clearly, not in every worker
     backbone = resolve_model(models.rm_backbone, models)
     parts, complete = {}, True
     for name, heads in model_groups(rm).items():
@@ -130,11 +144,13 @@ def run_rm(rm: RMConfig, rewards: RewardsConfig, models: ModelsConfig, cluster: 
         parts[name] = part
         complete = complete and part["complete"]
     manifest = {
-        "stage": "rm", "heads": rm.heads, "alpha": rewards.alpha, "max_length": rm.max_length,
+        "stage": "rm", "target": rm.target, "heads": rm.heads, "alpha": rewards.alpha, "max_length": rm.max_length,
         "models": {name: f"{name}/model" for name in parts}, "complete": complete,
-        "inputs": {"pickscore": rm.pickscore_input, "aesthetic": rm.aesthetic_input},
+        "inputs": {h: i for heads in model_groups(rm).values() for h, i in zip(heads, head_inputs(rm, heads),
+                                                                                 strict=True)},
         "label_rows": len(labels), "label_rows_dropped": dropped,
-        "label_means": {h: float(labels[label_column(h)].mean()) for h in HEADS},
+        "label_means": {h: float(labels[label_column(h)].mean()) for heads in model_groups(rm).values()
+                        for h in heads},
         "final_metrics": {k: v for part in parts.values() for k, v in part["final_metrics"].items()
                           if k.startswith("rm/")},
         "parts": {name: part["model"] for name, part in parts.items()}, "backbone": models.rm_backbone,

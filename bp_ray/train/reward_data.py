@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from bp_ray.data import columns as C
-from bp_ray.models.reward_heads import HEADS, HeadSpec, label_column, reward_text
+from bp_ray.models.reward_heads import HEADS, STYLE, HeadSpec, label_column, reward_text
 
 ROLES = ("low", "high")
 
@@ -39,6 +39,31 @@ def read_labels(labels_dir: Path, roles: Sequence[str] = ROLES) -> tuple[pd.Data
     finite = np.isfinite(frame[[label_column(h) for h in HEADS]].to_numpy(dtype=np.float64)).all(axis=1)
     kept = frame[finite].sort_values([C.PAIR_ID, "role"], kind="stable").reset_index(drop=True)
     return kept, int((~finite).sum())
+
+
+def read_style_labels(positive: Sequence[str], negative: Sequence[str], rows: int) -> tuple[pd.DataFrame, int]:
+    """(rows, duplicates dropped) for a style reward model: each distinct prompt of the first `rows` of every
+    positive file labelled 1, of every negative file 0, in the shape of `read_labels` (a prompt is its own intent,
+    and its own pair, so held-out rows are whole prompts). A prompt found on both sides is dropped."""
+    from bp_ray.data.prompt_io import read_prompts
+    from bp_ray.data.prompt_rules import dedup_key
+
+    if not positive or not negative:
+        raise ValueError("rm.target=style needs rm.style_positive and rm.style_negative: prompt files of SD-style "
+                         "prompts and of plain captions")
+    parts = []
+    for label, files in ((1.0, positive), (0.0, negative)):
+        for path in files:
+            table, _ = read_prompts(path, rows)
+            parts.append(pd.DataFrame({C.PROMPT: table["prompt"].str.strip(), label_column(STYLE): label}))
+    frame = pd.concat(parts, ignore_index=True)
+    frame = frame[frame[C.PROMPT].str.len() > 0]
+    frame["key"] = frame[C.PROMPT].map(dedup_key)
+    labels_per_key = frame.groupby("key")[label_column(STYLE)].nunique()
+    ambiguous = frame["key"].isin(labels_per_key[labels_per_key > 1].index)
+    kept = frame[~ambiguous].drop_duplicates("key")
+    kept = kept.assign(**{C.PAIR_ID: kept["key"], "role": "high", "intent": kept[C.PROMPT]})
+    return kept.drop(columns="key").reset_index(drop=True), len(frame) - len(kept)
 
 
 def fit_head_spec(train: pd.DataFrame, heads: Sequence[str], inputs: Sequence[str]) -> HeadSpec:
@@ -105,6 +130,21 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson of the ranks (ties get their average rank)."""
     return pearson(pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy())
+
+
+def classification_report(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """Held-out accuracy of a 0 / 1 head (score above 0.5), the accuracy of always answering the majority class,
+    and the ROC AUC (the chance that a random positive outscores a random negative)."""
+    predicted, actual = np.asarray(predicted, np.float64), np.asarray(actual, np.float64) > 0.5
+    positives, negatives = predicted[actual], predicted[~actual]
+    auc = float("nan")
+    if len(positives) and len(negatives):
+        ranks = pd.Series(np.concatenate([positives, negatives])).rank().to_numpy()
+        auc = float((ranks[:len(positives)].sum() - len(positives) * (len(positives) + 1) / 2)
+                    / (len(positives) * len(negatives)))
+    majority = max(actual.mean(), 1 - actual.mean()) if len(actual) else float("nan")
+    return {f"rm/{STYLE}/accuracy": float(((predicted > 0.5) == actual).mean()) if len(actual) else float("nan"),
+            f"rm/{STYLE}/majority_accuracy": float(majority), f"rm/{STYLE}/auc": auc}
 
 
 def regression_report(head: str, predicted: np.ndarray, actual: np.ndarray, train_mean: float) -> dict[str, float]:

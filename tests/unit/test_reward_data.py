@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,11 +13,13 @@ import torch
 from bp_ray.models.reward_heads import HeadSpec, reward_text
 from bp_ray.train.reward_data import (
     build_rm_examples,
+    classification_report,
     collate_rm,
     fit_head_spec,
     masked_mse,
     pearson,
     read_labels,
+    read_style_labels,
     regression_report,
     spearman,
 )
@@ -124,3 +127,37 @@ def test_no_held_out_rows_give_no_examples_with_a_fast_tokenizer():
     tokenizer = train_bloom_tokenizer(["a cat on a sofa", "a red car at night"] * 10, 300)
     assert build_rm_examples(tokenizer, frame.iloc[:0], spec, max_length=32) == []
     assert len(build_rm_examples(tokenizer, frame, spec, max_length=32)) == 8
+
+
+def test_style_labels_are_one_for_sd_prompts_and_zero_for_captions_without_duplicates(tmp_path):
+    sd = tmp_path / "sd.jsonl"
+    sd.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (
+        "castle, highly detailed, artstation", "Castle, highly detailed, artstation.", "a dog, 8k", "  ",
+        "a red car")))
+    captions = tmp_path / "captions.txt"
+    captions.write_text("A dog sitting on a couch.\nA red car\nA man riding a horse.\nA kitchen with a stove.\n")
+    frame, dropped = read_style_labels([str(sd)], [str(captions)], rows=3)
+    # Rows 1-3 of each file: the near-duplicate castle is dropped; "a red car" is past row 3 of sd.jsonl, so the
+    # caption "A red car" stays a negative; the fourth caption is past the limit.
+    positives, negatives = (sorted(frame.loc[frame["style_mean"] == label, "prompt"]) for label in (1, 0))
+    assert positives == ["a dog, 8k", "castle, highly detailed, artstation"]
+    assert negatives == ["A dog sitting on a couch.", "A man riding a horse.", "A red car"]
+    assert dropped == 1 and (frame["intent"] == frame["prompt"]).all() and frame["pair_id"].is_unique
+    with pytest.raises(ValueError, match="style_negative"):
+        read_style_labels([str(sd)], [], rows=3)
+
+
+def test_a_prompt_on_both_sides_teaches_nothing_and_is_dropped(tmp_path):
+    sd, captions = tmp_path / "sd.txt", tmp_path / "captions.txt"
+    sd.write_text("a red car\ncastle, artstation\n")
+    captions.write_text("A red car.\nA man riding a horse.\n")
+    frame, dropped = read_style_labels([str(sd)], [str(captions)], rows=10)
+    assert sorted(frame["prompt"]) == ["A man riding a horse.", "castle, artstation"] and dropped == 2
+
+
+def test_classification_report_against_the_majority_class():
+    report = classification_report(np.array([0.9, 0.8, 0.3, 0.6, 0.1]), np.array([1.0, 1.0, 1.0, 0.0, 0.0]))
+    assert report["rm/style/accuracy"] == pytest.approx(0.6)  # 0.3 misses a positive, 0.6 a negative
+    assert report["rm/style/majority_accuracy"] == pytest.approx(0.6)
+    # Positive-negative pairs ranked right: 0.9 and 0.8 beat both negatives, 0.3 beats only 0.1 -> 5 / 6.
+    assert report["rm/style/auc"] == pytest.approx(5 / 6)
