@@ -393,6 +393,22 @@ def first_line(output: str | None) -> str:
     return ""
 
 
+ANSWER_PREAMBLE = re.compile(
+    r"^(?:(?:sure|okay|ok|certainly)[,.!]?\s+)?(?:here(?:'s| is)|the)\s+(?:\w+\s+){0,3}?"
+    r"(?:prompt|description|summary|caption|version)(?:\s+is)?\s*:\s*", re.IGNORECASE)
+"""An assistant's lead-in before its answer: "The image prompt is: ...", "Here is a short description: ..."."""
+
+
+def answer_text(output: str | None) -> str:
+    """The answer in an LLM's output: its first line, without a lead-in naming what follows and without the quotes
+    around it (SmolLM2 begins a third of its summaries with "The image prompt is:")."""
+    line = first_line(output)
+    answer = ANSWER_PREAMBLE.sub("", line, count=1).strip()
+    if len(answer) >= 2 and answer[0] == answer[-1] and answer[0] in "\"'":
+        answer = answer[1:-1].strip()
+    return answer or line
+
+
 def repetition_share(text: str, n: int = 3) -> float:
     """Share of the word n-grams of `text` that repeat an earlier one (0 for texts shorter than n + 1 words)."""
     words = text.lower().replace(",", " , ").split()

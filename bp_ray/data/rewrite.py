@@ -12,7 +12,7 @@ import torch
 from bp_ray.config import DataConfig, ModelsConfig
 from bp_ray.data import columns as C
 from bp_ray.data.pairs import llm_rows
-from bp_ray.data.prompt_rules import first_line
+from bp_ray.data.prompt_rules import answer_text
 
 
 def build_instructions(template: str, prompts: list[str]) -> list[str]:
@@ -22,7 +22,8 @@ def build_instructions(template: str, prompts: list[str]) -> list[str]:
 
 @torch.no_grad()
 def generate_local(model, tokenizer, instructions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each instruction (deterministic per row), first line only."""
+    """Greedy continuation of each instruction (deterministic per row): its first line, without a lead-in such as
+    "The image prompt is:" (prompt_rules.answer_text)."""
     if not instructions:
         return []
     if getattr(tokenizer, "chat_template", None):
@@ -34,7 +35,7 @@ def generate_local(model, tokenizer, instructions: list[str], max_new_tokens: in
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, encoded["input_ids"].shape[1]:]
-    return [first_line(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [answer_text(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 class PromptRewriter:

@@ -7,8 +7,13 @@ out and counted) and each system (`original`, `base`: models.policy with the SFT
   `s` ignored): the rewrite still describes what the user asked for;
 - content_kept: mean share of the input's content words in the output;
 - tags: mean number of style / quality / lighting / artist tags of the shipped vocabulary;
+- content_similarity: cosine similarity of the output's and the input's sentence embeddings by a real pretrained
+  encoder (models.text_encoder, e.g. all-MiniLM-L6-v2): the meaning kept, not only the words; only when set;
 - words: mean length; repetition: mean share of repeated word trigrams;
-- rm_score: the run's trained reward (alpha x PickScore + (1 - alpha) x aesthetic, predicted from the text).
+- rm_score: the run's trained reward (alpha x PickScore + (1 - alpha) x aesthetic predicted from the text, or the
+  style classifier's score), predicted from the text.
+
+Every mean comes with its 95% interval: Wilson's for the subject_kept share, Student t for the other means.
 
 Plain Python; the rewrites use the same batched generation as the image evaluation.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +33,12 @@ from bp_ray.config import PipelineConfig
 from bp_ray.data.content import content_kept
 from bp_ray.data.prompt_rules import dedup_key, prompt_features, repetition_share
 from bp_ray.data.vocab import load_vocab, tag_terms
+from bp_ray.eval.human_stats import wilson_interval
+from bp_ray.eval.stats import mean_ci
 from bp_ray.eval.systems import RewriteSettings, checkpoint_rewrites
 
 TEXT_SYSTEMS = ("original", "base", "sft", "ppo")
-TEXT_METRICS = ("subject_kept", "content_kept", "tags", "words", "repetition", "rm_score")
+TEXT_METRICS = ("subject_kept", "content_kept", "content_similarity", "tags", "words", "repetition", "rm_score")
 SUBJECT_KEPT_SHARE = 0.5
 
 def text_metrics(prompt: str, output: str, terms: frozenset[str] | set[str]) -> dict[str, float]:
@@ -86,16 +94,30 @@ def system_rewrites(system: str, prompts: Sequence[str], settings: RewriteSettin
 
 
 def summary_rows(per_output: list[dict[str, Any]], systems: Sequence[str], sets: Sequence[str]) -> list[dict]:
-    """Means per (set, system), plus an `all` row per system over every set's outputs."""
-    present = [m for m in TEXT_METRICS if per_output and m in per_output[0]]  # rm_score needs a reward model
+    """Means per (set, system), plus an `all` row per system over every set's outputs; `ci` holds each mean's 95%
+    interval [low, high]."""
+    # rm_score needs a reward model, content_similarity a text encoder
+    present = [m for m in TEXT_METRICS if per_output and m in per_output[0]]
     rows = []
     for name in [*sets, "all"]:
         for system in systems:
             mine = [r for r in per_output if r["system"] == system and name in (r["set"], "all")]
             if mine:
+                values = {m: np.array([r[m] for r in mine], dtype=np.float64) for m in present}
                 rows.append({"set": name, "system": system, "n": len(mine),
-                             **{m: float(np.mean([r[m] for r in mine])) for m in present}})
+                             **{m: float(v.mean()) for m, v in values.items()},
+                             "ci": {m: interval(m, v) for m, v in values.items()}})
     return rows
+
+
+def interval(metric: str, values: np.ndarray) -> list[float]:
+    """95% interval of a mean: Wilson's for the subject_kept share (exact enough at 0 or 1, where a t interval
+    collapses), Student t otherwise (a single value: no interval, [mean, mean])."""
+    if metric == "subject_kept":
+        return [round(bound, 4) for bound in wilson_interval(float(values.sum()), len(values))]
+    mean, half = mean_ci(values)
+    half = 0.0 if np.isnan(half) else half
+    return [round(mean - half, 4), round(mean + half, 4)]
 
 
 def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequence[str | Path],
@@ -114,11 +136,15 @@ def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequen
         name = Path(path).stem
         sets[name], set_counts[name] = unseen_prompts(path, trained, num_prompts, cfg.eval.generation_seed)
     terms = tag_terms(load_vocab())
-    reward = None
+    reward = encoder = None
     if rm_dir is not None:
         from bp_ray.rewards.learned import LearnedReward
 
         reward = LearnedReward.load(Path(rm_dir), cfg.rewards.alpha, cfg.models.device)
+    if cfg.models.text_encoder:
+        from bp_ray.models.loading import load_text_encoder
+
+        encoder = load_text_encoder(cfg.models.text_encoder, cfg.models, cfg.models.device)
     per_output, examples, timings = [], [], {}
     for system in systems:
         started = time.perf_counter()
@@ -126,9 +152,12 @@ def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequen
             outputs = system_rewrites(system, prompts, RewriteSettings(cfg.eval, cfg.sft, cfg.data, cfg.models),
                                       checkpoints)
             scores = reward(prompts, outputs) if reward is not None and prompts else None
+            similarity = encoder.similarity(outputs, prompts) if encoder is not None and prompts else None
             for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
                 row = {"set": name, "system": system, "prompt": prompt, "output": output,
                        **text_metrics(prompt, output, terms)}
+                if similarity is not None:
+                    row["content_similarity"] = float(similarity[i])
                 if scores is not None:
                     row["rm_score"] = float(scores[i])
                 per_output.append(row)
@@ -143,6 +172,7 @@ def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequen
     results = {"stage": "eval_text", "preset": cfg.preset, "systems": systems, "sets": set_counts,
                "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "rm": str(rm_dir) if rm_dir else None,
                "alpha": cfg.rewards.alpha, "subject_kept_share": SUBJECT_KEPT_SHARE,
+               "text_encoder": cfg.models.text_encoder or None, "decoding": asdict(cfg.eval.decoding),
                "max_new_tokens": cfg.eval.max_new_tokens, "table": summary_rows(per_output, systems, list(sets)),
                "examples": examples, "rewrite_seconds": timings,
                "wall_time_s": round(time.perf_counter() - start, 2)}
@@ -151,10 +181,10 @@ def run_text_evaluation(cfg: PipelineConfig, out_dir: Path, prompt_files: Sequen
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The results table as Markdown."""
+    """The results table as Markdown, each mean with its 95% interval."""
     metrics = [m for m in TEXT_METRICS if any(m in row for row in results["table"])]
     lines = ["| set | system | n | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for row in results["table"]:
-        lines.append(f"| {row['set']} | {row['system']} | {row['n']} | "
-                     + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
+        cells = [f"{row[m]:.3f} [{row['ci'][m][0]:.2f}, {row['ci'][m][1]:.2f}]" for m in metrics]
+        lines.append(f"| {row['set']} | {row['system']} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

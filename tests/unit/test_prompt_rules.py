@@ -21,6 +21,7 @@ from bp_ray.data.prompt_rules import (
     PromptFeatures,
     SplitRules,
     annotate_prompts,
+    answer_text,
     classify,
     content_flag,
     dedup_key,
@@ -386,3 +387,15 @@ def test_plain_benchmark_prompts_are_rarely_high():
     # Measured on 1,306 rows: 80.2% low, 18.1% neither, 1.3% high, 0.4% dropped (bare numbers such as "42").
     assert (quality == HIGH).mean() <= 0.05
     assert quality.isin([LOW, NEITHER]).mean() >= 0.9
+
+
+@pytest.mark.parametrize(("output", "answer"), [
+    ("The image prompt is: a cat on a sofa\nHope this helps!", "a cat on a sofa"),
+    ("Here is a short description: \"a red car by the sea\"", "a red car by the sea"),
+    ("Sure! Here's the summary: a castle at dusk", "a castle at dusk"),
+    ("The cat sleeps on the sofa.", "The cat sleeps on the sofa."),  # no lead-in: unchanged
+    ("The prompt is:", "The prompt is:"),  # nothing after the lead-in: the line as it is
+    ("\n\n  a lighthouse  \n", "a lighthouse"),
+])
+def test_answer_text_drops_an_assistants_lead_in(output, answer):
+    assert answer_text(output) == answer

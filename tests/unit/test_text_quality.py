@@ -10,6 +10,7 @@ import pytest
 from bp_ray.data.content import content_kept, content_words
 from bp_ray.data.vocab import load_vocab, tag_terms
 from bp_ray.eval.text_quality import (
+    format_table,
     summary_rows,
     text_metrics,
     trained_low_keys,
@@ -63,3 +64,16 @@ def test_summary_rows_average_per_set_and_over_all_sets():
     assert by_set["parti"]["n"] == 2 and by_set["parti"]["tags"] == 3.0
     assert by_set["all"]["n"] == 3 and by_set["all"]["subject_kept"] == pytest.approx(2 / 3)
     assert "rm_score" not in by_set["all"]
+    # Wilson's interval of 2 / 3 and the t interval of tags (2, 4, 0): mean 2, half-width t(0.975, 2) * 2 / sqrt(3).
+    low, high = by_set["all"]["ci"]["subject_kept"]
+    assert low == pytest.approx(0.2077, abs=1e-4) and high == pytest.approx(0.9385, abs=1e-4)
+    assert by_set["all"]["ci"]["tags"] == pytest.approx([2 - 4.9683, 2 + 4.9683], abs=1e-3)
+    assert by_set["draw"]["ci"]["tags"] == [0.0, 0.0]  # one output: no spread to estimate
+
+
+def test_the_table_shows_each_mean_with_its_interval():
+    rows = [{"set": "parti", "system": "sft", "subject_kept": 1.0, "content_kept": 1.0, "content_similarity": s,
+             "tags": 1.0, "words": 5.0, "repetition": 0.0} for s in (0.6, 0.8)]
+    table = format_table({"table": summary_rows(rows, ["sft"], ["parti"])})
+    assert "content_similarity" in table.splitlines()[0]
+    assert "| 0.700 [-0.57, 1.97] |" in table  # t(0.975, 1) * 0.1414 / sqrt(2) = 1.2706
