@@ -4,9 +4,12 @@ judged as text on PartiPrompts and the unseen half of DrawBench.
     python benchmarks/small_quality.py --run runs/small                # run the pipeline there, then judge it
     python benchmarks/small_quality.py --run runs/small --skip-pipeline  # judge a finished run again
 
-Prints: each stage's wall time; SFT steps, batch, sequence length and tokens/s; RM held-out fit; PPO steps,
-samples/s and the held-out reward; then `bp-ray eval-text`'s table (subject kept, tags, words, repetition, RM
-score for original / base / SFT / PPO) and 10 example rewrites side by side.
+Prints: each stage's wall time; SFT steps, batch, sequence length and tokens/s; the reward model's held-out fit
+against predicting the mean (the style classifier: accuracy against the majority class, AUC); PPO steps,
+samples/s and the held-out reward; then `bp-ray eval-text`'s table with 95% intervals (subject kept, content
+similarity by all-MiniLM-L6-v2, tags, words, repetition, RM score for original / base / SFT / PPO) at the
+preset's decoding, the same for SFT and PPO without the repetition controls (greedy as before issue 27), PPO
+against SFT per prompt, and 10 rewrites side by side: without and with the repetition controls.
 """
 
 from __future__ import annotations
@@ -59,14 +62,33 @@ def training_figures(run: Path, cfg) -> None:
           f"{ppo['final_metrics']['eval/reward']:.3f}, KL {ppo_metrics['kl'].iloc[-1]:.2f}")
 
 
-def examples(results: dict, count: int) -> None:
-    systems = results["systems"]
+def examples(results: dict, before: dict, count: int) -> None:
+    """`count` prompts, half from each set in file order: each system's rewrite, and SFT's and PPO's without the
+    repetition controls."""
     per_set = {name: [e for e in results["examples"] if e["set"] == name] for name in results["sets"]}
     chosen = [e for name in per_set for e in per_set[name][: count // len(per_set)]]
+    earlier = {(e["set"], e["prompt"]): e for e in before["examples"]}
     for example in chosen:
         print(f"\n[{example['set']}] {example['prompt']}")
-        for system in systems[1:]:
-            print(f"  {system:<5} {example[system]}")
+        for system in results["systems"][1:]:
+            if system in earlier[example["set"], example["prompt"]]:
+                print(f"  {system + ', no controls':<17} {earlier[example['set'], example['prompt']][system]}")
+            print(f"  {system:<17} {example[system]}")
+
+
+def ppo_against_sft(results: dict) -> None:
+    """Per prompt, PPO minus SFT on the reward and the content similarity (paired: same prompts)."""
+    from bp_ray.eval.stats import paired_comparison
+
+    rows = pd.read_json(Path(results["out_dir"]) / "rewrites_text.jsonl", lines=True)
+    for metric in ("rm_score", "content_similarity"):
+        if metric not in rows:
+            continue
+        table = rows.pivot_table(index=["set", "prompt"], columns="system", values=metric)
+        result = paired_comparison(table["ppo"], table["sft"], system="ppo", baseline="sft", metric=metric)
+        print(f"PPO vs SFT, {metric}: mean difference {result.mean_diff:+.4f} +- {result.ci:.4f} (95%), "
+              f"{result.wins} wins / {result.ties} ties / {result.losses} losses of {result.n}, "
+              f"Wilcoxon p {result.p_wilcoxon:.3g}")
 
 
 def main() -> int:
@@ -90,10 +112,20 @@ def main() -> int:
                    "sft": checkpoint_model_dir(args.run / "sft"), "ppo": checkpoint_model_dir(args.run / "ppo")}
     results = run_text_evaluation(cfg, args.run / "eval_text", cfg.eval.text_prompts, checkpoints,
                                   args.run / "rm", args.run / "data", cfg.eval.text_num_prompts)
+    results["out_dir"] = str(args.run / "eval_text")
     print(text_eval_summary(results))
-    print(f"rewrite time per system (s): {results['rewrite_seconds']}")
+    print(f"decoding {results['decoding']}; rewrite time per system (s): {results['rewrite_seconds']}")
     print(format_table(results))
-    examples(results, 10)
+    ppo_against_sft(results)
+
+    plain = load_config("small", [*args.set, "eval.decoding.no_repeat_ngram_size=0",
+                                  "eval.decoding.repetition_penalty=1.0"])
+    before = run_text_evaluation(plain, args.run / "eval_text_no_controls", plain.eval.text_prompts,
+                                 {k: checkpoints[k] for k in ("sft", "ppo")}, args.run / "rm", args.run / "data",
+                                 plain.eval.text_num_prompts)
+    print(f"\nwithout repetition controls (decoding {before['decoding']}):")
+    print(format_table(before))
+    examples(results, before, 10)
     return 0
 
 
