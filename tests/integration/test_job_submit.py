@@ -76,8 +76,8 @@ def job_state(head: dict, job_id: str) -> str:
 SMALL = ["data.corpus_rows=60", "rm.epochs=1", "rm.heads=shared_backbone", "ppo.total_steps=2",
          "ppo.checkpoint_every=2", "ppo.rollout_batch_size=8", "ppo.eval_prompts=4", "eval.num_prompts=4",
          "eval.num_seeds=1", "eval.grid_prompts=2",
-         # long enough (about 40 steps) to be stopped after its first checkpoint and before its end
-         "sft.epochs=12", "sft.checkpoint_every=4"]
+         # long enough (about 27 steps) to be stopped after its first checkpoint and before its end
+         "sft.epochs=8", "sft.checkpoint_every=4"]
 
 
 def submit_pipeline(head: dict, run: Path, zoo_dir: str, *extra: str) -> str:

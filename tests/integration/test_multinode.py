@@ -37,6 +37,9 @@ def test_pools_spread_over_the_worker_nodes_and_survive_a_node_leaving_and_one_j
     assert {cls.split("(")[-1].rstrip(")") for cls in report["actors_on"]} == {"Captioner", "PromptRewriter"}
 
 
+# 2,400 rows, 2-3 min: the churn scenario above also puts pools' actors on a node that joined mid-job; this one
+# shows a pool growing past its size there. `make test-all` runs it.
+@pytest.mark.slow
 def test_a_pool_grows_onto_a_node_that_joins_mid_job(tiny_models_cfg, tmp_path):
     # enough rows that the bottleneck pool still has queued work when the node has joined and its actor started
     report = run_scenario("grow", tmp_path, tiny_models_cfg.zoo_dir, rows=2400)
