@@ -3,11 +3,48 @@ completion stands for. SFT trains on it, PPO samples with it, serving and evalua
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from typing import Any
+
 from bp_ray.data.content import split_subject
 
 TEXT_ONLY = {"add_special_tokens": False, "split_special_tokens": True}
 """How the policy's prompts and targets are tokenised, in training and serving alike: no BOS/EOS added (the EOS
 ends targets by id), and a user's "</s>" or "<pad>" is the text it reads as, never the control token."""
+
+
+def template_marks(tokenizer: Any, instruction: str) -> list[str]:
+    """The tokenizer's control tokens that the instruction itself holds (a chat template's `<|im_start|>`), longest
+    first: those are control tokens, where the same strings in a user's text are text."""
+    specials = {*getattr(tokenizer, "all_special_tokens", ()),
+                *(token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                  if getattr(token, "special", False))}
+    return sorted((mark for mark in specials if mark and mark in instruction), key=len, reverse=True)
+
+
+def encode_prompts(tokenizer: Any, instruction: str, lows: Sequence[str], keep_prompt: bool = False) -> list[list[int]]:
+    """Token ids of `format_prompt(instruction, low, keep_prompt)` for each low prompt: the instruction's own control
+    tokens as control tokens, and everything else, the user's words above all, as text (TEXT_ONLY). Without control
+    tokens in the instruction this is tokenising the formatted text whole, as it always was."""
+    marks = template_marks(tokenizer, instruction)
+    if not marks:
+        return tokenizer([format_prompt(instruction, low, keep_prompt) for low in lows], **TEXT_ONLY)["input_ids"]
+    pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", instruction)
+    ids = [tokenizer.convert_tokens_to_ids(piece) if piece in marks else None for piece in pieces]
+    out = []
+    for low in lows:
+        texts = [piece.replace("{raw}", low) for piece, known in zip(pieces, ids, strict=True) if known is None]
+        if keep_prompt:
+            texts[-1] += f" {kept_prefix(low)}"
+        encoded = iter(tokenizer(texts, **TEXT_ONLY)["input_ids"])
+        out.append([token for piece_id in ids for token in ([piece_id] if piece_id is not None else next(encoded))])
+    return out
+
+
+def padded(tokenizer: Any, ids: Sequence[Sequence[int]]) -> dict:
+    """input_ids and attention_mask (torch) of token id lists, padded on the tokenizer's padding side."""
+    return tokenizer.pad({"input_ids": [list(row) for row in ids]}, padding=True, return_tensors="pt")
 
 
 def format_prompt(instruction: str, low: str, keep_prompt: bool = False) -> str:

@@ -119,7 +119,8 @@ def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], settings:
     for start in range(0, len(prompts), ev.batch_size):
         batch = prompts[start:start + ev.batch_size]
         keep = sft.keep_prompt
-        requests = [GenerationRequest(text=beautify_input(sft.instruction, p, keep),
+        requests = [GenerationRequest(text=beautify_input(sft.instruction, p, keep), prompt=p,
+                                      instruction=sft.instruction, keep_prompt=keep,
                                       max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
                                       seed=ev.generation_seed + start + i,
                                       repetition_penalty=ev.decoding.repetition_penalty,

@@ -163,7 +163,8 @@ class Beautifier:
         request = self._request(beautify_input(self.cfg.sft.instruction, prompt, self.cfg.sft.keep_prompt), n,
                                 max_new_tokens, body, seed, BEAUTIFY_STOP)
         # The template always has tokens: the generator checks the user's own words.
-        return dataclasses.replace(request, prompt=prompt)
+        return dataclasses.replace(request, prompt=prompt, instruction=self.cfg.sft.instruction,
+                                   keep_prompt=self.cfg.sft.keep_prompt)
 
     def _shown(self, completion: str, prompt: str) -> str:
         """The rewrite a user sees for one beautify completion (with keep_prompt: the prompt, then the additions)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bp_ray.data.policy_format import TEXT_ONLY, format_prompt, policy_text
+from bp_ray.data.policy_format import TEXT_ONLY, encode_prompts, format_prompt, padded, policy_text
 from bp_ray.data.prompt_rules import first_line
 from bp_ray.serve.token_rules import CompiledRules, TokenRules, token_rules
 
@@ -40,6 +40,10 @@ class GenerationRequest:
     prompt: str | None = None
     """The user's own text inside `text` where a template wraps it (beautify); None: `text` is all the user's.
     It must hold text tokens of its own, else the request is refused (see `refusals`)."""
+    instruction: str | None = None
+    """The template `text` was made from (`beautify_input(instruction, prompt, keep_prompt)`): its own control
+    tokens (a chat template's `<|im_start|>`) are then encoded as control tokens, the user's text as text."""
+    keep_prompt: bool = False
     avoid: tuple[str, ...] = ()
     """Phrases the outputs must not contain: their token sequences are banned at decoding (see `token_rules`)."""
     prefer: tuple[str, ...] = ()
@@ -270,16 +274,19 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    # No special tokens: the SFT data tokenised the template the same way (sft_data.build_example).
-    return tokenizer(list(texts), return_tensors="pt", padding=True, **TEXT_ONLY).to(device)
+def request_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """The model input of a request: the template's control tokens as SFT saw them, everything else as text."""
+    if request.instruction is not None and request.prompt is not None:
+        return encode_prompts(tokenizer, request.instruction, [request.prompt.strip()], request.keep_prompt)[0]
+    return tokenizer(request.text, **TEXT_ONLY)["input_ids"]
 
 
 @torch.no_grad()
 def _run_generate(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest], rows: Sequence[_Row],
                   streamer: Any = None) -> tuple[torch.Tensor, list[int]]:
     device = next(model.parameters()).device
-    encoded = encode_texts(tokenizer, [requests[row.request].text for row in rows], device)
+    ids = {index: request_ids(tokenizer, requests[index]) for index in {row.request for row in rows}}
+    encoded = padded(tokenizer, [ids[row.request] for row in rows]).to(device)
     prompt_len = encoded["input_ids"].shape[1]
     prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
     rules = {index: token_rules(tokenizer, requests[index]) for index in {row.request for row in rows}}

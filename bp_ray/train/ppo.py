@@ -218,11 +218,11 @@ def update(model: _ActorCritic, exp: Experience, adv: Any, returns: Any, ppo: An
 def evaluate(model: _ActorCritic, ppo: PPOConfig, sft: SFTConfig, lows: list[str], scorer: Scorer,
              world: int) -> dict:
     """Greedy rewrites of this rank's share of the held-out low prompts, scored; averaged over the ranks."""
-    from bp_ray.data.policy_format import format_prompt, policy_text
+    from bp_ray.data.policy_format import encode_prompts, policy_text
     from bp_ray.train.ppo_rollout import sample
 
     keep = sft.keep_prompt
-    out = sample(model.policy, model.tokenizer, [format_prompt(sft.instruction, low, keep) for low in lows],
+    out = sample(model.policy, model.tokenizer, encode_prompts(model.tokenizer, sft.instruction, lows, keep),
                  ppo.max_new_tokens, greedy=True, max_query_tokens=ppo.max_query_tokens)
     texts = [policy_text(low, text, keep) for low, text in zip(lows, out.texts, strict=True)]
     got = scorer.scores(lows, texts)

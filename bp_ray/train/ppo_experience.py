@@ -117,13 +117,13 @@ def rollout(model: Any, reference: Any, ppo: PPOConfig, sft: SFTConfig, rows: An
     import ray
     import torch
 
-    from bp_ray.data.policy_format import format_prompt, policy_text
+    from bp_ray.data.policy_format import encode_prompts, policy_text
     from bp_ray.train.ppo_rollout import sample
 
     keep = sft.keep_prompt  # with keep_prompt the policy writes only what follows the user prompt
     lows = rows[C.LOW].tolist()
     began = time.perf_counter()
-    out = sample(model.policy, model.tokenizer, [format_prompt(sft.instruction, low, keep) for low in lows],
+    out = sample(model.policy, model.tokenizer, encode_prompts(model.tokenizer, sft.instruction, lows, keep),
                  ppo.max_new_tokens, ppo.temperature, ppo.top_p, max_query_tokens=ppo.max_query_tokens)
     out.texts = [policy_text(low, text, keep) for low, text in zip(lows, out.texts, strict=True)]
     generated = time.perf_counter()

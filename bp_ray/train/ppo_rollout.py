@@ -10,12 +10,14 @@ column query_len + t - 1, and its value is the critic's output at that same colu
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from bp_ray.data.policy_format import padded
 from bp_ray.data.prompt_rules import repetition_share
 from bp_ray.train.ppo_math import response_mask
 from bp_ray.train.token_logprobs import final_hidden_states, lm_inputs, token_logprobs
@@ -82,14 +84,18 @@ def end_responses(response: torch.Tensor, tokenizer: Any) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def sample(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, greedy: bool = False, max_query_tokens: int = 256) -> Rollout:
-    """Generate one response per query (sampled, or greedy for evaluation) and mask everything after its first
-    EOS or newline."""
+def sample(model: Any, tokenizer: Any, queries: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+           max_query_tokens: int = 256) -> Rollout:
+    """Generate one response per query (text, or the token ids of `policy_format.encode_prompts`; sampled, or
+    greedy for evaluation) and mask everything after its first EOS or newline."""
     device = next(model.parameters()).device
-    # A user's "</s>" is text, as in SFT's data and the endpoint (sft_data.TEXT_ONLY).
-    encoded = tokenizer(queries, return_tensors="pt", padding=True, truncation=True, max_length=max_query_tokens,
-                        split_special_tokens=True).to(device)
+    if queries and isinstance(queries[0], str):
+        # A user's "</s>" is text, as in SFT's data and the endpoint (policy_format.TEXT_ONLY).
+        encoded = tokenizer(list(queries), return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_query_tokens, split_special_tokens=True).to(device)
+    else:
+        encoded = padded(tokenizer, [list(ids)[:max_query_tokens] for ids in queries]).to(device)
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
                                                      "top_k": 0}
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from bp_ray.data import columns as C
-from bp_ray.data.policy_format import TEXT_ONLY, format_prompt, sft_target
+from bp_ray.data.policy_format import TEXT_ONLY, encode_prompts, sft_target
 
 IGNORE_INDEX = -100
 """Label that torch's cross-entropy (and HF causal LMs) skip: prompt tokens and padding."""
@@ -61,7 +61,7 @@ def _eos_id(tokenizer: Any) -> int:
 def build_example(tokenizer: Any, instruction: str, low: str, high: str, max_length: int,
                   keep_prompt: bool = False) -> SFTExample:
     """One (low, high) pair -> input ids `prompt + " " + high + EOS` (<= max_length) with prompt labels masked."""
-    prompt_ids = tokenizer(format_prompt(instruction, low, keep_prompt), **TEXT_ONLY)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, instruction, [low], keep_prompt)[0]
     target_ids = tokenizer(" " + sft_target(low, high, keep_prompt), **TEXT_ONLY)["input_ids"]
     return _assemble(prompt_ids, target_ids, _eos_id(tokenizer), max_length)
 
@@ -73,8 +73,7 @@ def build_examples(tokenizer: Any, pairs: pd.DataFrame, instruction: str, max_le
         return []
     eos_id = _eos_id(tokenizer)
     # One batched call per side: the fast tokenizer is much quicker on lists than row by row.
-    prompts = tokenizer([format_prompt(instruction, low, keep_prompt) for low in pairs[C.LOW]],
-                        **TEXT_ONLY)["input_ids"]
+    prompts = encode_prompts(tokenizer, instruction, pairs[C.LOW].tolist(), keep_prompt)
     targets = tokenizer([" " + sft_target(low, high, keep_prompt) for low, high in zip(pairs[C.LOW], pairs[C.HIGH],
                                                                                          strict=True)],
                         **TEXT_ONLY)["input_ids"]

@@ -13,9 +13,10 @@ from tokenizers import normalizers
 from transformers import BloomConfig, BloomForCausalLM
 
 from bp_ray.config import PipelineConfig
+from bp_ray.data.policy_format import TEXT_ONLY, encode_prompts, format_prompt
 from bp_ray.models.tokenizers import train_bloom_tokenizer
 from bp_ray.serve.errors import ApiError, Limits
-from bp_ray.serve.generation import GenerationRequest, encode_texts, generate, refusals, stream
+from bp_ray.serve.generation import GenerationRequest, generate, refusals, request_ids, stream
 from bp_ray.serve.schemas import BeautifyRequest, ChatCompletionRequest, ChatMessage, CompletionRequest
 
 
@@ -57,7 +58,7 @@ def test_invisible_characters_inside_real_text_are_kept():
 def test_special_token_strings_are_text_not_control_tokens(lm):
     model, tokenizer = lm
     # "</s>" inside a prompt used to reach the model as its end-of-text mark; it is the four characters it shows.
-    ids = encode_texts(tokenizer, ["a cat </s> on a <pad> sofa"], torch.device("cpu"))["input_ids"][0].tolist()
+    ids = request_ids(tokenizer, GenerationRequest("a cat </s> on a <pad> sofa"))
     assert not set(ids) & set(tokenizer.all_special_ids)
     assert tokenizer.decode(ids) == "a cat </s> on a <pad> sofa"
     alone = generate(model, tokenizer, [GenerationRequest("</s>", n=2, max_new_tokens=6, temperature=1.0, seed=3)])
@@ -67,6 +68,26 @@ def test_special_token_strings_are_text_not_control_tokens(lm):
     assert all(result.refused is None for result in (*alone, *both))
     assert len(both[1].completions) == 1
     assert [c.text for c in both[0].completions] == [c.text for c in alone[0].completions]
+
+
+def test_a_templates_own_control_tokens_stay_control_tokens_and_the_users_are_text(lm):
+    """A chat-style instruction's markers reach the model as the control tokens SFT trained on; the same strings in
+    the user's prompt are characters. Without markers in the instruction nothing changes."""
+    model, tokenizer = lm
+    instruction = "</s>Rewrite: {raw}</s>Answer:"
+    prompt = "a cat </s> sofa"
+    ids = encode_prompts(tokenizer, instruction, [prompt])[0]
+    eos = tokenizer.eos_token_id
+    assert ids[0] == eos and ids.count(eos) == 2  # the template's two, not the user's
+    second = ids.index(eos, 1)
+    assert tokenizer.decode(ids[1:second]) == "Rewrite: a cat </s> sofa"
+    assert tokenizer.decode(ids[second + 1:]) == "Answer:"
+    request = GenerationRequest(format_prompt(instruction, prompt), prompt=prompt, instruction=instruction)
+    assert request_ids(tokenizer, request) == ids
+    plain = "Rewrite: {raw}\nAnswer:"
+    assert encode_prompts(tokenizer, plain, [prompt], keep_prompt=True)[0] == tokenizer(
+        format_prompt(plain, prompt, keep_prompt=True), **TEXT_ONLY)["input_ids"]
+    assert generate(model, tokenizer, [request])[0].completions
 
 
 def test_text_that_tokenizes_to_nothing_is_refused(lm):

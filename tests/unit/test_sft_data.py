@@ -9,6 +9,7 @@ import torch
 
 from bp_ray.config import PAPER_INSTRUCTION
 from bp_ray.data import columns as C
+from bp_ray.data.policy_format import format_prompt
 from bp_ray.train.sft_data import (
     IGNORE_INDEX,
     SFTExample,
@@ -17,7 +18,6 @@ from bp_ray.train.sft_data import (
     build_examples,
     collate,
     epoch_order,
-    format_prompt,
     pack_examples,
     split_held_out,
 )
