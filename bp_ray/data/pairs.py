@@ -10,14 +10,14 @@ import pandas as pd
 from bp_ray.config import DataConfig
 from bp_ray.data import columns as C
 from bp_ray.data.content import pair_overlap, split_subject
-from bp_ray.data.prompt_rules import content_flag, dedup_key, within_bounds
+from bp_ray.data.prompt_rules import content_flag, dedup_key, is_meta_answer, within_bounds
 from bp_ray.data.tag_strip import strip_tags
 from bp_ray.data.vocab import Vocab, load_vocab, tag_terms
 
 SOURCES = ("caption", "summary", "expansion", "stripped", "given")  # given: bp_ray.data.given_pairs
 LLM_SOURCES = ("summary", "expansion")
-PAIR_DROP_REASONS = ("generation_failed", "nsfw_keyword", "political_keyword", "length", "same_low_high",
-                     "off_topic", "aesthetic", "duplicate")
+PAIR_DROP_REASONS = ("generation_failed", "meta_answer", "nsfw_keyword", "political_keyword", "length",
+                     "same_low_high", "off_topic", "aesthetic", "duplicate")
 
 
 def pair_id(row_id: str, source: str) -> str:
@@ -82,10 +82,13 @@ def _candidates(rows: pd.DataFrame, source: str, low_column: str, high_column: s
 
 
 def pair_drop_reason(low: str, high: str, aesthetic: float, gen_error: str, cfg: DataConfig,
-                     vocab: Vocab) -> str:
-    """"" for a clean pair, else the first rule it breaks (in PAIR_DROP_REASONS order)."""
+                     vocab: Vocab, generated: str = "") -> str:
+    """"" for a clean pair, else the first rule it breaks (in PAIR_DROP_REASONS order). `generated`: the side an
+    LLM wrote (a summary's low, an expansion's high), "" when none did."""
     if gen_error or not low.strip() or not high.strip():
         return "generation_failed"
+    if generated and is_meta_answer(generated):
+        return "meta_answer"
     if cfg.keyword_filter:
         # Only generated text can bring new terms in; the input rows were filtered already.
         flag = content_flag(low, vocab) or content_flag(high, vocab)
@@ -114,8 +117,12 @@ def clean_candidates(candidates: pd.DataFrame, cfg: DataConfig, vocab: Vocab) ->
     """Candidates with a `drop_reason` column ("" = kept); duplicates are found later, across all batches.
     With data.high_subject_from_low, kept pairs' high prompts start with their low prompt (after the filters,
     which judge the original high prompt)."""
-    reasons = [pair_drop_reason(low, high, float(aes), str(err), cfg, vocab) for low, high, aes, err in zip(
-        candidates[C.LOW], candidates[C.HIGH], candidates[C.AESTHETIC], candidates[C.GEN_ERROR], strict=True)]
+    written = {"summary": C.LOW, "expansion": C.HIGH}  # the side of each LLM source the model wrote
+    generated = [row[written[source]] if source in written else "" for source, row in zip(
+        candidates[C.PAIR_SOURCE], candidates[[C.LOW, C.HIGH]].to_dict("records"), strict=True)]
+    reasons = [pair_drop_reason(low, high, float(aes), str(err), cfg, vocab, text)
+               for low, high, aes, err, text in zip(candidates[C.LOW], candidates[C.HIGH], candidates[C.AESTHETIC],
+                                                    candidates[C.GEN_ERROR], generated, strict=True)]
     out = candidates.assign(**{C.DROP_REASON: reasons})
     if cfg.high_subject_from_low and len(out):
         out[C.HIGH] = [with_low_subject(low, high) for low, high in zip(out[C.LOW], out[C.HIGH], strict=True)]

@@ -409,6 +409,17 @@ def answer_text(output: str | None) -> str:
     return answer or line
 
 
+META_ANSWER = re.compile(r"^(?:this|the|here is|here's|my)\s+(?:\w+\s+){0,2}?(?:image\s+)?(?:prompt|description)\b"
+                         r"|\bimage prompt\b", re.IGNORECASE)
+"""An LLM writing about the prompt instead of writing one: "This image prompt is a fun and creative way to ..."."""
+
+
+def is_meta_answer(text: str) -> bool:
+    """Whether a generated summary or expansion talks about the prompt rather than being a prompt (SmolLM2 does so
+    in over half of its summaries)."""
+    return bool(META_ANSWER.search(text.strip()))
+
+
 def repetition_share(text: str, n: int = 3) -> float:
     """Share of the word n-grams of `text` that repeat an earlier one (0 for texts shorter than n + 1 words)."""
     words = text.lower().replace(",", " , ").split()

@@ -154,10 +154,26 @@ def test_high_subject_from_low_keeps_the_users_words_after_the_filters_judged_th
     candidates = pd.DataFrame({C.LOW: ["a red circle and a blue square", "a red circle and a green square",
                                        "a large red circle"],
                                C.HIGH: [high, high, "a large red circle"], C.AESTHETIC: [np.nan] * 3,
-                               C.GEN_ERROR: [""] * 3})
+                               C.GEN_ERROR: [""] * 3, C.PAIR_SOURCE: ["caption"] * 3})
     cfg = DataConfig(pair_min_low_in_high=1.0, high_subject_from_low=True)
     out = clean_candidates(candidates, cfg, load_vocab())
     assert out[C.HIGH].tolist()[0] == "a red circle and a blue square, dark background, high contrast"
     assert out[C.DROP_REASON].tolist() == ["", "off_topic", "same_low_high"]
     untouched = clean_candidates(candidates, DataConfig(), load_vocab())
     assert untouched[C.HIGH].tolist() == candidates[C.HIGH].tolist()
+
+
+@pytest.mark.parametrize(("generated", "meta"), [
+    ("This image prompt is a fun and creative way to share a cute fox in a forest", True),
+    ("The image prompt is a vivid description of a breathtaking scene", True),
+    ("Here is a short description of a snowy lodge", True),
+    ("a snowy mountain lodge by a river in the evening sun", False),
+    ("The sun over a pixiv fanbox, cinematic light", False),
+    ("the description of a dragon", True),
+])
+def test_an_llm_writing_about_the_prompt_instead_of_one_is_dropped(generated, meta):
+    vocab = load_vocab()
+    summary = pair_drop_reason(generated, "a cat, oil painting, 8k", np.nan, "", DataConfig(), vocab, generated)
+    assert summary == ("meta_answer" if meta else "")
+    # Only what a model wrote is judged: the same words in a user's own prompt are kept.
+    assert pair_drop_reason(generated, "a cat, oil painting, 8k", np.nan, "", DataConfig(), vocab) == ""
