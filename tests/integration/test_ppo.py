@@ -71,7 +71,10 @@ def test_ppo_raises_the_held_out_reward_over_sft_within_the_kl_budget(trained, t
 
 # PPO's: 2 min alone, 6 beside another test process; the training loop's stop and resume (the same code for SFT, RM
 # and PPO) is tested in test_train_recovery.py, and a resumed pipeline job in test_job_submit.py
-@pytest.mark.parametrize("algorithm", [pytest.param("ppo", marks=pytest.mark.slow), "grpo"])
+# Three runs, 3 min: `make test-all`. In `make test`, the async GRPO test below resumes a stopped run and the job
+# test resumes a stopped SFT job; test_train_recovery.py checks that a resumed SFT run ends with the same weights.
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(algorithm, trained, tiny_models_cfg, tmp_path):
     common = (f"ppo.algorithm={algorithm}", "ppo.total_steps=4", "ppo.checkpoint_every=2", "ppo.ppo_epochs=2",
               "ppo.eval_prompts=4")

@@ -128,6 +128,7 @@ def test_world_evaluation_reports_the_ground_truth(ray_session, world_models_cfg
         assert 0 <= row["true_aesthetic_mean"] <= 10 and 0 <= row["colour_match_mean"] <= 1
 
 
+@pytest.mark.slow  # 2 min, a release check: make test-all; a seed's build being deterministic is tested above
 def test_shipped_world_zoo_is_what_build_world_builds(tmp_path):
     """The shipped zoo is the default config's build: its key matches, and its LM rebuilt alone here learns what the
     shipped one learned (every role, ~45 min: python benchmarks/world_quality.py --check-shipped). Bytes match only
