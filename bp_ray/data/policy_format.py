@@ -11,7 +11,19 @@ from bp_ray.data.content import split_subject
 
 TEXT_ONLY = {"add_special_tokens": False, "split_special_tokens": True}
 """How the policy's prompts and targets are tokenised, in training and serving alike: no BOS/EOS added (the EOS
-ends targets by id), and a user's "</s>" or "<pad>" is the text it reads as, never the control token."""
+ends targets by id), and a user's "</s>" or "<pad>" is the text it reads as, never the control token. A model's
+input then begins with `leading_tokens`."""
+
+
+def leading_tokens(tokenizer: Any) -> list[int]:
+    """The control tokens the tokenizer itself puts before any text: Gemma's `<bos>`, without which Gemma writes
+    nonsense; none for GPT-2, BLOOM or SmolLM2. TEXT_ONLY leaves them out, so every policy input starts with them."""
+    full = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", **TEXT_ONLY)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
 
 
 def template_marks(tokenizer: Any, instruction: str) -> list[str]:
@@ -24,12 +36,14 @@ def template_marks(tokenizer: Any, instruction: str) -> list[str]:
 
 
 def encode_prompts(tokenizer: Any, instruction: str, lows: Sequence[str], keep_prompt: bool = False) -> list[list[int]]:
-    """Token ids of `format_prompt(instruction, low, keep_prompt)` for each low prompt: the instruction's own control
-    tokens as control tokens, and everything else, the user's words above all, as text (TEXT_ONLY). Without control
-    tokens in the instruction this is tokenising the formatted text whole, as it always was."""
+    """Token ids of `format_prompt(instruction, low, keep_prompt)` for each low prompt, after `leading_tokens`: the
+    instruction's own control tokens as control tokens, and everything else, the user's words above all, as text
+    (TEXT_ONLY). Without control tokens in the instruction this is tokenising the formatted text whole."""
+    lead = leading_tokens(tokenizer)
     marks = template_marks(tokenizer, instruction)
     if not marks:
-        return tokenizer([format_prompt(instruction, low, keep_prompt) for low in lows], **TEXT_ONLY)["input_ids"]
+        return [lead + ids for ids in tokenizer([format_prompt(instruction, low, keep_prompt) for low in lows],
+                                                **TEXT_ONLY)["input_ids"]]
     pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", instruction)
     ids = [tokenizer.convert_tokens_to_ids(piece) if piece in marks else None for piece in pieces]
     out = []
@@ -38,7 +52,9 @@ def encode_prompts(tokenizer: Any, instruction: str, lows: Sequence[str], keep_p
         if keep_prompt:
             texts[-1] += f" {kept_prefix(low)}"
         encoded = iter(tokenizer(texts, **TEXT_ONLY)["input_ids"])
-        out.append([token for piece_id in ids for token in ([piece_id] if piece_id is not None else next(encoded))])
+        tokens = [token for piece_id in ids for token in ([piece_id] if piece_id is not None else next(encoded))]
+        # A template that writes its own <bos> keeps one.
+        out.append(tokens if tokens[:len(lead)] == lead else lead + tokens)
     return out
 
 

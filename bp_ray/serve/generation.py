@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from bp_ray.data.policy_format import TEXT_ONLY, encode_prompts, format_prompt, padded, policy_text
+from bp_ray.data.policy_format import (
+    TEXT_ONLY,
+    encode_prompts,
+    format_prompt,
+    leading_tokens,
+    padded,
+    policy_text,
+)
 from bp_ray.data.prompt_rules import first_line
 from bp_ray.serve.token_rules import CompiledRules, TokenRules, token_rules
 
@@ -278,7 +285,7 @@ def request_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     """The model input of a request: the template's control tokens as SFT saw them, everything else as text."""
     if request.instruction is not None and request.prompt is not None:
         return encode_prompts(tokenizer, request.instruction, [request.prompt.strip()], request.keep_prompt)[0]
-    return tokenizer(request.text, **TEXT_ONLY)["input_ids"]
+    return leading_tokens(tokenizer) + tokenizer(request.text, **TEXT_ONLY)["input_ids"]
 
 
 @torch.no_grad()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pydantic
 import pytest
 import torch
-from tokenizers import normalizers
+from tokenizers import normalizers, processors
 from transformers import BloomConfig, BloomForCausalLM
 
 from bp_ray.config import PipelineConfig
-from bp_ray.data.policy_format import TEXT_ONLY, encode_prompts, format_prompt
+from bp_ray.data.policy_format import TEXT_ONLY, encode_prompts, format_prompt, leading_tokens
 from bp_ray.models.tokenizers import train_bloom_tokenizer
 from bp_ray.serve.errors import ApiError, Limits
 from bp_ray.serve.generation import GenerationRequest, generate, refusals, request_ids, stream
@@ -88,6 +88,26 @@ def test_a_templates_own_control_tokens_stay_control_tokens_and_the_users_are_te
     assert encode_prompts(tokenizer, plain, [prompt], keep_prompt=True)[0] == tokenizer(
         format_prompt(plain, prompt, keep_prompt=True), **TEXT_ONLY)["input_ids"]
     assert generate(model, tokenizer, [request])[0].completions
+
+
+def test_a_tokenizer_that_begins_every_text_with_bos_gets_it_before_every_policy_input(lm):
+    _, tokenizer = lm
+    bos, plain, chat = tokenizer.bos_token_id, "Rewrite: {raw}\nAnswer:", "<s>Rewrite: {raw}</s>Answer:"
+    assert leading_tokens(tokenizer) == []
+    before = tokenizer.backend_tokenizer.post_processor
+    # Gemma's tokenizer puts <bos> before every text, and Gemma writes nonsense without it.
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                             special_tokens=[("<s>", bos)])
+    try:
+        assert tokenizer("a cat")["input_ids"][0] == bos
+        assert leading_tokens(tokenizer) == [bos]
+        assert encode_prompts(tokenizer, plain, ["a cat"])[0] == [bos, *tokenizer(
+            format_prompt(plain, "a cat"), **TEXT_ONLY)["input_ids"]]
+        assert encode_prompts(tokenizer, chat, ["a <s> cat"])[0].count(bos) == 1  # the template's own, once
+        assert request_ids(tokenizer, GenerationRequest("a cat")) == [bos, *tokenizer("a cat", **TEXT_ONLY)[
+            "input_ids"]]
+    finally:
+        tokenizer.backend_tokenizer.post_processor = before
 
 
 def test_text_that_tokenizes_to_nothing_is_refused(lm):
