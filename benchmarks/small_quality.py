@@ -3,6 +3,11 @@ judged as text on PartiPrompts and the unseen half of DrawBench.
 
     python benchmarks/small_quality.py --run runs/small                # run the pipeline there, then judge it
     python benchmarks/small_quality.py --run runs/small --skip-pipeline  # judge a finished run again
+    python benchmarks/small_quality.py --run runs/small-gemma --policy gguf:gemma3-270m  # another policy
+
+A policy other than the preset's is trained and judged with the paper's plain instruction ("Instruction: ...
+Input: ... Output:"): the preset's instruction is SmolLM2's own chat template. The data stage's rewriter stays
+the preset's (SmolLM2), so both runs train on the same kind of pairs.
 
 Prints: each stage's wall time; SFT steps, batch, sequence length and tokens/s; the reward model's held-out fit
 against predicting the mean (the style classifier: accuracy against the majority class, AUC); PPO steps,
@@ -96,7 +101,13 @@ def main() -> int:
     parser.add_argument("--run", type=Path, default=Path("runs/small"))
     parser.add_argument("--skip-pipeline", action="store_true", help="judge the finished run in --run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--policy", default=None, metavar="SPEC", help="another policy (gguf:gemma3-270m), "
+                        "with the paper's plain instruction")
     args = parser.parse_args()
+    if args.policy:
+        from bp_ray.config import PAPER_INSTRUCTION
+
+        args.set = [f"models.policy={args.policy}", f"sft.instruction={json.dumps(PAPER_INSTRUCTION)}", *args.set]
 
     from bp_ray.config_loader import load_config
     from bp_ray.eval.systems import checkpoint_model_dir
