@@ -356,6 +356,11 @@ class RMConfig(TrainingConfig):
     """Prompt files of plain captions: COCO captions."""
     style_rows: int = opt(2000, ge=1)
     """Rows read from each style file (the first ones)."""
+    style_loss: str = opt("brier", choices=("brier", "logistic"))
+    """`brier`: MSE on the 0 / 1 labels, the score is a probability, and it saturates: once a policy's rewrites
+    read as SD prompts they all score ~1 and a reward on it has nothing left to climb. `logistic`: binary
+    cross-entropy, the score is the log-odds, which keeps ranking prompts that are all SD-like (held-out figures are
+    still reported on the probability)."""
 
 
 @dataclass

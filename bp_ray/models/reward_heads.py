@@ -11,7 +11,8 @@ import numpy as np
 
 HEADS = ("pickscore", "aesthetic")
 STYLE = "style"
-"""The one head of a style reward model (rm.target=style): how much a text reads like an SD prompt, 0 to 1."""
+"""The one head of a style reward model (rm.target=style): how much a text reads like an SD prompt, as a
+probability (0 to 1) or, with rm.style_loss=logistic, as log-odds."""
 INPUTS = ("high", "low+high")
 HEAD_FILE = "reward_head.json"
 PAIR_TEMPLATE = "Input: {low}\nOutput: {high}"
@@ -40,6 +41,8 @@ class HeadSpec:
     inputs: list[str]
     mean: list[float]
     std: list[float]
+    log_odds: bool = False
+    """The heads predict log-odds of a 0 / 1 label (rm.style_loss=logistic), unstandardised."""
 
     def save(self, folder: Path) -> None:
         (Path(folder) / HEAD_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -54,3 +57,8 @@ class HeadSpec:
     def to_units(self, standardised: np.ndarray) -> np.ndarray:
         """(N, heads) standardised predictions -> the scorers' units."""
         return standardised * np.asarray(self.std) + np.asarray(self.mean)
+
+    def to_probability(self, units: np.ndarray) -> np.ndarray:
+        """Scores in the heads' units -> the probability of label 1 (identity unless the heads give log-odds)."""
+        units = np.asarray(units, np.float64)
+        return 1.0 / (1.0 + np.exp(-units)) if self.log_odds else units

@@ -1,6 +1,6 @@
 """`bp-ray train rm`: regress the seed-averaged PickScore and aesthetic labels with MSE (paper Section 4.2), or,
-with rm.target=style, a text-only style score: SD-style prompts 1, plain captions 0 (MSE on 0 / 1 is the Brier
-score of a classifier).
+with rm.target=style, a text-only style score: SD-style prompts 1, plain captions 0, with MSE on the 0 / 1 labels
+(rm.style_loss=brier: the Brier score of a classifier) or cross-entropy on log-odds (logistic).
 
 rm.heads=two_models trains one backbone per score, as the paper does (out/pickscore/model, out/aesthetic/model);
 shared_backbone trains one backbone with two scalar heads (out/shared/model). Each model is one Ray Train run of
@@ -45,12 +45,13 @@ def training_labels(rm: RMConfig, labels_dir: Path) -> tuple[Any, int]:
     return read_labels(labels_dir, rm.label_roles)
 
 
-def evaluate_heads(engine: Any, examples: list, spec: Any, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Held-out masked MSE (standardised, as trained) and, per head, MSE / Pearson / Spearman in the scorer's units
-    against the predict-the-training-mean baseline."""
+def evaluate_heads(engine: Any, examples: list, spec: Any, batch_size: int, pad_id: int,
+                   train_means: list[float]) -> dict[str, float]:
+    """Held-out loss (as trained) and, per head, MSE / Pearson / Spearman in the scorer's units against the
+    predict-the-training-mean baseline; a log-odds head's on its probability, as a Brier score."""
     import torch
 
-    from bp_ray.train.reward_data import classification_report, collate_rm, masked_mse, regression_report
+    from bp_ray.train.reward_data import classification_report, collate_rm, head_loss, regression_report
 
     if not examples:
         return {}
@@ -65,12 +66,12 @@ def evaluate_heads(engine: Any, examples: list, spec: Any, batch_size: int, pad_
             targets.append(batch["targets"])
     engine.train()
     predicted, target = torch.cat(predictions), torch.cat(targets)
-    metrics = {"loss/eval": float(masked_mse(predicted, target))}
-    units = spec.to_units(predicted.numpy())
+    metrics = {"loss/eval": float(head_loss(spec)(predicted, target))}
+    units = spec.to_probability(spec.to_units(predicted.numpy()))
     actual = spec.to_units(target.numpy())
     for column, head in enumerate(spec.heads):
         known = np.isfinite(actual[:, column])
-        metrics.update(regression_report(head, units[known, column], actual[known, column], spec.mean[column]))
+        metrics.update(regression_report(head, units[known, column], actual[known, column], train_means[column]))
         if head == STYLE:
             metrics.update(classification_report(units[known, column], actual[known, column]))
     return metrics
@@ -85,7 +86,7 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
     import torch
 
     from bp_ray.models.reward_model import load_regressor
-    from bp_ray.train.reward_data import build_rm_examples, collate_rm, masked_mse
+    from bp_ray.train.reward_data import build_rm_examples, collate_rm, head_loss
     from bp_ray.train.sft_data import split_held_out
 
     torch.manual_seed(rm.seed)
@@ -93,7 +94,10 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
     labels, _ = training_labels(rm, Path(config["labels_dir"]))
     held_out = split_held_out(labels[C.PAIR_ID].tolist(), rm.eval_fraction, rm.seed)
     train_rows, eval_rows = labels[~held_out], labels[held_out]
-    spec = fit_head_spec(train_rows, heads, head_inputs(rm, heads))
+    spec = fit_head_spec(train_rows, heads, head_inputs(rm, heads), log_odds=rm.target == "style" and
+                         rm.style_loss == "logistic")
+    train_loss = head_loss(spec)
+    means = [float(train_rows[label_column(head)].mean()) for head in heads]
     model, tokenizer = load_regressor(config["model"], config["models"], len(heads), device)
     train = build_rm_examples(tokenizer, train_rows, spec, rm.max_length)
     evaluation = build_rm_examples(tokenizer, eval_rows, spec, rm.max_length)
@@ -103,7 +107,7 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
         batch = collate_rm(examples, pad)
         logits = engine(input_ids=batch["input_ids"].to(engine.device),
                         attention_mask=batch["attention_mask"].to(engine.device)).logits
-        return masked_mse(logits, batch["targets"].to(engine.device)), int(batch["attention_mask"].sum())
+        return train_loss(logits, batch["targets"].to(engine.device)), int(batch["attention_mask"].sum())
 
     def save_model(folder: Path, state_dict: dict | None) -> None:
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
@@ -112,7 +116,7 @@ def rm_worker_loop(config: dict[str, Any]) -> None:
 
     model.train()
     task = TrainTask(model=model, examples=train, loss=loss, save_model=save_model,
-                     evaluate=lambda engine: evaluate_heads(engine, evaluation, spec, rm.batch_size, pad))
+                     evaluate=lambda engine: evaluate_heads(engine, evaluation, spec, rm.batch_size, pad, means))
     train_on_worker(task, rm, Path(config["metrics_dir"]), f"rm:{config['name']}")
 
 
@@ -145,6 +149,7 @@ def run_rm(rm: RMConfig, rewards: RewardsConfig, models: ModelsConfig, cluster: 
         complete = complete and part["complete"]
     manifest = {
         "stage": "rm", "target": rm.target, "heads": rm.heads, "alpha": rewards.alpha, "max_length": rm.max_length,
+        "style_loss": rm.style_loss if rm.target == "style" else None,
         "models": {name: f"{name}/model" for name in parts}, "complete": complete,
         "inputs": {h: i for heads in model_groups(rm).values() for h, i in zip(heads, head_inputs(rm, heads),
                                                                                  strict=True)},

@@ -7,7 +7,7 @@ Labels are standardised per head with the training split's mean and std; the sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +66,12 @@ def read_style_labels(positive: Sequence[str], negative: Sequence[str], rows: in
     return kept.drop(columns="key").reset_index(drop=True), len(frame) - len(kept)
 
 
-def fit_head_spec(train: pd.DataFrame, heads: Sequence[str], inputs: Sequence[str]) -> HeadSpec:
-    """Standardisation from the training rows (a constant label gets std 1, not a division by zero)."""
+def fit_head_spec(train: pd.DataFrame, heads: Sequence[str], inputs: Sequence[str],
+                  log_odds: bool = False) -> HeadSpec:
+    """Standardisation from the training rows (a constant label gets std 1, not a division by zero); none for
+    log-odds heads, whose targets are the 0 / 1 labels themselves."""
+    if log_odds:
+        return HeadSpec(list(heads), list(inputs), [0.0] * len(heads), [1.0] * len(heads), log_odds=True)
     values = train[[label_column(h) for h in heads]].to_numpy(dtype=np.float64)
     std = values.std(axis=0)
     return HeadSpec(list(heads), list(inputs), values.mean(axis=0).tolist(), np.where(std > 0, std, 1.0).tolist())
@@ -111,13 +115,29 @@ def collate_rm(examples: Sequence[RMExample], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
 
 
-def masked_mse(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the finite targets only (B, heads)."""
+def _known(targets: torch.Tensor) -> torch.Tensor:
     known = torch.isfinite(targets)
     if not bool(known.any()):
         raise ValueError("no finite target in the batch")
+    return known
+
+
+def masked_mse(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the finite targets only (B, heads)."""
+    known = _known(targets)
     diff = predictions.float()[known] - targets[known]
     return (diff * diff).mean()
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of log-odds against 0 / 1 targets, over the finite targets only (B, heads)."""
+    known = _known(targets)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float()[known], targets[known])
+
+
+def head_loss(spec: HeadSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a reward model trains on: cross-entropy for log-odds heads, else MSE on the standardised labels."""
+    return masked_bce if spec.log_odds else masked_mse
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,6 +16,8 @@ from bp_ray.train.reward_data import (
     classification_report,
     collate_rm,
     fit_head_spec,
+    head_loss,
+    masked_bce,
     masked_mse,
     pearson,
     read_labels,
@@ -161,3 +163,28 @@ def test_classification_report_against_the_majority_class():
     assert report["rm/style/majority_accuracy"] == pytest.approx(0.6)
     # Positive-negative pairs ranked right: 0.9 and 0.8 beat both negatives, 0.3 beats only 0.1 -> 5 / 6.
     assert report["rm/style/auc"] == pytest.approx(5 / 6)
+
+
+def test_a_logistic_style_head_learns_log_odds_of_the_raw_labels(tmp_path):
+    frame = pd.DataFrame({"style_mean": [1.0, 1.0, 0.0], "prompt": ["castle, 8k", "elf, artstation", "A dog."],
+                          "intent": ["castle, 8k", "elf, artstation", "A dog."], "pair_id": ["a", "b", "c"]})
+    spec = fit_head_spec(frame, ["style"], ["high"], log_odds=True)
+    assert spec.log_odds and spec.mean == [0.0] and spec.std == [1.0]
+    assert [e.targets for e in build_rm_examples(WordTokenizer(), frame, spec, 32)] == [[1.0], [1.0], [0.0]]
+    spec.save(tmp_path)
+    assert HeadSpec.load(tmp_path) == spec
+    # The score is the log-odds; held-out figures read its probability.
+    np.testing.assert_allclose(spec.to_probability(np.array([[0.0], [math.log(3)]])), [[0.5], [0.75]])
+    assert fit_head_spec(frame, ["style"], ["high"]).to_probability(np.array([0.25])) == pytest.approx(0.25)
+
+    logits, targets = torch.tensor([[0.0], [2.0], [5.0]]), torch.tensor([[1.0], [0.0], [float("nan")]])
+    expected = (math.log(2) + math.log(1 + math.exp(2))) / 2  # the untrained third row does not count
+    assert float(masked_bce(logits, targets)) == pytest.approx(expected)
+    assert head_loss(spec) is masked_bce and head_loss(fit_head_spec(frame, ["style"], ["high"])) is masked_mse
+
+
+def test_a_head_file_written_before_log_odds_heads_loads_as_standardised(tmp_path):
+    (tmp_path / "reward_head.json").write_text(json.dumps({"heads": ["style"], "inputs": ["high"], "mean": [0.4],
+                                                           "std": [0.5]}))
+    spec = HeadSpec.load(tmp_path)
+    assert not spec.log_odds and spec.to_probability(spec.to_units(np.array([1.0]))) == pytest.approx(0.9)
