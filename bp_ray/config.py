@@ -434,6 +434,10 @@ class PPOConfig:
     max_query_tokens: int = opt(256, ge=8)
     eval_prompts: int = opt(64, ge=1)
     """Held-out low prompts (the SFT split's held-out pairs) scored with greedy decoding at each checkpoint."""
+    prompt_reward_below: float | None = None
+    """Train and evaluate only on pairs whose user prompt, taken as its own rewrite, scores below this reward: a
+    prompt that already scores at the reward's ceiling leaves nothing to climb (the small preset's style reward
+    saturates on stripped DiffusionDB prompts). None: every pair."""
     checkpoint_every: int = opt(100, ge=1)
     stop_after_step: int = opt(0, ge=0)
     """As sft.stop_after_step."""

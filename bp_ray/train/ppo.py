@@ -267,6 +267,15 @@ class _Rollouts:
         return self.actor.rollout.remote(weights, policy_step, self.batch_rows(step), self.seed(step))
 
 
+def with_room(pairs: Any, scorer: Any, ceiling: float | None) -> Any:
+    """The pairs whose user prompt, scored as its own rewrite, is below `ceiling` (all of them for None)."""
+    if ceiling is None or pairs.empty:
+        return pairs
+    lows = pairs[C.LOW].tolist()
+    own = np.asarray(scorer.scores(lows, lows)["reward"], dtype=np.float64)
+    return pairs[own < ceiling].reset_index(drop=True)
+
+
 def ppo_worker_loop(config: dict) -> None:
     """Ray Train worker: RL iterations (ppo.algorithm) from the latest checkpoint (if any) to ppo.total_steps."""
 
@@ -289,15 +298,22 @@ def ppo_worker_loop(config: dict) -> None:
         device = str(rtt.get_device())
     torch.manual_seed(ppo.seed)  # the critic's new value head: the same start on every rank and every run
     model = _ActorCritic(ppo, config["models"], config["sft_model"], device, world)
+    actors = actor_group(rank, ppo.workers_per_actor)  # this worker's reference and reward actors
+    reference, scorer = config["reference"][actors], Scorer(config["reward"][actors], ppo, guards_for(ppo))
     pairs = read_pairs_frame(Path(config["pairs_dir"]))
     held_out = split_held_out(pairs[C.PAIR_ID].tolist(), sft.eval_fraction, sft.seed)
-    train, evaluation = pairs[~held_out].reset_index(drop=True), pairs[held_out].head(ppo.eval_prompts)
+    train, evaluation = (with_room(part.reset_index(drop=True), scorer, ppo.prompt_reward_below)
+                         for part in (pairs[~held_out], pairs[held_out]))
+    evaluation = evaluation.head(ppo.eval_prompts)
+    if evaluation.empty and ppo.prompt_reward_below is not None:
+        raise ValueError(f"no held-out pair's user prompt scores below ppo.prompt_reward_below="
+                         f"{ppo.prompt_reward_below}: nothing to evaluate PPO on")
     group = ppo.group_size if ppo.algorithm != "ppo" else 1
     prompts = ppo.rollout_batch_size // group  # per iteration, over all workers; each sampled `group` times
     if len(train) < prompts:
-        raise ValueError(f"{len(train)} training pairs are fewer than the {prompts} prompts of an iteration")
-    actors = actor_group(rank, ppo.workers_per_actor)  # this worker's reference and reward actors
-    reference, scorer = config["reference"][actors], Scorer(config["reward"][actors], ppo, guards_for(ppo))
+        raise ValueError(f"{len(train)} training pairs are fewer than the {prompts} prompts of an iteration"
+                         + (f" (ppo.prompt_reward_below={ppo.prompt_reward_below})"
+                            if ppo.prompt_reward_below is not None else ""))
     controller = kl_controller(ppo.init_kl_coef, ppo.kl_target, ppo.kl_horizon)
     held_out_lows = evaluation[C.LOW].tolist()[rank::world]
 
