@@ -15,11 +15,15 @@ ends targets by id), and a user's "</s>" or "<pad>" is the text it reads as, nev
 input then begins with `leading_tokens`."""
 
 
+LEADING_PROBE = "a"
+"""The text `leading_tokens` has the tokenizer encode with and without its own special tokens."""
+
+
 def leading_tokens(tokenizer: Any) -> list[int]:
     """The control tokens the tokenizer itself puts before any text: Gemma's `<bos>`, without which Gemma writes
     nonsense; none for GPT-2, BLOOM or SmolLM2. TEXT_ONLY leaves them out, so every policy input starts with them."""
-    full = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", **TEXT_ONLY)["input_ids"]
+    full = tokenizer(LEADING_PROBE)["input_ids"]
+    plain = tokenizer(LEADING_PROBE, **TEXT_ONLY)["input_ids"]
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
             return list(full[:start])

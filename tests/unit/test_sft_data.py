@@ -9,7 +9,7 @@ import torch
 
 from bp_ray.config import PAPER_INSTRUCTION
 from bp_ray.data import columns as C
-from bp_ray.data.policy_format import format_prompt
+from bp_ray.data.policy_format import LEADING_PROBE, format_prompt
 from bp_ray.train.sft_data import (
     IGNORE_INDEX,
     SFTExample,
@@ -30,8 +30,10 @@ class CharTokenizer:
 
     eos_token_id = EOS
 
-    def __call__(self, text, add_special_tokens=False, split_special_tokens=False):
-        assert not add_special_tokens and split_special_tokens  # a user's "</s>" is text (TEXT_ONLY)
+    def __call__(self, text, add_special_tokens=True, split_special_tokens=False):
+        # A user's "</s>" is text (TEXT_ONLY); only leading_tokens' probe asks for the tokenizer's own special
+        # tokens, and a character tokenizer has none to add.
+        assert (not add_special_tokens and split_special_tokens) or text == LEADING_PROBE
         if isinstance(text, list):
             return {"input_ids": [[ord(c) for c in t] for t in text]}
         return {"input_ids": [ord(c) for c in text]}
