@@ -431,6 +431,12 @@ class PPOConfig:
     length_coef: float = opt(0.0, ge=0)
     repetition_coef: float = opt(0.0, ge=0)
     """Guard: - coef x share of repeated word trigrams in the generated prompt."""
+    missing_eos_penalty: float = opt(0.0, ge=0)
+    """Guard (TRL's missing_eos_penalty): - this for a response cut at max_new_tokens before its EOS or newline, so
+    the policy learns to finish its rewrite within the budget rather than stop mid-word."""
+    colour_coef: float = opt(0.0, ge=0)
+    """Guard: - coef for a rewrite that changes a colour the user prompt gives something (data.colours: drops
+    it, or colours the same thing otherwise: "a black dog" -> "a black dog with golden fur")."""
     max_query_tokens: int = opt(256, ge=8)
     eval_prompts: int = opt(64, ge=1)
     """Held-out low prompts (the SFT split's held-out pairs) scored with greedy decoding at each checkpoint."""

@@ -6,6 +6,8 @@ out and counted) and each system (`original`, `base`: models.policy with the SFT
 - subject_kept: share of outputs holding at least half of the input's content words (stop words dropped, plural
   `s` ignored): the rewrite still describes what the user asked for;
 - content_kept: mean share of the input's content words in the output;
+- colours_kept: share of outputs that keep every colour the input gives something (data.colours), over the inputs
+  that give one (its own n, `colours_n`): "a black dog" -> "a black dog with golden fur" has not;
 - tags: mean number of style / quality / lighting / artist tags of the shipped vocabulary;
 - content_similarity: cosine similarity of the output's and the input's sentence embeddings by a real pretrained
   encoder (models.text_encoder, e.g. all-MiniLM-L6-v2): the meaning kept, not only the words; only when set;
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bp_ray.config import PipelineConfig
+from bp_ray.data.colours import colours_changed
 from bp_ray.data.content import content_kept
 from bp_ray.data.prompt_rules import dedup_key, prompt_features, repetition_share
 from bp_ray.data.vocab import load_vocab, tag_terms
@@ -38,13 +41,18 @@ from bp_ray.eval.stats import mean_ci
 from bp_ray.eval.systems import RewriteSettings, checkpoint_rewrites
 
 TEXT_SYSTEMS = ("original", "base", "sft", "ppo")
-TEXT_METRICS = ("subject_kept", "content_kept", "content_similarity", "tags", "words", "repetition", "rm_score")
+TEXT_METRICS = ("subject_kept", "content_kept", "colours_kept", "content_similarity", "tags", "words", "repetition",
+                "rm_score")
+SHARES = ("subject_kept", "colours_kept")
 SUBJECT_KEPT_SHARE = 0.5
 
-def text_metrics(prompt: str, output: str, terms: frozenset[str] | set[str]) -> dict[str, float]:
-    """Every metric but rm_score, for one output."""
+def text_metrics(prompt: str, output: str, terms: frozenset[str] | set[str]) -> dict[str, float | None]:
+    """Every metric but rm_score and content_similarity, for one output (colours_kept: None where the input gives
+    no colour)."""
     kept = content_kept(prompt, output)
+    changed = colours_changed(prompt, output)
     return {"subject_kept": float(kept >= SUBJECT_KEPT_SHARE), "content_kept": kept,
+            "colours_kept": None if changed is None else float(not changed),
             "tags": float(prompt_features(output, output, terms).tags), "words": float(len(output.split())),
             "repetition": repetition_share(output)}
 
@@ -95,25 +103,29 @@ def system_rewrites(system: str, prompts: Sequence[str], settings: RewriteSettin
 
 def summary_rows(per_output: list[dict[str, Any]], systems: Sequence[str], sets: Sequence[str]) -> list[dict]:
     """Means per (set, system), plus an `all` row per system over every set's outputs; `ci` holds each mean's 95%
-    interval [low, high]."""
+    interval [low, high]. colours_kept is over the outputs that have it (`colours_n` of them; absent at 0)."""
     # rm_score needs a reward model, content_similarity a text encoder
     present = [m for m in TEXT_METRICS if per_output and m in per_output[0]]
     rows = []
     for name in [*sets, "all"]:
         for system in systems:
             mine = [r for r in per_output if r["system"] == system and name in (r["set"], "all")]
-            if mine:
-                values = {m: np.array([r[m] for r in mine], dtype=np.float64) for m in present}
-                rows.append({"set": name, "system": system, "n": len(mine),
-                             **{m: float(v.mean()) for m, v in values.items()},
-                             "ci": {m: interval(m, v) for m, v in values.items()}})
+            if not mine:
+                continue
+            values = {m: np.array([r[m] for r in mine if r[m] is not None], dtype=np.float64) for m in present}
+            values = {m: v for m, v in values.items() if len(v)}
+            row = {"set": name, "system": system, "n": len(mine), **{m: float(v.mean()) for m, v in values.items()},
+                   "ci": {m: interval(m, v) for m, v in values.items()}}
+            if "colours_kept" in present:
+                row["colours_n"] = len(values.get("colours_kept", ()))
+            rows.append(row)
     return rows
 
 
 def interval(metric: str, values: np.ndarray) -> list[float]:
-    """95% interval of a mean: Wilson's for the subject_kept share (exact enough at 0 or 1, where a t interval
-    collapses), Student t otherwise (a single value: no interval, [mean, mean])."""
-    if metric == "subject_kept":
+    """95% interval of a mean: Wilson's for the shares (exact enough at 0 or 1, where a t interval collapses),
+    Student t otherwise (a single value: no interval, [mean, mean])."""
+    if metric in SHARES:
         return [round(bound, 4) for bound in wilson_interval(float(values.sum()), len(values))]
     mean, half = mean_ci(values)
     half = 0.0 if np.isnan(half) else half
@@ -185,6 +197,7 @@ def format_table(results: dict[str, Any]) -> str:
     metrics = [m for m in TEXT_METRICS if any(m in row for row in results["table"])]
     lines = ["| set | system | n | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for row in results["table"]:
-        cells = [f"{row[m]:.3f} [{row['ci'][m][0]:.2f}, {row['ci'][m][1]:.2f}]" for m in metrics]
+        cells = [f"{row[m]:.3f} [{row['ci'][m][0]:.2f}, {row['ci'][m][1]:.2f}]" if m in row else "–"
+                 for m in metrics]
         lines.append(f"| {row['set']} | {row['system']} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

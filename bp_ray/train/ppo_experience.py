@@ -49,12 +49,15 @@ class Scorer:
             return np.ones(len(lows))
         return np.asarray(self.scores(lows, lows)["relevance"], dtype=np.float64)
 
-    def shape(self, scores: dict[str, np.ndarray], rows: Any,
-              texts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
-        """(B,) scores, (B,) values of each unweighted score term, and the batch means to log."""
-        intent = self.intent(rows[C.LOW].tolist())
-        score, logged = self.guards.shape(scores["reward"], self.baseline(rows), scores["relevance"], texts, intent)
-        return score, self.guards.terms(scores["reward"], scores["relevance"], texts, intent), logged
+    def shape(self, scores: dict[str, np.ndarray], rows: Any, texts: list[str],
+              stopped: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+        """(B,) scores, (B,) values of each unweighted score term, and the batch means to log. `stopped`: (B,)
+        whether each response ended before max_new_tokens (None: all did)."""
+        lows = rows[C.LOW].tolist()
+        intent = self.intent(lows)
+        score, logged = self.guards.shape(scores["reward"], self.baseline(rows), scores["relevance"], texts, intent,
+                                          lows, stopped)
+        return score, self.guards.terms(scores["reward"], scores["relevance"], texts, intent, lows, stopped), logged
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Experience:
 
 def guards_for(ppo: PPOConfig) -> Guards:
     return Guards(ppo.relevance_coef, ppo.max_words, ppo.length_coef, ppo.repetition_coef, ppo.intent_hinge_coef,
-                  ppo.intent_margin)
+                  ppo.intent_margin, ppo.missing_eos_penalty, ppo.colour_coef)
 
 
 class FrozenPolicy:
@@ -132,6 +135,6 @@ def rollout(model: Any, reference: Any, ppo: PPOConfig, sft: SFTConfig, rows: An
     old_logprobs, old_values = model.logprobs_and_values(out)
     scores = scorer.scores(lows, out.texts)
     ref_logprobs = torch.as_tensor(ray.get(ref_future), device=old_logprobs.device)
-    shaped, terms, logged = scorer.shape(scores, rows, out.texts)
+    shaped, terms, logged = scorer.shape(scores, rows, out.texts, out.stopped)
     return Experience(out, old_logprobs, old_values, ref_logprobs, scores, shaped, terms, scorer.guards.weights(),
                       logged, generated - began, time.perf_counter() - generated, policy_step)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bp_ray.data.colours import colours_changed
 from bp_ray.data.policy_format import padded
 from bp_ray.data.prompt_rules import repetition_share
 from bp_ray.train.ppo_math import response_mask
@@ -35,6 +36,8 @@ class Rollout:
     """(B, response_len) float: 1 on response tokens up to and including the first EOS or newline."""
     texts: list[str]
     """Decoded responses (special tokens dropped, first line, stripped)."""
+    stopped: torch.Tensor | None = None
+    """(B,) bool: the response ended with EOS or a newline rather than at max_new_tokens (None: not sampled here)."""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -42,12 +45,12 @@ class Rollout:
 
     def to(self, device: str | torch.device) -> Rollout:
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.query_len,
-                       self.mask.to(device), self.texts)
+                       self.mask.to(device), self.texts, None if self.stopped is None else self.stopped.to(device))
 
     def select(self, rows: torch.Tensor | np.ndarray) -> Rollout:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return Rollout(self.input_ids[rows], self.attention_mask[rows], self.query_len, self.mask[rows],
-                       [self.texts[int(i)] for i in rows])
+                       [self.texts[int(i)] for i in rows], None if self.stopped is None else self.stopped[rows])
 
     def trimmed(self) -> Rollout:
         """The same rows without the columns that are padding in every one of them: left of this batch's longest
@@ -59,7 +62,7 @@ class Rollout:
         length = int(answered[-1]) + 1 if len(answered) else self.mask.shape[1]
         end = self.query_len + length
         return Rollout(self.input_ids[:, first:end], self.attention_mask[:, first:end], self.query_len - first,
-                       self.mask[:, :length], self.texts)
+                       self.mask[:, :length], self.texts, self.stopped)
 
 
 def _first_line(text: str) -> str:
@@ -104,10 +107,11 @@ def sample(model: Any, tokenizer: Any, queries: Sequence[str] | Sequence[Sequenc
     response = output[:, query_len:]
     if response.shape[1] == 0:
         raise RuntimeError("generation produced no tokens; check ppo.max_new_tokens")
+    stopped = torch.isin(response, torch.as_tensor(stop_token_ids(tokenizer), device=response.device)).any(dim=1)
     response, mask, texts = end_responses(response, tokenizer)
     return Rollout(torch.cat([encoded["input_ids"], response], dim=1),
                    torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1),
-                   query_len, mask.float(), texts)
+                   query_len, mask.float(), texts, stopped)
 
 
 def response_columns(hidden: torch.Tensor, response_len: int) -> torch.Tensor:
@@ -183,8 +187,9 @@ class SeparateValueModel(PolicyModel):
 class Guards:
     """Reward shaping against reward hacking (each term logged): score = reward - baseline + relevance_coef *
     relevance - intent_hinge_coef * max(0, intent - intent_margin - relevance) - length_coef * words over
-    max_words - repetition_coef * repetition share. `intent` is the relevance of the user's own prompt, so the
-    hinge charges a rewrite only for showing less of the request than the request itself does."""
+    max_words - repetition_coef * repetition share - missing_eos_penalty if the response was cut at
+    max_new_tokens - colour_coef if it changes a colour the user gave. `intent` is the relevance of the user's own
+    prompt, so the hinge charges a rewrite only for showing less of the request than the request itself does."""
 
     relevance_coef: float = 0.0
     max_words: int = 0
@@ -192,31 +197,43 @@ class Guards:
     repetition_coef: float = 0.0
     intent_hinge_coef: float = 0.0
     intent_margin: float = 0.0
+    missing_eos_penalty: float = 0.0
+    colour_coef: float = 0.0
 
     def weights(self) -> dict[str, float]:
         """Each term's weight in the score (the baseline is subtracted apart)."""
         return {"reward": 1.0, "relevance": self.relevance_coef, "intent_shortfall": -self.intent_hinge_coef,
-                "words_over_cap": -self.length_coef, "repetition": -self.repetition_coef}
+                "words_over_cap": -self.length_coef, "repetition": -self.repetition_coef,
+                "missing_eos": -self.missing_eos_penalty, "colour_changed": -self.colour_coef}
 
-    def terms(self, reward: np.ndarray, relevance: np.ndarray, texts: list[str],
-              intent: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """(B,) values of every weighted term of the score, unweighted."""
+    def terms(self, reward: np.ndarray, relevance: np.ndarray, texts: list[str], intent: np.ndarray | None = None,
+              prompts: Sequence[str] | None = None, stopped: Any = None) -> dict[str, np.ndarray]:
+        """(B,) values of every weighted term of the score, unweighted. `prompts`: the user prompts (for the colour
+        term); `stopped`: (B,) whether each response ended before max_new_tokens (None: all did)."""
         words = np.array([len(t.split()) for t in texts], dtype=np.float64)
         shortfall = (np.maximum(np.asarray(intent) - self.intent_margin - relevance, 0.0) if intent is not None
                      else np.zeros_like(words))
+        cut = (np.zeros_like(words) if stopped is None
+               else 1.0 - np.asarray(stopped.cpu() if hasattr(stopped, "cpu") else stopped, dtype=np.float64))
+        changed = (np.zeros_like(words) if prompts is None
+                   else np.array([bool(colours_changed(p, t)) for p, t in zip(prompts, texts, strict=True)],
+                                 dtype=np.float64))
         return {"reward": np.asarray(reward, dtype=np.float64), "relevance": np.asarray(relevance, dtype=np.float64),
                 "intent_shortfall": shortfall,
                 "words_over_cap": np.maximum(words - self.max_words, 0.0) if self.max_words else np.zeros_like(words),
-                "repetition": np.array([repetition_share(t) for t in texts], dtype=np.float64)}
+                "repetition": np.array([repetition_share(t) for t in texts], dtype=np.float64),
+                "missing_eos": cut, "colour_changed": changed}
 
     def shape(self, reward: np.ndarray, baseline: np.ndarray, relevance: np.ndarray, texts: list[str],
-              intent: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+              intent: np.ndarray | None = None, prompts: Sequence[str] | None = None,
+              stopped: Any = None) -> tuple[np.ndarray, dict[str, float]]:
         """(B,) scores for PPO and the batch means of every term."""
-        terms = self.terms(reward, relevance, texts, intent)
+        terms = self.terms(reward, relevance, texts, intent, prompts, stopped)
         score = sum(weight * terms[name] for name, weight in self.weights().items()) - baseline
         logged = {"reward/combined": reward, "reward/baseline": baseline, "reward/relevance": relevance,
                   "reward/score": score, "guard/words": np.array([len(t.split()) for t in texts], dtype=np.float64),
                   "guard/words_over_cap": terms["words_over_cap"], "guard/repetition": terms["repetition"],
                   "guard/intent_shortfall": terms["intent_shortfall"],
-                  "guard/intent_kept": (terms["intent_shortfall"] == 0).astype(np.float64)}
+                  "guard/intent_kept": (terms["intent_shortfall"] == 0).astype(np.float64),
+                  "guard/missing_eos": terms["missing_eos"], "guard/colour_changed": terms["colour_changed"]}
         return score, {name: float(np.mean(values)) for name, values in logged.items()}

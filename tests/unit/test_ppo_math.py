@@ -275,3 +275,20 @@ def test_intent_hinge_charges_only_relevance_lost_against_the_users_own_prompt()
     assert terms["guard/intent_shortfall"] == pytest.approx(0.08 / 3)
     unguarded, _ = Guards(relevance_coef=1.0).shape(reward, baseline, relevance, ["a b"] * 3)
     np.testing.assert_allclose(unguarded, [1.70, 1.69, 1.60])
+
+
+def test_a_cut_response_and_a_recoloured_rewrite_cost_their_penalties():
+    from bp_ray.train.ppo_rollout import Guards
+
+    guards = Guards(missing_eos_penalty=2.0, colour_coef=3.0)
+    prompts = ["a yellow triangle", "a yellow triangle", "a cat", "a cat"]
+    texts = ["a yellow triangle, 4k", "a purple triangle, 4k", "a cat in a red hat", "a cat, 4k, highly det"]
+    stopped = np.array([True, True, True, False])
+    reward, baseline, relevance = np.ones(4), np.zeros(4), np.zeros(4)
+    score, logged = guards.shape(reward, baseline, relevance, texts, None, prompts, stopped)
+    # a new colour is no change where the user gave none; the fourth was cut at max_new_tokens
+    np.testing.assert_allclose(score, [1.0, 1.0 - 3.0, 1.0, 1.0 - 2.0])
+    assert logged["guard/missing_eos"] == pytest.approx(0.25)
+    assert logged["guard/colour_changed"] == pytest.approx(0.25)
+    unguarded, _ = Guards().shape(reward, baseline, relevance, texts, None, prompts, stopped)
+    np.testing.assert_allclose(unguarded, np.ones(4))

@@ -63,3 +63,17 @@ def test_an_experience_moves_its_tensors_and_keeps_the_rest():
     assert moved.ref_logprobs.device.type == moved.rollout.mask.device.type == "meta"
     assert moved.old_values is None and moved.rollout.texts == ["a", "b"] and moved.policy_step == 7
     assert exp.old_logprobs.device.type == "cpu"  # the original is left as it was
+
+
+def test_a_rollout_knows_which_responses_stopped_before_max_new_tokens(tiny_models_cfg):
+    from bp_ray.train.ppo_rollout import stop_token_ids
+
+    model, tokenizer = load_causal_lm(tiny_models_cfg.policy, tiny_models_cfg, device="cpu")
+    torch.manual_seed(1)
+    rollout = sample(model.eval(), tokenizer, QUERIES * 4, max_new_tokens=6, temperature=1.0)
+    stops = torch.as_tensor(stop_token_ids(tokenizer))
+    ended = torch.isin(rollout.response_ids, stops) & (rollout.mask > 0)
+    assert torch.equal(rollout.stopped, ended.any(dim=1))
+    assert rollout.stopped.any() and not rollout.stopped.all()  # the seed gives both kinds
+    assert (rollout.mask[~rollout.stopped] == 1).all()  # a cut response runs to the last column
+    assert torch.equal(rollout.select(torch.tensor([1, 0])).stopped, rollout.stopped[[1, 0]])

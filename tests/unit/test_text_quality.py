@@ -77,3 +77,20 @@ def test_the_table_shows_each_mean_with_its_interval():
     table = format_table({"table": summary_rows(rows, ["sft"], ["parti"])})
     assert "content_similarity" in table.splitlines()[0]
     assert "| 0.700 [-0.57, 1.97] |" in table  # t(0.975, 1) * 0.1414 / sqrt(2) = 1.2706
+
+
+def test_colours_kept_counts_only_the_prompts_that_give_a_colour():
+    terms = tag_terms(load_vocab())
+    outputs = [("A black colored dog.", "a black colored dog with golden fur, wearing a hat"),
+               ("a red car", "a red car on a wet street at night"),
+               ("a cat on a sofa", "a ginger cat on a purple sofa")]
+    rows = [{"set": "draw", "system": "ppo", **text_metrics(p, o, terms)} for p, o in outputs]
+    assert [r["colours_kept"] for r in rows] == [0.0, 1.0, None]
+    (draw, _) = summary_rows(rows, ["ppo"], ["draw"])
+    assert draw["n"] == 3 and draw["colours_n"] == 2 and draw["colours_kept"] == 0.5
+    low, high = draw["ci"]["colours_kept"]
+    assert low < 0.5 < high
+    no_colour = summary_rows(rows[2:], ["ppo"], ["draw"])[0]
+    assert "colours_kept" not in no_colour and no_colour["colours_n"] == 0
+    table = format_table({"table": [draw, no_colour]}).splitlines()
+    assert "colours_kept" in table[0] and "| 0.500 [" in table[2] and "| – |" in table[3]
