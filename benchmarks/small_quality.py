@@ -65,6 +65,22 @@ def training_figures(run: Path, cfg) -> None:
           f"{ppo_metrics['perf/samples_per_s'].median():.2f} samples/s, {tokens_per_s:.1f} response tokens/s; "
           f"held-out reward {ppo['initial_eval']['eval/reward']:.3f} (SFT) -> "
           f"{ppo['final_metrics']['eval/reward']:.3f}, KL {ppo_metrics['kl'].iloc[-1]:.2f}")
+    guards = [g for g in ("guard/missing_eos", "guard/colour_changed", "guard/intent_kept") if g in ppo_metrics]
+    print("PPO rollouts, first -> last step: " + ", ".join(
+        f"{g.split('/')[1]} {ppo_metrics[g].iloc[0]:.3f} -> {ppo_metrics[g].iloc[-1]:.3f}" for g in guards))
+
+
+def cut_shares(results: dict, checkpoints: dict[str, Path], max_new_tokens: int) -> None:
+    """Share of each model's rewrites that ran to max_new_tokens (re-encoded with its tokenizer; one token of slack
+    for a re-encoding that merges differently): cut mid-sentence rather than finished."""
+    from transformers import AutoTokenizer
+
+    rows = pd.read_json(Path(results["out_dir"]) / "rewrites_text.jsonl", lines=True)
+    for system in ("sft", "ppo"):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoints[system])
+        outputs = rows.loc[rows["system"] == system, "output"]
+        cut = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1 for o in outputs]
+        print(f"{system}: {sum(cut)} of {len(cut)} rewrites at the {max_new_tokens}-token limit")
 
 
 def examples(results: dict, before: dict, count: int) -> None:
@@ -128,6 +144,7 @@ def main() -> int:
     print(f"decoding {results['decoding']}; rewrite time per system (s): {results['rewrite_seconds']}")
     print(format_table(results))
     ppo_against_sft(results)
+    cut_shares(results, checkpoints, cfg.eval.max_new_tokens)
 
     plain = load_config("small", [*args.set, "eval.decoding.no_repeat_ngram_size=0",
                                   "eval.decoding.repetition_penalty=1.0"])
