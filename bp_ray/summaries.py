@@ -58,8 +58,9 @@ def sft_summary(manifest: dict) -> str:
 
 def rm_summary(manifest: dict, out: Path) -> str:
     metrics = manifest["final_metrics"]
+    # the style head's 0 / 1 labels make its MSE the Brier score of a probability
     heads = "; ".join(
-        f"{head}: held-out MSE {metrics[f'rm/{head}/mse']:.4g} vs predict-the-mean "
+        f"{head}: held-out {'Brier' if head == 'style' else 'MSE'} {metrics[f'rm/{head}/mse']:.4g} vs predict-the-mean "
         f"{metrics[f'rm/{head}/mean_baseline_mse']:.4g}, Pearson {metrics[f'rm/{head}/pearson']:.3f}, "
         f"Spearman {metrics[f'rm/{head}/spearman']:.3f}"
         for head in ("pickscore", "aesthetic", "style") if f"rm/{head}/mse" in metrics)

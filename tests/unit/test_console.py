@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 from bp_ray.console import (
@@ -162,3 +163,17 @@ def test_truncated_prompts_are_counted_from_the_rewards_manifest_and_the_eval_re
     layout.manifest("rewards").write_text(json.dumps(
         {"long_prompts": {"mode": "chunked", "limit_tokens": 77, "prompts": 212, "over_limit": 3}}))
     assert truncation_summary(layout).startswith("6 prompts truncated")
+
+
+def test_the_rm_line_calls_the_style_heads_error_a_brier_score():
+    from bp_ray.summaries import rm_summary
+
+    fit = {"mse": 0.0122, "mean_baseline_mse": 0.2191, "pearson": 0.97, "spearman": 0.85}
+    style = {"final_metrics": {**{f"rm/style/{k}": v for k, v in fit.items()}, "rm/style/accuracy": 0.988,
+                               "rm/style/majority_accuracy": 0.676, "rm/style/auc": 0.999},
+             "complete": True, "target": "style", "label_rows": 3000}
+    line = rm_summary(style, tmp := Path("rm"))
+    assert "style: held-out Brier 0.0122 vs predict-the-mean 0.2191" in line and "AUC 0.999" in line
+    images = {"final_metrics": {f"rm/aesthetic/{k}": v for k, v in fit.items()}, "complete": True,
+              "heads": "aesthetic", "label_rows": 80}
+    assert "aesthetic: held-out MSE 0.0122" in rm_summary(images, tmp)
