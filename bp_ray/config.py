@@ -507,6 +507,11 @@ class DecodingConfig:
     no_repeat_ngram_size: int = opt(0, ge=0, le=16)
     """n > 0: no n tokens in a row occur twice in one output; 0: off. Only generated tokens count, so a rewrite may
     repeat the user's words."""
+    keep_colours: bool = False
+    """A prompt that gives something a colour ("a black dog") gets every other colour word banned from its
+    rewrite at decoding (data.colours.other_colours): the model cannot write "a black dog with golden fur", and
+    Stable Diffusion, which lets a colour named anywhere bleed onto the subject, is not offered one. A prompt
+    without colours is rewritten as before. The endpoint takes it per request too (`keep_colours`)."""
 
 
 @dataclass

@@ -66,6 +66,16 @@ def _colours_near(words: list[str], at: int) -> set[str]:
     return before | after
 
 
+def other_colours(prompt: str) -> tuple[str, ...]:
+    """Every colour word naming a colour other than those the prompt gives something (none when it gives none):
+    what decoding may leave out so that a rewrite cannot recolour the user's things."""
+    bindings = colour_bindings(prompt)
+    if not bindings:
+        return ()
+    given = set().union(*bindings.values())
+    return tuple(sorted(word for word in COLOURS if _colour(word) not in given))
+
+
 def colours_changed(prompt: str, output: str) -> bool | None:
     """Whether `output` changes a colour `prompt` gives something (None: the prompt binds no colour)."""
     bindings = colour_bindings(prompt)

@@ -110,6 +110,7 @@ def checkpoint_model_dir(path: str | Path) -> Path:
 
 def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], settings: RewriteSettings) -> list[str]:
     """The checkpoint's rewrite of every prompt, batched, each row with its own seed (greedy at temperature 0)."""
+    from bp_ray.data.colours import other_colours
     from bp_ray.models.loading import load_causal_lm
     from bp_ray.serve.generation import GenerationRequest, beautified_text, beautify_input, generate
 
@@ -124,7 +125,8 @@ def checkpoint_rewrites(model_dir: str | Path, prompts: Sequence[str], settings:
                                       max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
                                       seed=ev.generation_seed + start + i,
                                       repetition_penalty=ev.decoding.repetition_penalty,
-                                      no_repeat_ngram_size=ev.decoding.no_repeat_ngram_size)
+                                      no_repeat_ngram_size=ev.decoding.no_repeat_ngram_size,
+                                      avoid_words=other_colours(p) if ev.decoding.keep_colours else ())
                     for i, p in enumerate(batch)]
         out += [beautified_text(r.completions[0].text, p, keep)
                 for p, r in zip(batch, generate(model, tokenizer, requests), strict=True)]

@@ -204,7 +204,7 @@ class Beautifier:
     def _plan(self, body: S.Controls, prompt: str, field: str) -> tuple[str, ControlPlan]:
         truncates = self.cfg.serve.render.long_prompts == "truncate"
         return plan_controls(body, prompt, self.cfg.serve.controls, self.window if truncates else None,
-                             self._count, self.cfg.sft.keep_prompt, field)
+                             self._count, self.cfg.sft.keep_prompt, field, self.cfg.serve.decoding.keep_colours)
 
     # 3. routes
     @api.post("/v1/beautify", response_model=S.BeautifyResponse, responses=ERRORS)

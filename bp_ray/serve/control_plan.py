@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bp_ray.config import ControlsConfig
+from bp_ray.data.colours import other_colours
 from bp_ray.serve import controls as T
 from bp_ray.serve import schemas as S
 from bp_ray.serve.errors import ApiError
@@ -20,6 +21,8 @@ from bp_ray.serve.generation import GenerationRequest
 class ControlPlan:
     spans: tuple[str, ...] = ()
     avoid: tuple[str, ...] = ()
+    avoid_words: tuple[str, ...] = ()
+    """Words banned as words at decoding (keep_colours: the colours the prompt does not give)."""
     prefer: tuple[str, ...] = ()
     prefer_bias: float = 0.0
     min_new_tokens: int = 0
@@ -30,7 +33,8 @@ class ControlPlan:
 
     def constrain(self, request: GenerationRequest) -> GenerationRequest:
         """The generation request with the plan's decoding constraints."""
-        return dataclasses.replace(request, avoid=self.avoid, prefer=self.prefer, prefer_bias=self.prefer_bias,
+        return dataclasses.replace(request, avoid=self.avoid, avoid_words=self.avoid_words, prefer=self.prefer,
+                                   prefer_bias=self.prefer_bias,
                                    min_new_tokens=min(self.min_new_tokens, request.max_new_tokens))
 
     def finish(self, text: str, prompt: str, count: Callable[[str], int]) -> tuple[str, int] | None:
@@ -49,9 +53,11 @@ class ControlPlan:
 
 
 def plan_controls(body: S.Controls, prompt: str, cfg: ControlsConfig, default_budget: int | None,
-                  count: Callable[[str], int], prompt_kept: bool, field: str = "prompt") -> tuple[str, ControlPlan]:
+                  count: Callable[[str], int], prompt_kept: bool, field: str = "prompt",
+                  keep_colours: bool = False) -> tuple[str, ControlPlan]:
     """The prompt without its <keep> markup, and the plan; ApiError 400 naming the field for a control that
-    cannot be met whatever is generated. `prompt_kept`: every output opens with the prompt (sft.keep_prompt)."""
+    cannot be met whatever is generated. `prompt_kept`: every output opens with the prompt (sft.keep_prompt);
+    `keep_colours`: the server's default where the request does not say."""
     try:
         plain, marked = T.parse_keep(prompt)
     except ValueError as error:
@@ -76,8 +82,9 @@ def plan_controls(body: S.Controls, prompt: str, cfg: ControlsConfig, default_bu
         if needed > budget:
             raise ApiError(400, f"max_prompt_tokens: the protected spans alone take {needed} tokens of the "
                                 f"renderer's text encoder; the budget is {budget}", param="max_prompt_tokens")
+    keep_colours = keep_colours if body.keep_colours is None else body.keep_colours
     plan = ControlPlan(
-        spans=spans, avoid=avoid,
+        spans=spans, avoid=avoid, avoid_words=other_colours(plain) if keep_colours else (),
         prefer=T.style_phrases(body.style) if body.style else (),
         prefer_bias=cfg.style_bias if body.style else 0.0,
         min_new_tokens=cfg.detail_high_min_words if body.detail == "high" else 0,
@@ -86,6 +93,11 @@ def plan_controls(body: S.Controls, prompt: str, cfg: ControlsConfig, default_bu
     return plain, plan
 
 
+DECODING_ONLY = ("keep_colours",)
+"""Controls enforced while tokens are chosen, with nothing to check on the finished text: a stream keeps them."""
+
+
 def used_controls(body: S.Controls) -> list[str]:
-    """The control fields a request set (a streamed answer cannot apply them: its text is sent as generated)."""
-    return [name for name in S.Controls.model_fields if getattr(body, name) is not None]
+    """The control fields a request set that a streamed answer cannot apply (its text is sent as generated)."""
+    return [name for name in S.Controls.model_fields
+            if name not in DECODING_ONLY and getattr(body, name) is not None]

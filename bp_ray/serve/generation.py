@@ -53,6 +53,9 @@ class GenerationRequest:
     keep_prompt: bool = False
     avoid: tuple[str, ...] = ()
     """Phrases the outputs must not contain: their token sequences are banned at decoding (see `token_rules`)."""
+    avoid_words: tuple[str, ...] = ()
+    """Words the outputs must not write as words: banned at decoding only after a space, as given and Capitalised
+    (see `token_rules.word_token_ids`), so the same letters inside another word ("red" in "hundred") stay free."""
     prefer: tuple[str, ...] = ()
     """Phrases (a style family's words) whose tokens get `prefer_bias` added to their logits."""
     prefer_bias: float = 0.0

@@ -95,6 +95,9 @@ class Controls(_Request):
     style: Style | None = Field(None, description="a vocabulary family the rewrite leans to")
     avoid: Phrases | None = Field(None, description="phrases never added; omitted: the overused keyword-soup list; "
                                                     "[]: none")
+    keep_colours: bool | None = Field(None, description="true: a prompt that gives something a colour gets no "
+                                                        "other colour word in its rewrites; omitted: the server's "
+                                                        "serve.decoding")
 
 
 class BeautifyRequest(Controls, Repetition):

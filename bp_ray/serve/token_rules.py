@@ -40,7 +40,7 @@ request, a user's own phrases may not (the cache starts over when full)."""
 class _TokenizerCache:
     texts: list[str] | None = None
     stops: dict[tuple[str, ...], tuple[int, ...]] = field(default_factory=dict)
-    phrases: dict[tuple[str, bool], tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    phrases: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
 
 _CACHES: weakref.WeakKeyDictionary[Any, _TokenizerCache] = weakref.WeakKeyDictionary()
@@ -66,19 +66,32 @@ def _phrase_forms(phrase: str, all_cases: bool) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
-def _tokenize_phrase(tokenizer: Any, phrase: str, for_bias: bool) -> tuple[tuple[int, ...], ...]:
-    forms = _phrase_forms(phrase, all_cases=not for_bias)
+def _tokenize_phrase(tokenizer: Any, phrase: str, kind: str) -> tuple[tuple[int, ...], ...]:
+    forms = _phrase_forms(phrase, all_cases=kind == "avoid")
     special = set(tokenizer.all_special_ids)
     anchor = tokenizer(_PHRASE_ANCHOR, add_special_tokens=False)["input_ids"]
     spaced = tokenizer([f"{_PHRASE_ANCHOR} {form}" for form in forms], add_special_tokens=False)["input_ids"]
     sequences = [ids[len(anchor):] if ids[: len(anchor)] == anchor else
                  tokenizer(f" {form}", add_special_tokens=False)["input_ids"]
                  for ids, form in zip(spaced, forms, strict=True)]
-    if for_bias:
+    if kind == "prefer":
         sequences = [ids for ids in sequences if ids and tokenizer.decode(ids[:1]).strip()]
-    else:
+    elif kind == "avoid":
         sequences += tokenizer(forms, add_special_tokens=False)["input_ids"]
     return tuple(dict.fromkeys(tuple(ids) for ids in sequences if ids and not special.intersection(ids)))
+
+
+def _cached_sequences(tokenizer: Any, phrases: Sequence[str], kind: str) -> tuple[tuple[int, ...], ...]:
+    cache = _cache(tokenizer)
+    found: dict[tuple[int, ...], None] = {}
+    for phrase in phrases:
+        if not phrase.strip():
+            continue
+        key = (phrase, kind)
+        if key not in cache.phrases:
+            cache.phrases[key] = _tokenize_phrase(tokenizer, phrase, kind)
+        found.update(dict.fromkeys(cache.phrases[key]))
+    return tuple(found)
 
 
 def phrase_token_ids(tokenizer: Any, phrases: Sequence[str], for_bias: bool = False) -> tuple[tuple[int, ...], ...]:
@@ -93,16 +106,15 @@ def phrase_token_ids(tokenizer: Any, phrases: Sequence[str], for_bias: bool = Fa
     after a space, and only sequences whose first token has text: a small vocabulary spells a rare case as a bare
     space then letters (" Photograph" -> " ", "P", ...), and a phrase's first token without its space is a word
     piece ("phot") that a bias would glue onto whatever word comes before."""
-    cache = _cache(tokenizer)
-    found: dict[tuple[int, ...], None] = {}
-    for phrase in phrases:
-        if not phrase.strip():
-            continue
-        key = (phrase, for_bias)
-        if key not in cache.phrases:
-            cache.phrases[key] = _tokenize_phrase(tokenizer, phrase, for_bias)
-        found.update(dict.fromkeys(cache.phrases[key]))
-    return tuple(found)
+    return _cached_sequences(tokenizer, phrases, "prefer" if for_bias else "avoid")
+
+
+def word_token_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The token sequences of whole words mid-text, after a space, as given, lower case and Capitalised. Unlike
+    `phrase_token_ids` not the bare form, whose tokens are often pieces of other words ("red" ends "hundred");
+    a sequence that starts with a bare space stays (a ban takes only its last token, after the rest)."""
+    return _cached_sequences(tokenizer, [f for w in words for f in dict.fromkeys((w, w[:1].upper() + w[1:]))],
+                             "word")
 
 
 def stop_token_ids(tokenizer: Any, stop: Sequence[str]) -> tuple[int, ...]:
@@ -121,14 +133,16 @@ def stop_token_ids(tokenizer: Any, stop: Sequence[str]) -> tuple[int, ...]:
 
 
 def token_rules(tokenizer: Any, request: GenerationRequest) -> TokenRules | None:
-    """`request`'s avoid, prefer and min_new_tokens as token ids; None when it has none of them (its rows are
-    then sampled exactly as without any constraint support)."""
+    """`request`'s avoid, avoid_words, prefer and min_new_tokens as token ids; None when it has none of them (its
+    rows are then sampled exactly as without any constraint support)."""
     prefers = bool(request.prefer) and request.prefer_bias != 0
-    if not (request.avoid or prefers or request.min_new_tokens > 0):
+    if not (request.avoid or request.avoid_words or prefers or request.min_new_tokens > 0):
         return None
     held = ((tokenizer.eos_token_id, *stop_token_ids(tokenizer, request.stop)) if request.min_new_tokens > 0
             else ())
-    return TokenRules(banned=phrase_token_ids(tokenizer, request.avoid),
+    banned = dict.fromkeys((*phrase_token_ids(tokenizer, request.avoid),
+                            *word_token_ids(tokenizer, request.avoid_words)))
+    return TokenRules(banned=tuple(banned),
                       preferred=phrase_token_ids(tokenizer, request.prefer, for_bias=True) if prefers else (),
                       prefer_bias=float(request.prefer_bias) if prefers else 0.0,
                       min_new_tokens=min(request.min_new_tokens, request.max_new_tokens), held=held)

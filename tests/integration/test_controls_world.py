@@ -3,10 +3,13 @@ protected span and fits the token budget, and the avoided words never appear, ac
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from bp_ray.config_loader import load_config
+from bp_ray.data.colours import other_colours
 from bp_ray.models.loading import load_causal_lm, resolve_model
 from bp_ray.serve import schemas as S
 from bp_ray.serve.control_plan import plan_controls
@@ -66,3 +69,17 @@ def test_world_rewrites_never_add_an_avoided_word(world):
         for output in rewrites(world, S.Controls(avoid=frequent), prompt):
             assert output is not None
             assert not [w for w in frequent if occurs(w, output[0]) and not occurs(w, prompt)], output
+
+
+def test_keep_colours_leaves_every_other_colour_out_of_the_world_rewrites(world):
+    def other_colour_outputs(body: S.Controls) -> int:
+        found = 0
+        for prompt in PROMPTS:
+            others = set(other_colours(prompt))
+            for output in filter(None, rewrites(world, body, prompt)):
+                found += bool(others & set(re.findall(r"[a-z]+", output[0].lower())))
+        return found
+
+    # The world beautifier writes "orange and red color scheme" after "a yellow triangle"
+    assert other_colour_outputs(S.Controls(avoid=[])) >= 8
+    assert other_colour_outputs(S.Controls(avoid=[], keep_colours=True)) == 0

@@ -183,6 +183,7 @@ def test_an_edit_is_scored_against_the_output_it_was_made_of(server):
     ({"edit_of": "cand_" + "0" * 24}, "text"),
     ({"n": 1}, "prompt"),
     ({"prompt": "a cat", "negative_prompt": "a\u0007b"}, "negative_prompt"),
+    ({"prompt": "a black cat", "keep_colours": "yes"}, "keep_colours"),
 ])
 def test_bad_controls_get_a_400_naming_the_field(server, body, param):
     assert error(server, 400, **body)["param"] == param
@@ -197,6 +198,11 @@ def test_chat_takes_the_controls_as_extra_fields_but_not_in_a_stream(server):
     with pytest.raises(openai.BadRequestError, match="keep"):
         client.chat.completions.create(model="bp-ray-beautifier", messages=messages, stream=True,
                                        extra_body={"keep": ["x"]})
+    # keep_colours is kept while tokens are chosen, so a stream may ask for it
+    stream = client.chat.completions.create(model="bp-ray-beautifier", stream=True, max_tokens=8, seed=3,
+                                            messages=[{"role": "user", "content": "a black cat"}],
+                                            extra_body={"keep_colours": True})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
 
 def test_the_client_passes_the_controls_and_prints_the_ranked_outputs(server):

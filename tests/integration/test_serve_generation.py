@@ -13,7 +13,7 @@ import torch
 
 from bp_ray.data.vocab import load_vocab
 from bp_ray.serve.generation import GenerationRequest, RowSampler, _expand, _Row, _run_generate, generate, stream
-from bp_ray.serve.token_rules import TokenRules, stop_token_ids
+from bp_ray.serve.token_rules import TokenRules, stop_token_ids, word_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,22 @@ def test_avoided_phrases_never_appear_in_what_the_model_writes(lm):
     banned = texts(generate(model, tokenizer, [GenerationRequest("a cat on a sofa", avoid=avoid, **MANY)])[0])
     assert banned != free
     assert not [(phrase, text) for text in banned for phrase in avoid if has_phrase(text, phrase)]
+
+
+def test_avoided_words_are_banned_as_words_and_stay_free_inside_other_words(lm):
+    model, tokenizer = lm
+    free = texts(generate(model, tokenizer, [GenerationRequest("a cat on a sofa", **MANY)])[0])
+    counts = Counter(w for text in free for w in set(re.findall(r"(?<= )[a-z]{4,}(?!\w)", text)))
+    words = tuple(w for w, n in counts.most_common() if n >= 2)[:5]
+    assert len(words) == 5
+    banned = texts(generate(model, tokenizer, [GenerationRequest("a cat on a sofa", avoid_words=words, **MANY)])[0])
+    assert banned != free
+    assert not [(w, text) for text in banned for w in words if re.search(rf" ({w}|{w.capitalize()})(?!\w)", text)]
+    spaced = {tuple(tokenizer(f"a {form}", add_special_tokens=False)["input_ids"][1:])
+              for form in ("red", "Red")}
+    assert spaced <= set(word_token_ids(tokenizer, ["red"]))
+    bare = tuple(tokenizer("red", add_special_tokens=False)["input_ids"])
+    assert bare not in spaced and bare not in word_token_ids(tokenizer, ["red"])  # the piece ending "hundred"
 
 
 def test_a_style_bias_makes_its_phrases_more_common(lm):

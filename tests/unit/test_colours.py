@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bp_ray.data.colours import colour_bindings, colours_changed
+from bp_ray.data.colours import colour_bindings, colours_changed, other_colours
 
 
 def test_a_prompt_binds_each_colour_to_the_word_it_colours():
@@ -40,3 +40,11 @@ def test_a_rewrite_that_adds_colours_elsewhere_keeps_them(prompt, output):
 
 def test_a_prompt_without_colours_has_nothing_to_keep():
     assert colours_changed("a cat on a sofa", "a ginger cat on a red velvet sofa") is None
+
+
+def test_the_colours_a_rewrite_may_not_add_are_all_but_the_users():
+    others = other_colours("A black colored dog and a grey cat.")
+    assert "golden" in others and "gold" in others and "white" in others
+    assert not {"black", "grey", "gray"} & set(others)  # the user's colours, in either spelling
+    assert other_colours("a cat on a sofa") == ()  # nothing given, nothing to keep
+    assert other_colours("a portrait at golden hour") == ()

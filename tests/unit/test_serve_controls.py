@@ -215,3 +215,20 @@ def test_without_spans_a_first_word_over_the_budget_is_cut_inside():
 
     assert fit_budget("abcdefghij, more", [], chars, 4) == "abcd"
     assert finish_output("abcdefghij more", "x", [], [], None, chars, 6) == ("abcdef", 6)
+
+
+def test_keep_colours_bans_the_other_colours_by_default_or_when_a_request_asks():
+    from bp_ray.config import ControlsConfig
+    from bp_ray.serve import schemas as S
+    from bp_ray.serve.control_plan import plan_controls, used_controls
+
+    def banned(body: S.Controls, default: bool, prompt: str = "A black colored dog.") -> tuple[str, ...]:
+        return plan_controls(body, prompt, ControlsConfig(), None, words_plus_two, False,
+                             keep_colours=default)[1].avoid_words
+
+    assert "golden" in banned(S.Controls(), True) and "black" not in banned(S.Controls(), True)
+    assert banned(S.Controls(), False) == ()
+    assert "golden" in banned(S.Controls(keep_colours=True), False)
+    assert banned(S.Controls(keep_colours=False), True) == ()
+    assert banned(S.Controls(), True, "a cat on a sofa") == ()  # the user gave no colour
+    assert used_controls(S.Controls(keep_colours=True)) == []  # decoding alone keeps it: a stream may ask
