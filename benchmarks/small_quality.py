@@ -13,8 +13,9 @@ Prints: each stage's wall time; SFT steps, batch, sequence length and tokens/s; 
 against predicting the mean (the style classifier: accuracy against the majority class, AUC); PPO steps,
 samples/s and the held-out reward; then `bp-ray eval-text`'s table with 95% intervals (subject kept, content
 similarity by all-MiniLM-L6-v2, tags, words, repetition, RM score for original / base / SFT / PPO) at the
-preset's decoding, the same for SFT and PPO without the repetition controls (greedy as before issue 27), PPO
-against SFT per prompt, and 10 rewrites side by side: without and with the repetition controls.
+preset's decoding, the same for SFT and PPO without keep_colours, and without any decoding control (greedy as
+before issue 27), PPO against SFT per prompt, the rewrites cut at the token limit, and 10 rewrites side by side:
+without and with the decoding controls.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def cut_shares(results: dict, checkpoints: dict[str, Path], max_new_tokens: int)
 
 def examples(results: dict, before: dict, count: int) -> None:
     """`count` prompts, half from each set in file order: each system's rewrite, and SFT's and PPO's without the
-    repetition controls."""
+    decoding controls."""
     per_set = {name: [e for e in results["examples"] if e["set"] == name] for name in results["sets"]}
     chosen = [e for name in per_set for e in per_set[name][: count // len(per_set)]]
     earlier = {(e["set"], e["prompt"]): e for e in before["examples"]}
@@ -146,12 +147,19 @@ def main() -> int:
     ppo_against_sft(results)
     cut_shares(results, checkpoints, cfg.eval.max_new_tokens)
 
+    colours = load_config("small", [*args.set, "eval.decoding.keep_colours=false"])
+    free = run_text_evaluation(colours, args.run / "eval_text_no_keep_colours", colours.eval.text_prompts,
+                               {k: checkpoints[k] for k in ("sft", "ppo")}, args.run / "rm", args.run / "data",
+                               colours.eval.text_num_prompts)
+    print(f"\nwithout keep_colours (decoding {free['decoding']}):")
+    print(format_table(free))
+
     plain = load_config("small", [*args.set, "eval.decoding.no_repeat_ngram_size=0",
-                                  "eval.decoding.repetition_penalty=1.0"])
+                                  "eval.decoding.repetition_penalty=1.0", "eval.decoding.keep_colours=false"])
     before = run_text_evaluation(plain, args.run / "eval_text_no_controls", plain.eval.text_prompts,
                                  {k: checkpoints[k] for k in ("sft", "ppo")}, args.run / "rm", args.run / "data",
                                  plain.eval.text_num_prompts)
-    print(f"\nwithout repetition controls (decoding {before['decoding']}):")
+    print(f"\nwithout any decoding control (decoding {before['decoding']}):")
     print(format_table(before))
     examples(results, before, 10)
     return 0
