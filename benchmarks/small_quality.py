@@ -3,7 +3,7 @@ judged as text on PartiPrompts and the unseen half of DrawBench.
 
     python benchmarks/small_quality.py --run runs/small                # run the pipeline there, then judge it
     python benchmarks/small_quality.py --run runs/small --skip-pipeline  # judge a finished run again
-    python benchmarks/small_quality.py --run runs/small-gemma --policy gguf:gemma3-270m  # another policy
+    python benchmarks/small_quality.py --run runs/small-gemma --policy gguf:gemma3-270m --skip-ablations  # Gemma
 
 A policy other than the preset's is trained and judged with the paper's plain instruction ("Instruction: ...
 Input: ... Output:"): the preset's instruction is SmolLM2's own chat template. The data stage's rewriter stays
@@ -120,6 +120,8 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--policy", default=None, metavar="SPEC", help="another policy (gguf:gemma3-270m), "
                         "with the paper's plain instruction")
+    parser.add_argument("--skip-ablations", action="store_true", help="judge only at the preset's decoding (no "
+                        "runs without keep_colours or without any decoding control, no side-by-side rewrites)")
     args = parser.parse_args()
     if args.policy:
         from bp_ray.config import PAPER_INSTRUCTION
@@ -146,6 +148,8 @@ def main() -> int:
     print(format_table(results))
     ppo_against_sft(results)
     cut_shares(results, checkpoints, cfg.eval.max_new_tokens)
+    if args.skip_ablations:
+        return 0
 
     colours = load_config("small", [*args.set, "eval.decoding.keep_colours=false"])
     free = run_text_evaluation(colours, args.run / "eval_text_no_keep_colours", colours.eval.text_prompts,
