@@ -509,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avoid", action="append", default=None, metavar="WORD", help="never add this (repeatable; "
                    "default: the overused keyword-soup list)")
     p.add_argument("--no-avoid", action="store_true", help="avoid nothing")
+    p.add_argument("--keep-colours", action=argparse.BooleanOptionalAction, default=None, help="a prompt that gives "
+                   "something a colour gets no other colour word (default: the server's serve.decoding)")
     p.add_argument("--render", action="store_true", default=None, help="also render each rewrite (in --json)")
     p.add_argument("--edit-of", default=None, metavar="ID", help="score --text, an edit of the rewrite with this id")
     p.add_argument("--text", default=None, help="with --edit-of: the edited text")

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-CONTROLS = ("keep", "max_prompt_tokens", "negative_prompt", "rank", "best_of", "detail", "style", "avoid", "render",
-            "edit_of", "text", "seed", "temperature", "max_new_tokens")
+CONTROLS = ("keep", "max_prompt_tokens", "negative_prompt", "rank", "best_of", "detail", "style", "avoid",
+            "keep_colours", "render", "edit_of", "text", "seed", "temperature", "max_new_tokens")
 """Request fields the client passes through when given (None: the server's default)."""
 
 

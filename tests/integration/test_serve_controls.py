@@ -208,7 +208,7 @@ def test_chat_takes_the_controls_as_extra_fields_but_not_in_a_stream(server):
 def test_the_client_passes_the_controls_and_prints_the_ranked_outputs(server):
     result = subprocess.run([sys.executable, "-m", "bp_ray.cli", "client", "a cat on a sofa", "--url", server.url,
                              "-n", "4", "--rank", "reward_model", "--best-of", "2", "--keep", "<lora:cat:1>",
-                             "--style", "anime", "--detail", "high", "--seed", "9"],
+                             "--style", "anime", "--detail", "high", "--seed", "9", "--keep-colours"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
